@@ -1,0 +1,18 @@
+"""ppdistill: knowledge distillation for PaddleDetection detectors.
+
+Importing the package applies CPU thread defaults (before paddle loads, never overriding the user's
+environment) and registers every ppdistill class with ppdet's ``@register``/``create`` so configs can
+name them: ``Distiller``, ``MGDDistillModel``, ``FocalGlobalDistillModel``, ``MGDLoss``, ``FGDLoss``.
+"""
+from ._env import apply_cpu_defaults
+
+apply_cpu_defaults()
+
+import ppdet  # noqa: E402  (before paddle/pycocotools: import order matters with numpy 1.23)
+
+from . import losses  # noqa: E402,F401
+from .distiller import Distiller, DistillConfigError  # noqa: E402,F401
+from .errors import PPDistillError  # noqa: E402,F401
+from .models import FocalGlobalDistillModel, MGDDistillModel  # noqa: E402,F401
+
+__version__ = '0.1.0'

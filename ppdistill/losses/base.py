@@ -1,0 +1,53 @@
+"""Common base of the feature-distillation losses."""
+from typing import Optional
+
+import paddle
+import paddle.nn as nn
+
+__all__ = ['FeatureLoss']
+
+
+class FeatureLoss(nn.Layer):
+    """Base class of a loss between one student and one teacher feature map.
+
+    Holds the optional 1x1 alignment conv used by MGD/FGD-style losses: when the channel counts differ,
+    ``self.align = nn.Conv2D(student_channels, teacher_channels, 1)`` maps the student to the teacher's
+    channels; otherwise ``self.align`` is ``None``.
+
+    Subclasses implement ``forward(student_feat, teacher_feat, inputs=None) -> Tensor`` (a scalar) where
+    ``student_feat`` is ``[N, Cs, H, W]`` (already resized to the teacher's ``H, W`` by the caller),
+    ``teacher_feat`` is ``[N, Ct, H, W]`` (a constant) and ``inputs`` is ppdet's batch dict.
+
+    Args:
+        student_channels: ``Cs``.
+        teacher_channels: ``Ct``.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int):
+        super().__init__()
+        student_channels, teacher_channels = int(student_channels), int(teacher_channels)
+        if student_channels <= 0 or teacher_channels <= 0:
+            raise ValueError(f'channel counts must be positive, got student={student_channels}, '
+                             f'teacher={teacher_channels}')
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        self.align: Optional[nn.Conv2D] = None
+        if student_channels != teacher_channels:
+            self.align = nn.Conv2D(student_channels, teacher_channels, kernel_size=1)
+
+    def align_student(self, x: paddle.Tensor) -> paddle.Tensor:
+        """Map a student feature ``[N, Cs, H, W]`` to ``[N, Ct, H, W]`` (identity if ``Cs == Ct``)."""
+        return x if self.align is None else self.align(x)
+
+    def check_shapes(self, student: paddle.Tensor, teacher: paddle.Tensor) -> None:
+        """Raise ``ValueError`` unless ``student`` is ``[N, Cs, H, W]`` and ``teacher`` ``[N, Ct, H, W]``."""
+        if student.ndim != 4 or teacher.ndim != 4:
+            raise ValueError(f'expected 4-D [N, C, H, W] features, got student {list(student.shape)} '
+                             f'and teacher {list(teacher.shape)}')
+        s, t = list(student.shape), list(teacher.shape)
+        if s[0] != t[0] or s[2:] != t[2:]:
+            raise ValueError(f'student {s} and teacher {t} must share N, H and W '
+                             '(resize the student before the loss)')
+        if s[1] != self.student_channels or t[1] != self.teacher_channels:
+            raise ValueError(f'expected {self.student_channels} student and {self.teacher_channels} '
+                             f'teacher channels, got student {s} and teacher {t}')

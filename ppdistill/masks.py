@@ -1,0 +1,174 @@
+"""Ground-truth boxes -> feature-grid masks, vectorised with tensor ops.
+
+ppdet hands ground truth to a model either as a list of per-image ``[n_i, 4]`` tensors or, after the
+``PadGT`` batch transform, as one zero-padded ``[N, M, 4]`` tensor plus ``pad_gt_mask`` ``[N, M, 1]``.
+:func:`pad_boxes` turns both into a padded tensor and a validity mask; everything else here works on that
+padded form with broadcasting only (no Python loop over images or boxes), so the cost is one
+``[N, M, H, W]`` boolean/float tensor per call.
+
+All grid arithmetic is done in float32 (``floor``/``ceil`` of float32 values are exact integers), so no op
+ever mixes integer and float tensors (paddle 3.x is strict about that).
+
+Boxes are ``(x1, y1, x2, y2)`` in pixels of the resized (unpadded) image whose size is
+``inputs['im_shape'][i] = (im_h, im_w)``.
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import paddle
+
+__all__ = ['pad_boxes', 'scale_boxes_to_grid', 'box_cells', 'boxes_cover_grid', 'fgd_masks']
+
+BoxesLike = Union[paddle.Tensor, np.ndarray, Sequence[Union[paddle.Tensor, np.ndarray]]]
+
+
+def _as_float_tensor(x) -> paddle.Tensor:
+    if isinstance(x, paddle.Tensor):
+        return x if x.dtype == paddle.float32 else paddle.cast(x, 'float32')
+    return paddle.to_tensor(np.asarray(x, dtype='float32'))
+
+
+def pad_boxes(gt_bbox: BoxesLike,
+              pad_gt_mask: Optional[paddle.Tensor] = None) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    """Return ground-truth boxes in padded form.
+
+    Args:
+        gt_bbox: a list of per-image boxes ``[n_i, 4]`` (``n_i`` may be 0; tensors or arrays), or an
+            already padded ``[N, M, 4]`` tensor/array.
+        pad_gt_mask: optional ``[N, M, 1]`` (or ``[N, M]``) mask as produced by ppdet's ``PadGT``;
+            non-zero marks a real box. It is AND-ed into the validity mask.
+
+    Returns:
+        ``(boxes, valid)``: ``boxes`` float32 ``[N, M, 4]`` (padded rows are zero) and ``valid`` bool
+        ``[N, M]``. A row is valid only if ``x2 > x1`` and ``y2 > y1`` (so zero padding is never valid).
+        ``M`` may be 0.
+    """
+    if isinstance(gt_bbox, (list, tuple)):
+        per_image = [paddle.reshape(_as_float_tensor(b), [-1, 4]) for b in gt_bbox]
+        num = len(per_image)
+        max_boxes = max([int(b.shape[0]) for b in per_image] + [0])
+        if num == 0:
+            boxes = paddle.zeros([0, 0, 4], dtype='float32')
+        elif max_boxes == 0:
+            boxes = paddle.zeros([num, 0, 4], dtype='float32')
+        else:
+            # Stacking a Python list needs one pad per image; the mask maths below is loop-free.
+            padded = []
+            for b in per_image:
+                missing = max_boxes - int(b.shape[0])
+                if missing > 0:
+                    b = paddle.concat([b, paddle.zeros([missing, 4], dtype='float32')], axis=0)
+                padded.append(b)
+            boxes = paddle.stack(padded, axis=0)
+    else:
+        boxes = _as_float_tensor(gt_bbox)
+        if boxes.ndim != 3 or int(boxes.shape[-1]) != 4:
+            raise ValueError(f'padded gt_bbox must have shape [N, M, 4], got {list(boxes.shape)}')
+    boxes = boxes.detach()
+    if int(boxes.shape[1]) == 0:
+        return boxes, paddle.zeros(boxes.shape[:2], dtype='bool')
+    valid = paddle.logical_and(boxes[:, :, 2] > boxes[:, :, 0], boxes[:, :, 3] > boxes[:, :, 1])
+    if pad_gt_mask is not None:
+        gt_mask = _as_float_tensor(pad_gt_mask)
+        gt_mask = paddle.reshape(gt_mask, [int(gt_mask.shape[0]), -1])
+        if list(gt_mask.shape) != list(valid.shape):
+            raise ValueError(f'pad_gt_mask shape {list(gt_mask.shape)} does not match boxes '
+                             f'{list(boxes.shape)}')
+        valid = paddle.logical_and(valid, gt_mask > 0.0)
+    return boxes, valid
+
+
+def scale_boxes_to_grid(boxes: paddle.Tensor, im_shape: paddle.Tensor, height: int,
+                        width: int) -> paddle.Tensor:
+    """Scale padded boxes ``[N, M, 4]`` from image pixels to feature-grid units.
+
+    ``x`` is multiplied by ``width / im_w`` and ``y`` by ``height / im_h`` with
+    ``(im_h, im_w) = im_shape[i]`` (``im_shape``: ``[N, 2]``). Returns float32 ``[N, M, 4]``.
+    """
+    im_shape = paddle.reshape(_as_float_tensor(im_shape), [-1, 2])
+    im_h = im_shape[:, 0:1]  # [N, 1]
+    im_w = im_shape[:, 1:2]
+    sx = float(width) / im_w
+    sy = float(height) / im_h
+    scale = paddle.stack([sx, sy, sx, sy], axis=-1)  # [N, 1, 4]
+    return boxes * scale
+
+
+def box_cells(grid_boxes: paddle.Tensor) -> paddle.Tensor:
+    """Inclusive cell range of grid-unit boxes, FGD style.
+
+    Returns float32 ``[N, M, 4]`` = ``(wmin, hmin, wmax, hmax)`` with ``wmin = floor(x1)``,
+    ``hmin = floor(y1)``, ``wmax = ceil(x2)``, ``hmax = ceil(y2)`` (not clipped to the map). A box covers
+    cells ``hmin..hmax`` x ``wmin..wmax`` inclusive, as in the FGD reference
+    (``Mask[hmin:hmax+1, wmin:wmax+1]``).
+    """
+    return paddle.concat([paddle.floor(grid_boxes[..., 0:2]), paddle.ceil(grid_boxes[..., 2:4])],
+                         axis=-1)
+
+
+def boxes_cover_grid(cells: paddle.Tensor, valid: paddle.Tensor, height: int,
+                     width: int) -> paddle.Tensor:
+    """Which grid cells each box covers.
+
+    Args:
+        cells: ``[N, M, 4]`` inclusive cell ranges ``(wmin, hmin, wmax, hmax)`` (see :func:`box_cells`).
+        valid: bool ``[N, M]``; invalid boxes cover nothing.
+        height, width: grid size.
+
+    Returns:
+        bool ``[N, M, H, W]``. Cells outside the map simply do not exist, which is the same as clipping
+        the ranges to the map.
+    """
+    ys = paddle.arange(height, dtype='float32').reshape([1, 1, height, 1])
+    xs = paddle.arange(width, dtype='float32').reshape([1, 1, 1, width])
+    c = cells.unsqueeze(-1).unsqueeze(-1)  # [N, M, 4, 1, 1]
+    rows = paddle.logical_and(ys >= c[:, :, 1], ys <= c[:, :, 3])  # [N, M, H, 1]
+    cols = paddle.logical_and(xs >= c[:, :, 0], xs <= c[:, :, 2])  # [N, M, 1, W]
+    cover = paddle.logical_and(rows, cols)  # [N, M, H, W]
+    return paddle.logical_and(cover, valid.unsqueeze(-1).unsqueeze(-1))
+
+
+def fgd_masks(gt_bbox: BoxesLike, im_shape: paddle.Tensor, height: int, width: int,
+              pad_gt_mask: Optional[paddle.Tensor] = None) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    """Foreground/background masks of FGD (Yang et al., "Focal and Global Knowledge Distillation for
+    Detectors", CVPR 2022; reference ``yzd-v/FGD mmdet/distillation/losses/fgd.py``).
+
+    For image ``i`` each valid box is scaled to the ``height x width`` grid, covers the cells
+    ``floor(y1)..ceil(y2)`` x ``floor(x1)..ceil(x2)`` (inclusive, clipped to the map) and carries the value
+    ``1 / ((hmax - hmin + 1) * (wmax - wmin + 1))`` computed from the unclipped range;
+    ``mask_fg`` is the per-cell maximum of those values (0 where no box). ``mask_bg`` is 1 where
+    ``mask_fg == 0`` and 0 elsewhere, divided by its per-image sum when that sum is positive.
+
+    Args:
+        gt_bbox: list of ``[n_i, 4]`` or padded ``[N, M, 4]`` boxes in image pixels (see :func:`pad_boxes`).
+        im_shape: ``[N, 2]`` ``(im_h, im_w)`` per image (ppdet's ``inputs['im_shape']``).
+        height, width: feature-map size ``H, W``.
+        pad_gt_mask: optional ``[N, M, 1]`` validity mask (ppdet ``PadGT``).
+
+    Returns:
+        ``(mask_fg, mask_bg)``, both float32 ``[N, H, W]`` with ``stop_gradient=True``.
+    """
+    height, width = int(height), int(width)
+    boxes, valid = pad_boxes(gt_bbox, pad_gt_mask)
+    num = int(boxes.shape[0])
+    im_shape = paddle.reshape(_as_float_tensor(im_shape), [-1, 2])
+    if int(im_shape.shape[0]) != num:
+        raise ValueError(f'im_shape has {int(im_shape.shape[0])} rows but gt_bbox has {num} images')
+    if int(boxes.shape[1]) == 0:
+        mask_fg = paddle.zeros([num, height, width], dtype='float32')
+    else:
+        cells = box_cells(scale_boxes_to_grid(boxes, im_shape, height, width))  # [N, M, 4]
+        # For a valid box hmax >= hmin and wmax >= wmin, so both factors are >= 1; the clip only keeps
+        # invalid (padding) rows finite.
+        box_h = paddle.clip(cells[:, :, 3] - cells[:, :, 1] + 1.0, min=1.0)
+        box_w = paddle.clip(cells[:, :, 2] - cells[:, :, 0] + 1.0, min=1.0)
+        area_recip = 1.0 / (box_h * box_w)  # [N, M]
+        cover = paddle.cast(boxes_cover_grid(cells, valid, height, width), 'float32')  # [N, M, H, W]
+        mask_fg = paddle.max(cover * area_recip.unsqueeze(-1).unsqueeze(-1), axis=1)  # [N, H, W]
+    mask_bg = paddle.cast(mask_fg <= 0.0, 'float32')
+    bg_count = paddle.sum(mask_bg, axis=[1, 2], keepdim=True)
+    # The count is an integer, so "divide when > 0" equals dividing by max(count, 1).
+    mask_bg = mask_bg / paddle.clip(bg_count, min=1.0)
+    mask_fg.stop_gradient = True
+    mask_bg.stop_gradient = True
+    return mask_fg, mask_bg

@@ -1,0 +1,40 @@
+"""Tap-name tables per architecture.
+
+A preset maps a *role* (what a loss distills, e.g. ``fpn``) to the exact sublayer name whose output
+provides it in that architecture, plus the sublayer prefixes MGD's ``init_student`` may copy from the
+teacher. Supporting a new architecture means adding a row here — never a branch in the distiller.
+Roles resolve to a list of per-level tensors (see :mod:`ppdistill.taps`).
+"""
+from typing import Dict, List
+
+__all__ = ['PRESETS', 'get_preset', 'resolve_tap']
+
+PRESETS: Dict[str, dict] = {
+    # ppdet FPN forward returns [P3..P7] (5 levels, strides 8..128).
+    'RetinaNet': {'taps': {'fpn': 'neck'}, 'init_student': ['neck', 'head']},
+    # ppdet LCPAN forward returns 3 or 4 levels (strides 8..64).
+    'PicoDet': {'taps': {'fpn': 'neck'}, 'init_student': ['neck', 'head']},
+}
+
+
+def get_preset(name: str) -> dict:
+    """The preset for an architecture name as written in the model config (``architecture: PicoDet``)."""
+    if name not in PRESETS:
+        raise KeyError(f"no tap preset for architecture '{name}' (known: {', '.join(sorted(PRESETS))}); "
+                       "name sublayers directly in the loss entry (student: <sublayer name>)")
+    return PRESETS[name]
+
+
+def resolve_tap(spec: str, preset: dict, arch: str = '') -> str:
+    """A loss entry's ``student``/``teacher`` value: a preset role, or else an exact sublayer name."""
+    roles = preset.get('taps', {})
+    if spec in roles:
+        return roles[spec]
+    if any(spec in p['taps'] for p in PRESETS.values()):
+        raise KeyError(f"'{spec}' is a preset role but architecture '{arch}' has no preset for it (presets: "
+                       f"{', '.join(sorted(PRESETS))}); name the sublayer instead (e.g. student: neck)")
+    return spec
+
+
+def init_prefixes(preset: dict) -> List[str]:
+    return list(preset.get('init_student', []))

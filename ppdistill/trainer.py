@@ -1,0 +1,107 @@
+"""ppdet's ``Trainer`` with distillation-aware checkpoints, resume and a cross-rank check.
+
+Training itself (loop, LR, AMP, EMA, logging, VisualDL, ``--eval``) is ppdet's, unchanged.
+"""
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+from ppdet.engine import Trainer
+from ppdet.engine.callbacks import Callback, Checkpointer, ComposeCallback
+from ppdet.utils.logger import setup_logger
+
+from .checkpoint import resume_checkpoint, save_checkpoint
+
+logger = setup_logger(__name__)
+
+__all__ = ['DistillTrainer', 'DistillCheckpointer', 'RankConsistencyCheck', 'param_fingerprints']
+
+
+class DistillCheckpointer(Checkpointer):
+    """ppdet's snapshot/best-model policy, saved through :func:`ppdistill.checkpoint.save_checkpoint`."""
+
+    def _best_ap(self) -> Optional[float]:
+        for metric in self.model._metrics:
+            results = metric.get_results()
+            for key in ('bbox', 'keypoint', 'mask'):
+                if key in results:
+                    return float(results[key][0])
+        logger.warning('Evaluation results empty: too few iterations or wrong weights?')
+        return None
+
+    def on_epoch_end(self, status):
+        if dist.get_world_size() > 1 and dist.get_rank() != 0:
+            return
+        trainer, epoch_id, save_name = self.model, status['epoch_id'], None
+        if status['mode'] == 'train':
+            end_epoch = trainer.cfg.epoch
+            if (epoch_id + 1) % trainer.cfg.snapshot_epoch == 0 or epoch_id == end_epoch - 1:
+                save_name = 'model_final' if epoch_id == end_epoch - 1 else str(epoch_id)
+        elif status['mode'] == 'eval' and status.get('save_best_model'):
+            ap = self._best_ap()
+            if ap is None:
+                return
+            if ap >= self.best_ap:
+                self.best_ap, save_name = ap, 'best_model'
+            logger.info(f'Best test bbox ap is {abs(self.best_ap):0.3f}.')
+        if save_name:
+            raw = status.get('weight') if trainer.use_ema else None
+            save_checkpoint(trainer.model, trainer.optimizer, self.save_dir, save_name, epoch_id + 1, raw)
+
+
+def param_fingerprints(model: paddle.nn.Layer) -> Tuple[List[str], np.ndarray]:
+    """Names and [P, 2] (sum, sum of squares) in float64 of every trainable parameter."""
+    named = [(n, p) for n, p in model.named_parameters() if p.trainable]
+    values = np.array([[p.numpy().astype('float64').sum(), np.square(p.numpy().astype('float64')).sum()]
+                       for _, p in named], dtype='float64')
+    return [n for n, _ in named], values
+
+
+class RankConsistencyCheck(Callback):
+    """After every epoch on ≥2 ranks, stop if any trainable parameter differs from rank 0's.
+
+    DataParallel keeps ranks identical only if every parameter gets a gradient on every rank; a parameter
+    used on some ranks only makes them drift apart silently. ``PPDISTILL_DUMP_PARAMS=<dir>`` also writes
+    each rank's trainable parameters to ``<dir>/rank<r>.npz`` at the end of training (for debugging).
+    """
+
+    def on_epoch_end(self, status):
+        if status['mode'] != 'train' or dist.get_world_size() < 2:
+            return
+        names, local = param_fingerprints(self.model.model)
+        gathered = []
+        dist.all_gather(gathered, paddle.to_tensor(local))
+        reference = gathered[0].numpy()
+        for rank, other in enumerate(gathered[1:], start=1):
+            bad = [names[i] for i in np.nonzero((other.numpy() != reference).any(axis=1))[0]]
+            if bad:
+                raise RuntimeError(f'rank {rank} diverged from rank 0 in {len(bad)} parameters (e.g. '
+                                   f'{bad[:3]}): a parameter got gradient on some ranks only')
+        logger.info(f'Cross-rank check: {len(names)} trainable parameters identical on '
+                    f'{dist.get_world_size()} ranks')
+
+    def on_train_end(self, status):
+        out_dir = os.environ.get('PPDISTILL_DUMP_PARAMS')
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            arrays = {n: p.numpy() for n, p in self.model.model.named_parameters() if p.trainable}
+            np.savez(os.path.join(out_dir, f'rank{max(dist.get_rank(), 0)}.npz'), **arrays)
+
+
+class DistillTrainer(Trainer):
+    """``ppdet.engine.Trainer`` whose checkpoints and resume understand the distiller."""
+
+    def _init_callbacks(self):
+        super()._init_callbacks()
+        if self.mode != 'train':
+            return
+        self._callbacks = [DistillCheckpointer(self) if type(cb) is Checkpointer else cb
+                           for cb in self._callbacks] + [RankConsistencyCheck(self)]
+        self._compose_callback = ComposeCallback(self._callbacks)
+
+    def resume_weights(self, weights: str) -> None:
+        self.start_epoch = resume_checkpoint(self.model, self.optimizer, weights,
+                                             self.ema if self.use_ema else None)
+        logger.info(f'Resumed from {weights} at epoch {self.start_epoch}')

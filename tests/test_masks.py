@@ -1,0 +1,148 @@
+"""ppdistill.masks vs a naive Python-loop port of the FGD reference mask construction."""
+import ppdet  # noqa: F401  (import before paddle: pycocotools/numpy import order)
+import numpy as np
+import paddle
+import pytest
+
+from ppdistill.masks import box_cells, fgd_masks, pad_boxes, scale_boxes_to_grid
+
+
+def ref_fgd_masks(boxes_per_image, im_shape, height, width):
+    """Loop port of yzd-v/FGD ``FeatureLoss.forward`` mask building, with grid indices clipped to the map
+    and the area taken from the unclipped range. Degenerate rows (x2<=x1 or y2<=y1, e.g. padding) skip."""
+    n = len(boxes_per_image)
+    fg = np.zeros((n, height, width), dtype=np.float64)
+    bg = np.ones((n, height, width), dtype=np.float64)
+    for i in range(n):
+        im_h, im_w = float(im_shape[i][0]), float(im_shape[i][1])
+        for box in np.asarray(boxes_per_image[i], dtype=np.float64).reshape(-1, 4):
+            if box[2] <= box[0] or box[3] <= box[1]:
+                continue
+            wmin = int(np.floor(box[0] / im_w * width))
+            wmax = int(np.ceil(box[2] / im_w * width))
+            hmin = int(np.floor(box[1] / im_h * height))
+            hmax = int(np.ceil(box[3] / im_h * height))
+            area = 1.0 / (hmax + 1 - hmin) / (wmax + 1 - wmin)
+            h0, h1 = max(hmin, 0), min(hmax + 1, height)
+            w0, w1 = max(wmin, 0), min(wmax + 1, width)
+            if h0 < h1 and w0 < w1:
+                fg[i, h0:h1, w0:w1] = np.maximum(fg[i, h0:h1, w0:w1], area)
+        bg[i] = np.where(fg[i] > 0, 0.0, 1.0)
+        if bg[i].sum():
+            bg[i] /= bg[i].sum()
+    return fg, bg
+
+
+def random_boxes(rng, n, im_h, im_w):
+    """Boxes of mixed sizes, some crossing or lying beyond the image border, some tiny."""
+    x1 = rng.uniform(-0.3 * im_w, 1.1 * im_w, n)
+    y1 = rng.uniform(-0.3 * im_h, 1.1 * im_h, n)
+    kind = rng.integers(0, 3, n)
+    bw = np.where(kind == 0, rng.uniform(0.05, 1.5, n), rng.uniform(2.0, 0.8 * im_w, n))
+    bh = np.where(kind == 0, rng.uniform(0.05, 1.5, n), rng.uniform(2.0, 0.8 * im_h, n))
+    return np.stack([x1, y1, x1 + bw, y1 + bh], axis=1).astype('float32')
+
+
+def to_padded(boxes_per_image):
+    m = max([len(b) for b in boxes_per_image] + [0])
+    out = np.zeros((len(boxes_per_image), m, 4), dtype='float32')
+    for i, b in enumerate(boxes_per_image):
+        out[i, :len(b)] = b
+    return out
+
+
+def check(boxes_per_image, im_shape, h, w, **kw):
+    fg_ref, bg_ref = ref_fgd_masks(boxes_per_image, im_shape, h, w)
+    im = paddle.to_tensor(np.asarray(im_shape, dtype='float32'))
+    as_list = [paddle.to_tensor(np.asarray(b, dtype='float32').reshape(-1, 4)) for b in boxes_per_image]
+    for gt in (as_list, paddle.to_tensor(to_padded(boxes_per_image))):
+        fg, bg = fgd_masks(gt, im, h, w, **kw)
+        assert list(fg.shape) == [len(boxes_per_image), h, w] and list(bg.shape) == list(fg.shape)
+        assert fg.stop_gradient and bg.stop_gradient
+        np.testing.assert_allclose(fg.numpy(), fg_ref, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(bg.numpy(), bg_ref, rtol=1e-6, atol=1e-8)
+    return fg_ref, bg_ref
+
+
+def test_random_boxes_match_reference():
+    rng = np.random.default_rng(0)
+    im_shape = [[96, 128], [80, 120], [96, 100], [64, 128]]
+    boxes = [random_boxes(rng, 7, *im_shape[0]), random_boxes(rng, 3, *im_shape[1]),
+             np.zeros((0, 4), 'float32'), random_boxes(rng, 12, *im_shape[3])]
+    fg, _ = check(boxes, im_shape, 12, 16)
+    assert fg[0].max() > 0 and fg[3].max() > 0 and fg[2].max() == 0  # the test exercises both cases
+
+
+def test_grid_aligned_edges_are_inclusive():
+    # stride 8 -> exact grid coordinates; x2/y2 on a grid line still cover that row/column (ceil + 1).
+    boxes = [np.array([[8, 16, 24, 32], [0, 0, 8, 8], [-16, -8, 4, 4], [60, 44, 80, 70]], 'float32')]
+    fg, bg = check(boxes, [[48, 64]], 6, 8)
+    assert fg[0, 2, 1] == pytest.approx(1 / 9)  # rows 2..4, cols 1..3
+    assert fg[0, 0, 0] == pytest.approx(1 / 4)  # max over the overlapping boxes
+    assert bg[0].sum() == pytest.approx(1.0)
+
+
+def test_border_and_tiny_boxes():
+    boxes = [np.array([[-50, -50, 3, 3], [100, 90, 200, 200], [30.2, 20.1, 30.3, 20.15]], 'float32'),
+             np.array([[200, 200, 300, 300]], 'float32')]  # entirely outside the image
+    fg, bg = check(boxes, [[96, 128], [96, 128]], 12, 16)
+    assert (fg[1] == 0).all() and bg[1].sum() == pytest.approx(1.0)
+
+
+def test_all_empty_batch():
+    h, w = 5, 7
+    im = paddle.to_tensor(np.array([[40, 56], [40, 56]], 'float32'))
+    inputs = ([paddle.zeros([0, 4]), paddle.zeros([0, 4])], paddle.zeros([2, 0, 4]),
+              paddle.zeros([2, 3, 4]))
+    for gt in inputs:
+        fg, bg = fgd_masks(gt, im, h, w)
+        assert float(fg.abs().sum()) == 0.0
+        np.testing.assert_allclose(bg.numpy(), np.full((2, h, w), 1.0 / (h * w)), rtol=1e-6)
+
+
+def test_box_covering_whole_map_gives_zero_background():
+    fg, bg = check([np.array([[0, 0, 64, 48]], 'float32')], [[48, 64]], 6, 8)
+    assert (bg == 0).all() and (fg > 0).all()
+
+
+def test_pad_boxes_list_and_padded():
+    b0 = paddle.to_tensor([[1.0, 2.0, 5.0, 6.0], [3.0, 3.0, 4.0, 9.0]])
+    b1 = paddle.zeros([0, 4])
+    boxes, valid = pad_boxes([b0, b1])
+    assert list(boxes.shape) == [2, 2, 4] and boxes.dtype == paddle.float32
+    assert valid.numpy().tolist() == [[True, True], [False, False]]
+    np.testing.assert_array_equal(boxes.numpy()[0], b0.numpy())
+    assert (boxes.numpy()[1] == 0).all()
+    boxes2, valid2 = pad_boxes(boxes)
+    np.testing.assert_array_equal(boxes2.numpy(), boxes.numpy())
+    np.testing.assert_array_equal(valid2.numpy(), valid.numpy())
+    # numpy per-image arrays and an empty batch
+    boxes3, valid3 = pad_boxes([b0.numpy(), np.zeros((0, 4), 'float32')])
+    np.testing.assert_array_equal(valid3.numpy(), valid.numpy())
+    boxes4, valid4 = pad_boxes([np.zeros((0, 4), 'float32')] * 3)
+    assert list(boxes4.shape) == [3, 0, 4] and list(valid4.shape) == [3, 0]
+
+
+def test_pad_gt_mask_is_anded():
+    boxes = paddle.to_tensor(np.array([[[0, 0, 16, 16], [32, 24, 64, 48]]], 'float32'))
+    pad_gt_mask = paddle.to_tensor(np.array([[[1.0], [0.0]]], 'float32'))
+    _, valid = pad_boxes(boxes, pad_gt_mask)
+    assert valid.numpy().tolist() == [[True, False]]
+    im = paddle.to_tensor([[48.0, 64.0]])
+    fg, _ = fgd_masks(boxes, im, 6, 8, pad_gt_mask=pad_gt_mask)
+    fg_ref, _ = ref_fgd_masks([boxes.numpy()[0, :1]], [[48, 64]], 6, 8)
+    np.testing.assert_allclose(fg.numpy(), fg_ref, rtol=1e-6)
+    with pytest.raises(ValueError):
+        pad_boxes(boxes, paddle.ones([1, 3, 1]))
+
+
+def test_cells_are_floor_ceil_in_grid_units():
+    boxes = paddle.to_tensor(np.array([[[10.0, 5.0, 40.0, 30.0]]], 'float32'))
+    grid = scale_boxes_to_grid(boxes, paddle.to_tensor([[48.0, 64.0]]), 6, 8)
+    np.testing.assert_allclose(grid.numpy()[0, 0], [1.25, 0.625, 5.0, 3.75])
+    np.testing.assert_array_equal(box_cells(grid).numpy()[0, 0], [1, 0, 5, 4])
+
+
+def test_mismatched_im_shape_raises():
+    with pytest.raises(ValueError):
+        fgd_masks([paddle.zeros([0, 4])], paddle.to_tensor([[8.0, 8.0], [8.0, 8.0]]), 2, 2)

@@ -1,0 +1,90 @@
+import ppdistill  # noqa: F401  (import order: ppdet before paddle)
+import numpy as np
+import paddle
+import pytest
+
+from ppdistill.taps import TapError, TapSet
+from toy_models import ToyDet, toy_inputs
+
+
+def test_dotted_name_and_repeated_calls_record_per_call():
+    model = ToyDet(levels=3)
+    model.eval()
+    taps = TapSet(model, ['head.convs.0', 'head.cls', 'neck'])
+    inputs = toy_inputs()
+    with taps.record():
+        model(inputs)
+    feats = model.neck(model.backbone(inputs['image']))
+    # neck: one call returning a list -> one entry per level
+    assert len(taps.levels('neck')) == 3
+    for got, want in zip(taps.levels('neck'), feats):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    # shared conv: one entry per call (per level), each equal to the conv applied to that level
+    assert len(taps.taps['head.cls'].calls) == 3
+    assert [tuple(t.shape) for t in taps.levels('head.convs.0')] == [tuple(f.shape) for f in feats]
+    want_cls = model.head(feats)
+    for got, want in zip(taps.levels('head.cls'), want_cls):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_nothing_recorded_outside_record_and_cleared_on_entry():
+    model = ToyDet()
+    taps = TapSet(model, ['neck'])
+    model(toy_inputs())
+    assert taps.taps['neck'].calls == []
+    with taps.record():
+        model(toy_inputs())
+    assert len(taps.taps['neck'].calls) == 1
+    model(toy_inputs())  # outside: no more records
+    assert len(taps.taps['neck'].calls) == 1
+    with taps.record():
+        pass
+    assert taps.taps['neck'].calls == []
+    with pytest.raises(TapError, match='recorded nothing'):
+        taps.levels('neck')
+
+
+def test_unknown_name_fails_at_build_with_closest_names():
+    model = ToyDet()
+    with pytest.raises(TapError) as err:
+        TapSet(model, ['head.conv.0'])
+    assert 'head.convs.0' in str(err.value)
+
+
+def test_stop_early_skips_the_rest_of_forward_after_first_full_run():
+    model = ToyDet()
+    taps = TapSet(model, ['neck'])
+    head_calls = []
+    model.head.cls.register_forward_post_hook(lambda layer, i, o: head_calls.append(1))
+    with taps.record(stop_early=True):
+        model(toy_inputs())
+    first = len(head_calls)
+    assert first == 2  # the first run is complete: it learns how often each tap fires
+    with taps.record(stop_early=True):
+        model(toy_inputs())
+    assert len(head_calls) == first  # later runs stop once the neck has been recorded
+    assert len(taps.levels('neck')) == 2
+    with taps.record():  # without stop_early the model runs fully
+        out = model(toy_inputs())
+    assert 'loss' in out and len(head_calls) == first + 2
+
+
+def test_non_tensor_output_is_a_clear_error():
+    class DictOut(paddle.nn.Layer):
+        def forward(self, x):
+            return {'p3': x}
+
+    class Wrapper(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.neck = DictOut()
+
+        def forward(self, x):
+            return self.neck(x)
+
+    model = Wrapper()
+    taps = TapSet(model, ['neck'])
+    with taps.record():
+        model(paddle.ones([1, 2, 4, 4]))
+    with pytest.raises(TapError, match='only a Tensor or a list/tuple'):
+        taps.levels('neck')

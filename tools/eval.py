@@ -1,0 +1,44 @@
+"""Evaluate a detector checkpoint (a distilled student is a plain checkpoint of the student config).
+
+    python tools/eval.py -c configs/demo/picodet_student.yml -o weights=output/<run>/model_final
+"""
+import _path  # noqa: F401
+import ppdistill  # noqa: F401  (CPU defaults before paddle loads)
+
+import json
+import os
+
+from ppdet.engine import Trainer, init_parallel_env
+
+from ppdistill.build import load_checked_weights
+from ppdistill.cli import arg_parser, load_tool_config, run_main
+from ppdistill.errors import PPDistillError
+
+
+def parse_args():
+    parser = arg_parser()
+    parser.add_argument('--output_eval', default=None, type=str, help='where to write bbox.json')
+    parser.add_argument('--classwise', action='store_true', default=False, help='per-class AP table')
+    parser.add_argument('--save_metrics', default=None, type=str,
+                        help='also write the metric results (e.g. COCO bbox AP list) to this JSON file')
+    return parser.parse_args()
+
+
+def main():
+    flags = parse_args()
+    cfg = load_tool_config(flags, mode='eval')
+    if not cfg.get('weights'):
+        raise PPDistillError('no weights to evaluate: pass -o weights=<checkpoint>')
+    init_parallel_env()
+    trainer = Trainer(cfg, mode='eval')
+    load_checked_weights(trainer.model, cfg.weights, min_match=1.0, role='model')
+    trainer.evaluate()
+    if flags.save_metrics:
+        results = {k: [float(x) for x in v] for m in trainer._metrics for k, v in m.get_results().items()}
+        os.makedirs(os.path.dirname(os.path.abspath(flags.save_metrics)), exist_ok=True)
+        with open(flags.save_metrics, 'w') as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,33 @@
+"""Export a detector checkpoint to a static inference model (Paddle Inference / FastDeploy).
+
+    python tools/export_model.py -c configs/demo/picodet_student.yml -o weights=output/<run>/model_final \
+        --output_dir output_inference
+"""
+import _path  # noqa: F401
+import ppdistill  # noqa: F401  (CPU defaults before paddle loads)
+
+from ppdet.engine import Trainer
+
+from ppdistill.build import load_checked_weights
+from ppdistill.cli import arg_parser, load_tool_config, run_main
+from ppdistill.errors import PPDistillError
+
+
+def parse_args():
+    parser = arg_parser()
+    parser.add_argument('--output_dir', type=str, default='output_inference', help='export directory')
+    return parser.parse_args()
+
+
+def main():
+    flags = parse_args()
+    cfg = load_tool_config(flags, mode='test')
+    if not cfg.get('weights'):
+        raise PPDistillError('no weights: pass -o weights=<checkpoint>')
+    trainer = Trainer(cfg, mode='test')
+    load_checked_weights(trainer.model, cfg.weights, min_match=1.0, role='model')
+    trainer.export(flags.output_dir)
+
+
+if __name__ == '__main__':
+    run_main(main)
