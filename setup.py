@@ -20,7 +20,7 @@ REQUIRES = [
 ]
 if not os.environ.get('PPDISTILL_NO_PADDLE_DEP'):
     # GPU users install paddlepaddle-gpu themselves and set PPDISTILL_NO_PADDLE_DEP=1.
-    REQUIRES.insert(0, 'paddlepaddle>=2.6.2,<3.4')
+    REQUIRES.insert(0, 'paddlepaddle==2.6.2')
 
 setup(
     name='ppdistill',

@@ -1,7 +1,7 @@
 """Build-time shape probing and student↔teacher level pairing (DESIGN principle 7).
 
 Both models run once, in eval mode and without gradient, on a blank ``probe_size``² image; the taps give
-every level's shape. Levels pair by stride (``probe_size / H`` rounded to a power of two), so a 5-level
+every level's shape (a failure after the last tap fired, e.g. in post-processing, is ignored). Levels pair by stride (``probe_size / H`` rounded to a power of two), so a 5-level
 teacher and a 4-level student share the strides they both have. Channel mismatches are left to the loss's
 1×1 align conv; a remaining H/W difference at run time resizes the student to the teacher.
 """
@@ -56,7 +56,15 @@ def probe_shapes(model: nn.Layer, taps: TapSet, size: int) -> Dict[str, List[Sha
     model.eval()
     try:
         with paddle.no_grad(), taps.record():
-            model(probe_inputs(size))
+            try:
+                model(probe_inputs(size))
+            except Exception as err:  # noqa: BLE001
+                # Post-processing tied to a fixed eval size (e.g. PicoHeadV2's precomputed anchors) may
+                # reject the probe image after every tap has fired; only the taps matter here.
+                silent = [n for n, t in taps.taps.items() if not t.calls]
+                if silent:
+                    raise PairingError(f'{type(model).__name__} failed on a {size}x{size} probe image before '
+                                       f'tap(s) {silent} fired (set probe_size): {err}') from None
         return {name: [tuple(int(d) for d in t.shape) for t in taps.levels(name)] for name in taps.taps}
     finally:
         taps.clear()
