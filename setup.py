@@ -17,6 +17,7 @@ REQUIRES = [
     'pycocotools==2.0.7',
     'pyyaml',
     'setuptools<70',
+    'Pillow<10',  # ppdet 2.6's visualizer (tools/infer.py) calls ImageDraw.textsize, removed in Pillow 10
 ]
 if not os.environ.get('PPDISTILL_NO_PADDLE_DEP'):
     # GPU users install paddlepaddle-gpu themselves and set PPDISTILL_NO_PADDLE_DEP=1.

@@ -2,6 +2,7 @@
 
 Training itself (loop, LR, AMP, EMA, logging, VisualDL, ``--eval``) is ppdet's, unchanged.
 """
+import json
 import os
 from typing import List, Optional, Tuple
 
@@ -16,7 +17,8 @@ from .checkpoint import resume_checkpoint, save_checkpoint
 
 logger = setup_logger(__name__)
 
-__all__ = ['DistillTrainer', 'DistillCheckpointer', 'RankConsistencyCheck', 'param_fingerprints']
+__all__ = ['DistillTrainer', 'DistillCheckpointer', 'RankConsistencyCheck', 'MetricsSaver',
+           'param_fingerprints']
 
 
 class DistillCheckpointer(Checkpointer):
@@ -88,6 +90,25 @@ class RankConsistencyCheck(Callback):
             os.makedirs(out_dir, exist_ok=True)
             arrays = {n: p.numpy() for n, p in self.model.model.named_parameters() if p.trainable}
             np.savez(os.path.join(out_dir, f'rank{max(dist.get_rank(), 0)}.npz'), **arrays)
+
+
+class MetricsSaver(Callback):
+    """Write every evaluation's metric results (e.g. the 12 COCO bbox numbers) to a JSON file.
+
+    ppdet resets its metrics right after logging them, so they are captured in ``on_epoch_end``.
+    """
+
+    def __init__(self, trainer, path: str):
+        super().__init__(trainer)
+        self.path = path
+
+    def on_epoch_end(self, status):
+        if status.get('mode') != 'eval':
+            return
+        results = {k: [float(x) for x in v] for m in self.model._metrics for k, v in m.get_results().items()}
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, 'w') as f:
+            json.dump(results, f, indent=1)
 
 
 class DistillTrainer(Trainer):

@@ -118,3 +118,23 @@ def test_level_without_teacher_stride_fails_naming_both_shapes():
     with pytest.raises(DistillConfigError) as err:
         make([{'type': 'MGDLoss', 'student': 'neck', 'levels': [1]}], teacher_levels=1)
     assert '(1, 4, 4, 4)' in str(err.value) and '(1, 8, 8, 8)' in str(err.value)
+
+
+def test_init_student_copies_matching_neck_and_head_tensors_only():
+    from ppdistill.presets import PRESETS
+    PRESETS['ToyDet'] = {'taps': {'fpn': 'neck'}, 'init_student': ['neck', 'head']}
+    try:
+        paddle.seed(3)
+        student = ToyDet(width=8, neck_ch=8, levels=2)   # same neck/head shapes as the teacher's first levels
+        teacher = ToyDet(width=16, neck_ch=8, levels=3)  # neck lateral.0 takes 16 channels: shape differs
+        s_before = {k: v.numpy().copy() for k, v in student.state_dict().items()}
+        Distiller(student_model=student, teacher_model=teacher, losses=MGD_NO_MASK, probe_size=32,
+                  init_student=True)
+        t = teacher.state_dict()
+        for k, v in student.state_dict().items():
+            copied = (k.startswith(('neck.', 'head.')) and k in t and list(t[k].shape) == list(v.shape))
+            np.testing.assert_array_equal(v.numpy(), t[k].numpy() if copied else s_before[k], err_msg=k)
+        assert 'head.cls.weight' in t and 'neck.lateral.1.bias' in t  # some tensors were copied
+        assert list(t['neck.lateral.0.weight'].shape) != list(s_before['neck.lateral.0.weight'].shape)
+    finally:
+        del PRESETS['ToyDet']

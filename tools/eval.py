@@ -5,14 +5,12 @@
 import _path  # noqa: F401
 import ppdistill  # noqa: F401  (CPU defaults before paddle loads)
 
-import json
-import os
-
 from ppdet.engine import Trainer, init_parallel_env
 
 from ppdistill.build import load_checked_weights
 from ppdistill.cli import arg_parser, load_tool_config, run_main
 from ppdistill.errors import PPDistillError
+from ppdistill.trainer import MetricsSaver
 
 
 def parse_args():
@@ -32,12 +30,9 @@ def main():
     init_parallel_env()
     trainer = Trainer(cfg, mode='eval')
     load_checked_weights(trainer.model, cfg.weights, min_match=1.0, role='model')
-    trainer.evaluate()
     if flags.save_metrics:
-        results = {k: [float(x) for x in v] for m in trainer._metrics for k, v in m.get_results().items()}
-        os.makedirs(os.path.dirname(os.path.abspath(flags.save_metrics)), exist_ok=True)
-        with open(flags.save_metrics, 'w') as f:
-            json.dump(results, f, indent=1)
+        trainer.register_callbacks([MetricsSaver(trainer, flags.save_metrics)])
+    trainer.evaluate()
 
 
 if __name__ == '__main__':

@@ -3,7 +3,13 @@
     python tools/export_model.py -c configs/demo/picodet_student.yml -o weights=output/<run>/model_final \
         --output_dir output_inference
 """
-import _path  # noqa: F401
+import os
+
+# ppdet 2.6 exports through to_static(...).forward.main_program, which paddle 2.6 only builds in
+# full-graph (AST) mode; without this it raises "Can't call main_program when full_graph=False".
+os.environ.setdefault('ENABLE_FALL_BACK', 'False')
+
+import _path  # noqa: F401,E402
 import ppdistill  # noqa: F401  (CPU defaults before paddle loads)
 
 from ppdet.engine import Trainer

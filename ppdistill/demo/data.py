@@ -35,16 +35,16 @@ __all__ = ['make_digits_dataset', 'dataset_params', 'GENERATOR_VERSION',
 
 # Bump whenever the generated content changes, so that cached datasets
 # (see ``meta.json``) are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 CLASS_NAMES = [str(i) for i in range(10)]
 
 DEFAULT_PARAMS = dict(
     num_train=800,
     num_val=160,
-    image_size=160,
-    min_objects=2,
-    max_objects=6,
+    image_size=128,
+    min_objects=4,
+    max_objects=8,
     seed=0,
 )
 
@@ -52,7 +52,7 @@ DEFAULT_PARAMS = dict(
 _SMALL_MAX = 32 ** 2
 _MEDIUM_MAX = 96 ** 2
 # probability of drawing a small / medium / large object
-_SIZE_PROBS = (0.40, 0.42, 0.18)
+_SIZE_PROBS = (0.45, 0.45, 0.10)
 # split codes used to derive independent random streams
 _SPLIT_CODES = {'train': 1, 'val': 2}
 _JPEG_QUALITY = 92
@@ -122,12 +122,12 @@ def _background(rng, size):
     img = np.clip(img, 0, 255).astype(np.uint8)
 
     # clutter: lines and shapes, some of them semi-transparent
-    n_shapes = int(rng.integers(3, 11))
+    n_shapes = int(rng.integers(2, 8))
     for _ in range(n_shapes):
         layer = img.copy()
         color = _rand_color(rng)
         kind = int(rng.integers(0, 4))
-        thick = int(rng.integers(1, 4))
+        thick = int(rng.integers(1, 3))
         if kind == 0:  # line
             p1 = tuple(int(v) for v in rng.integers(-s // 4, s + s // 4, 2))
             p2 = tuple(int(v) for v in rng.integers(-s // 4, s + s // 4, 2))
@@ -153,10 +153,10 @@ def _background(rng, size):
             extent = float(rng.uniform(60, 360))
             cv2.ellipse(layer, c, axes, angle, start, start + extent, color,
                         thick, cv2.LINE_AA)
-        a = float(rng.uniform(0.35, 1.0))
+        a = float(rng.uniform(0.25, 0.75))
         img = cv2.addWeighted(layer, a, img, 1 - a, 0)
 
-    noise_sigma = float(rng.uniform(3, 14))
+    noise_sigma = float(rng.uniform(2, 10))
     img = img.astype(np.float32) + rng.normal(
         0, noise_sigma, size=img.shape).astype(np.float32)
     return np.clip(img, 0, 255)
@@ -169,7 +169,7 @@ def _render_glyph(glyph8, cell_w, cell_h):
     h = max(int(round(10 * cell_h)), 10)
     a = cv2.resize(g, (w, h), interpolation=cv2.INTER_CUBIC)
     # sharpen the blurry strokes a bit
-    a = np.clip((a - 0.18) / 0.42, 0.0, 1.0)
+    a = np.clip((a - 0.25) / 0.3, 0.0, 1.0)
     ink = a >= 0.25
     rows = np.flatnonzero(ink.any(axis=1))
     cols = np.flatnonzero(ink.any(axis=0))
@@ -188,7 +188,7 @@ def _ink_extent(glyph8):
 def _sample_target_area(rng, size):
     cat = int(rng.choice(3, p=_SIZE_PROBS))
     if cat == 0:
-        lo, hi = 130.0, 0.92 * _SMALL_MAX
+        lo, hi = 200.0, 0.92 * _SMALL_MAX
     elif cat == 1:
         lo, hi = 1.1 * _SMALL_MAX, 0.92 * _MEDIUM_MAX
     else:
@@ -249,12 +249,12 @@ def _make_image(rng, size, pool_images, pool_labels, min_objects,
         color = None
         for _try in range(12):
             c = rng.uniform(0, 255, size=3)
-            if abs(float(_luma(c)) - bg_luma) >= 80:
+            if abs(float(_luma(c)) - bg_luma) >= 100:
                 color = c
                 break
         if color is None:
             color = np.full(3, 20.0 if bg_luma > 127 else 235.0)
-        opacity = float(rng.uniform(0.8, 1.0))
+        opacity = float(rng.uniform(0.9, 1.0))
         a = (alpha * opacity)[..., None]
         img[y:y + gh, x:x + gw] = region * (1 - a) + color[None, None, :] * a
         boxes.append((x, y, gw, gh))
