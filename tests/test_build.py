@@ -74,7 +74,8 @@ def test_three_picodets_with_four_levels_build_and_run(pair):
     for model in models:
         assert len(model.neck.spatial_scales) == 4
         model.eval()
-        out = model(probe_inputs(160))  # the configs' eval_size: PicoHeadV2 precomputes its anchors
+        # at the config's eval_size: PicoHeadV2 precomputes its anchors for it
+        out = model(probe_inputs(int(global_config['eval_size'][0])))
         assert int(out['bbox_num'].sum()) >= 0
 
 
