@@ -65,7 +65,7 @@ def test_mgd_picodet_train_eval_infer_export(work):
     slim = write_distill(work / 'mgd_tiny.yml', 'MGDDistillModel', 'picodet_teacher',
                          work / 'output/picodet_teacher/model_final')
     proc = run(['train.py', '-c', os.path.join(TINY, 'picodet_student.yml'), '--slim_config', slim,
-                '--eval', '--seed', '0', '-o', 'log_iter=1'], work)
+                '--eval', '--seed', '0', '--use_vdl', '--vdl_log_dir', 'vdl', '-o', 'log_iter=1'], work)
     log = proc.stdout + proc.stderr
     out = work / 'output' / 'mgd_tiny'
     # one logged loss per paired level, plus the total
@@ -74,6 +74,9 @@ def test_mgd_picodet_train_eval_infer_export(work):
     for i in range(levels):
         assert f'distill_mgd_l{i}:' in log
     assert 'distill_loss:' in log
+    from visualdl import LogReader
+    tags = LogReader(file_path=glob.glob(str(work / 'vdl' / '*'))[0]).get_tags()['scalar']
+    assert {f'distill_mgd_l{i}' for i in range(levels)} | {'distill_loss', 'loss'} <= set(tags)
     # model_final / best_model are plain student checkpoints; distill state beside them
     keys = student_keys('picodet')
     for name in ('model_final', 'best_model'):
