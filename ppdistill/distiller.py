@@ -19,13 +19,12 @@ from typing import Dict, List, Optional, Sequence
 
 import paddle
 import paddle.nn as nn
-
-from .errors import PPDistillError
 import paddle.nn.functional as F
 from ppdet.core.workspace import global_config, register
 from ppdet.core.config.schema import SchemaDict
 from ppdet.utils.logger import setup_logger
 
+from .errors import PPDistillError
 from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
 from .presets import PRESETS, init_prefixes, resolve_tap
 from .taps import TapSet

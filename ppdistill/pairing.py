@@ -13,7 +13,6 @@ import paddle
 import paddle.nn as nn
 
 from .errors import PPDistillError
-
 from .taps import TapSet
 
 __all__ = ['probe_shapes', 'pair_levels', 'LevelPair', 'PairingError']

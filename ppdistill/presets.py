@@ -7,7 +7,7 @@ Roles resolve to a list of per-level tensors (see :mod:`ppdistill.taps`).
 """
 from typing import Dict, List
 
-__all__ = ['PRESETS', 'get_preset', 'resolve_tap']
+__all__ = ['PRESETS', 'resolve_tap', 'init_prefixes']
 
 PRESETS: Dict[str, dict] = {
     # ppdet FPN forward returns [P3..P7] (5 levels, strides 8..128).
@@ -15,14 +15,6 @@ PRESETS: Dict[str, dict] = {
     # ppdet LCPAN forward returns 3 or 4 levels (strides 8..64).
     'PicoDet': {'taps': {'fpn': 'neck'}, 'init_student': ['neck', 'head']},
 }
-
-
-def get_preset(name: str) -> dict:
-    """The preset for an architecture name as written in the model config (``architecture: PicoDet``)."""
-    if name not in PRESETS:
-        raise KeyError(f"no tap preset for architecture '{name}' (known: {', '.join(sorted(PRESETS))}); "
-                       "name sublayers directly in the loss entry (student: <sublayer name>)")
-    return PRESETS[name]
 
 
 def resolve_tap(spec: str, preset: dict, arch: str = '') -> str:
