@@ -7,16 +7,17 @@ from typing import Callable, Optional
 
 import paddle
 from ppdet.core.workspace import load_config, merge_config
+from ppdet.engine import Trainer
 from ppdet.utils.check import check_config, check_version
 from ppdet.utils.cli import ArgsParser, merge_args
 from ppdet.utils.logger import setup_logger
 
-from .build import is_distill_config, load_distill_config
+from .build import is_distill_config, load_checked_weights, load_distill_config
 from .errors import PPDistillError
 
 logger = setup_logger('ppdistill')
 
-__all__ = ['arg_parser', 'load_tool_config', 'run_main']
+__all__ = ['arg_parser', 'load_tool_config', 'trainer_with_weights', 'run_main']
 
 
 def arg_parser() -> ArgsParser:
@@ -74,6 +75,15 @@ def load_tool_config(flags, mode: str):
     check_version()
     _check_dataset(cfg, 'TrainDataset' if mode == 'train' else 'EvalDataset')
     return cfg
+
+
+def trainer_with_weights(cfg, mode: str):
+    """ppdet ``Trainer`` for eval/test with ``cfg.weights`` loaded; every model tensor must match."""
+    if not cfg.get('weights'):
+        raise PPDistillError('no weights: pass -o weights=<checkpoint>')
+    trainer = Trainer(cfg, mode=mode)
+    load_checked_weights(trainer.model, cfg.weights, min_match=1.0, role='model')
+    return trainer
 
 
 def run_main(main: Callable[[], Optional[int]]) -> None:

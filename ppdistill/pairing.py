@@ -1,8 +1,9 @@
 """Build-time shape probing and student↔teacher level pairing (DESIGN principle 7).
 
 Both models run once, in eval mode and without gradient, on a blank ``probe_size``² image; the taps give
-every level's shape (a failure after the last tap fired, e.g. in post-processing, is ignored). Levels pair by stride (``probe_size / H`` rounded to a power of two), so a 5-level
-teacher and a 4-level student share the strides they both have. Channel mismatches are left to the loss's
+every level's shape (a failure after the last tap fired, e.g. in post-processing, is ignored). Levels pair
+by stride (``probe_size / H`` rounded to a power of two), so a 5-level teacher and a 4-level student share
+the strides they both have. Channel mismatches are left to the loss's
 1×1 align conv; a remaining H/W difference at run time resizes the student to the teacher.
 """
 import math

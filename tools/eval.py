@@ -5,11 +5,9 @@
 import _path  # noqa: F401
 import ppdistill  # noqa: F401  (CPU defaults before paddle loads)
 
-from ppdet.engine import Trainer, init_parallel_env
+from ppdet.engine import init_parallel_env
 
-from ppdistill.build import load_checked_weights
-from ppdistill.cli import arg_parser, load_tool_config, run_main
-from ppdistill.errors import PPDistillError
+from ppdistill.cli import arg_parser, load_tool_config, run_main, trainer_with_weights
 from ppdistill.trainer import MetricsSaver
 
 
@@ -25,11 +23,8 @@ def parse_args():
 def main():
     flags = parse_args()
     cfg = load_tool_config(flags, mode='eval')
-    if not cfg.get('weights'):
-        raise PPDistillError('no weights to evaluate: pass -o weights=<checkpoint>')
     init_parallel_env()
-    trainer = Trainer(cfg, mode='eval')
-    load_checked_weights(trainer.model, cfg.weights, min_match=1.0, role='model')
+    trainer = trainer_with_weights(cfg, mode='eval')
     if flags.save_metrics:
         trainer.register_callbacks([MetricsSaver(trainer, flags.save_metrics)])
     trainer.evaluate()

@@ -12,11 +12,7 @@ os.environ.setdefault('ENABLE_FALL_BACK', 'False')
 import _path  # noqa: F401,E402
 import ppdistill  # noqa: F401  (CPU defaults before paddle loads)
 
-from ppdet.engine import Trainer
-
-from ppdistill.build import load_checked_weights
-from ppdistill.cli import arg_parser, load_tool_config, run_main
-from ppdistill.errors import PPDistillError
+from ppdistill.cli import arg_parser, load_tool_config, run_main, trainer_with_weights
 
 
 def parse_args():
@@ -28,10 +24,7 @@ def parse_args():
 def main():
     flags = parse_args()
     cfg = load_tool_config(flags, mode='test')
-    if not cfg.get('weights'):
-        raise PPDistillError('no weights: pass -o weights=<checkpoint>')
-    trainer = Trainer(cfg, mode='test')
-    load_checked_weights(trainer.model, cfg.weights, min_match=1.0, role='model')
+    trainer = trainer_with_weights(cfg, mode='test')
     trainer.export(flags.output_dir)
 
 

@@ -9,10 +9,7 @@ import ppdistill  # noqa: F401  (CPU defaults before paddle loads)
 import glob
 import os
 
-from ppdet.engine import Trainer
-
-from ppdistill.build import load_checked_weights
-from ppdistill.cli import arg_parser, load_tool_config, run_main
+from ppdistill.cli import arg_parser, load_tool_config, run_main, trainer_with_weights
 from ppdistill.errors import PPDistillError
 
 _EXTS = ('.jpg', '.jpeg', '.png', '.bmp')
@@ -43,11 +40,8 @@ def _images(flags):
 def main():
     flags = parse_args()
     cfg = load_tool_config(flags, mode='test')
-    if not cfg.get('weights'):
-        raise PPDistillError('no weights: pass -o weights=<checkpoint>')
     images = _images(flags)
-    trainer = Trainer(cfg, mode='test')
-    load_checked_weights(trainer.model, cfg.weights, min_match=1.0, role='model')
+    trainer = trainer_with_weights(cfg, mode='test')
     trainer.predict(images, draw_threshold=flags.draw_threshold, output_dir=flags.output_dir,
                     save_results=flags.save_results)
 
