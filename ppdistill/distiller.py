@@ -201,8 +201,8 @@ class Distiller(nn.Layer):
 
     def distill_terms(self, inputs: dict) -> Dict[str, paddle.Tensor]:
         """Weighted loss per configured term from the tensors recorded in this step."""
-        student = {n: self.student_taps.levels(n) for n in self.student_taps.taps}
-        teacher = {n: self.teacher_taps.levels(n) for n in self.teacher_taps.taps}
+        student = {n: self.student_taps.levels(n) for n in self.student_taps.specs}
+        teacher = {n: self.teacher_taps.levels(n) for n in self.teacher_taps.specs}
         terms = {}
         for term, loss in zip(self._terms, self.distill_losses):
             s = student[term.student_tap][term.pair.student_level]

@@ -61,11 +61,11 @@ def probe_shapes(model: nn.Layer, taps: TapSet, size: int) -> Dict[str, List[Sha
             except Exception as err:  # noqa: BLE001
                 # Post-processing tied to a fixed eval size (e.g. PicoHeadV2's precomputed anchors) may
                 # reject the probe image after every tap has fired; only the taps matter here.
-                silent = [n for n, t in taps.taps.items() if not t.calls]
+                silent = taps.silent()
                 if silent:
                     raise PairingError(f'{type(model).__name__} failed on a {size}x{size} probe image before '
                                        f'tap(s) {silent} fired (set probe_size): {err}') from None
-        return {name: [tuple(int(d) for d in t.shape) for t in taps.levels(name)] for name in taps.taps}
+        return {name: [tuple(int(d) for d in t.shape) for t in taps.levels(name)] for name in taps.specs}
     finally:
         taps.clear()
         model.train() if was_training else model.eval()

@@ -5,10 +5,13 @@ A tap never edits the model: it registers a forward-post-hook on the sublayer wh
 ``yolo_head.yolo_output.0``). Hooks record only while :meth:`TapSet.record` is active, so a tapped model
 behaves exactly as before outside the distiller's forward and no tensor outlives a step.
 A sublayer that runs several times per forward (a head conv shared across FPN levels) records one
-entry per call.
+entry per call. A tap *spec* may also be a pattern with ``*`` standing for one name component
+(``head.head_cls_list.*``, ``yolo_head.yolo_output.*``): it expands to every matching sublayer, in
+natural order (``.2`` before ``.10``), one level each — per-level head convs are distilled like a neck.
 """
 import contextlib
 import difflib
+import re
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import paddle
@@ -16,7 +19,7 @@ import paddle.nn as nn
 
 from .errors import PPDistillError
 
-__all__ = ['FeatureTap', 'TapSet', 'TapError', 'find_sublayer']
+__all__ = ['FeatureTap', 'TapSet', 'TapError', 'find_sublayer', 'expand_spec']
 
 
 class TapError(PPDistillError):
@@ -35,6 +38,23 @@ def find_sublayer(model: nn.Layer, name: str) -> nn.Layer:
     close = difflib.get_close_matches(name, list(layers), n=5, cutoff=0.5)
     hint = ', '.join(close) if close else ', '.join(sorted({k.split('.')[0] for k in layers}))
     raise TapError(f"no sublayer named '{name}' in {type(model).__name__}; closest names: {hint}")
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
+
+
+def expand_spec(model: nn.Layer, spec: str) -> List[str]:
+    """The sublayer names a tap spec stands for: ``[spec]`` for an exact name, else every sublayer whose
+    name matches the pattern (``*`` = one dot-free name component), naturally sorted."""
+    if '*' not in spec:
+        find_sublayer(model, spec)
+        return [spec]
+    pattern = re.compile('^' + '[^.]+'.join(re.escape(p) for p in spec.split('*')) + '$')
+    names = sorted((n for n, _ in model.named_sublayers() if pattern.match(n)), key=_natural_key)
+    if not names:
+        find_sublayer(model, spec.replace('*', '0'))  # raises, listing the closest real names
+    return names
 
 
 def _as_levels(output, name: str) -> List[paddle.Tensor]:
@@ -84,13 +104,16 @@ class TapSet:
     and loss are skipped when only neck features are distilled.
     """
 
-    def __init__(self, model: nn.Layer, names: Sequence[str]):
+    def __init__(self, model: nn.Layer, specs: Sequence[str]):
         self.recording = False
         self._stop_early = False
         self._expected: Optional[Dict[str, int]] = None
+        self.specs: Dict[str, List[str]] = {spec: expand_spec(model, spec) for spec in dict.fromkeys(specs)}
         self.taps: Dict[str, FeatureTap] = {}
-        for name in dict.fromkeys(names):
-            self.taps[name] = FeatureTap(name, find_sublayer(model, name), self)
+        for names in self.specs.values():
+            for name in names:
+                if name not in self.taps:
+                    self.taps[name] = FeatureTap(name, find_sublayer(model, name), self)
 
     def _after_call(self) -> None:
         if self._stop_early and self._expected is not None and all(
@@ -117,8 +140,13 @@ class TapSet:
         if completed and stop_early and self._expected is None:
             self._expected = {n: len(t.calls) for n, t in self.taps.items()}
 
-    def levels(self, name: str) -> List[paddle.Tensor]:
-        return self.taps[name].levels()
+    def levels(self, spec: str) -> List[paddle.Tensor]:
+        """A spec's recorded tensors, one per level (a pattern: its sublayers' levels, in order)."""
+        return [t for name in self.specs[spec] for t in self.taps[name].levels()]
+
+    def silent(self) -> List[str]:
+        """Tapped sublayers that recorded nothing so far."""
+        return [n for n, t in self.taps.items() if not t.calls]
 
     def remove(self) -> None:
         for tap in self.taps.values():

@@ -88,3 +88,22 @@ def test_non_tensor_output_is_a_clear_error():
         model(paddle.ones([1, 2, 4, 4]))
     with pytest.raises(TapError, match='only a Tensor or a list/tuple'):
         taps.levels('neck')
+
+
+def test_pattern_spec_expands_to_numbered_sublayers_in_natural_order():
+    model = ToyDet(levels=12)  # neck.lateral.0 .. neck.lateral.11: '10' must sort after '9', not after '1'
+    model.eval()
+    taps = TapSet(model, ['neck.lateral.*', 'neck'])
+    assert taps.specs['neck.lateral.*'] == [f'neck.lateral.{i}' for i in range(12)]
+    with taps.record():
+        model(toy_inputs(size=64))
+    got = taps.levels('neck.lateral.*')
+    want = taps.levels('neck')  # the neck returns exactly its lateral convs' outputs, in level order
+    assert len(got) == 12
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.numpy(), w.numpy())
+
+
+def test_pattern_spec_without_match_lists_close_names():
+    with pytest.raises(TapError, match="neck.lateral.0"):
+        TapSet(ToyDet(), ['neck.laterl.*'])
