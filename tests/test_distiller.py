@@ -374,3 +374,12 @@ def test_nonfinite_skip_drops_the_distill_loss_with_a_warning(caplog):
         assert p.grad is not None and float(p.grad.abs().sum()) == 0.0
     with pytest.raises(DistillConfigError, match="nonfinite: 'ignore'"):
         make(nonfinite='ignore')
+
+
+def test_presets_pass_nonfinite_through():
+    from ppdistill.models import FocalGlobalDistillModel, MGDDistillModel
+    for cls in (MGDDistillModel, FocalGlobalDistillModel):
+        paddle.seed(11)
+        d = cls(ToyDet(width=8, neck_ch=8, levels=2), ToyDet(width=16, neck_ch=8, levels=2),
+                feature='neck', probe_size=32, nonfinite='skip')
+        assert d.nonfinite == 'skip'
