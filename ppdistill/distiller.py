@@ -43,6 +43,7 @@ __all__ = ['Distiller', 'DistillConfigError', 'NonFiniteDistillLoss']
 
 _NONFINITE_MODES = ('error', 'skip')
 
+
 class DistillConfigError(PPDistillError):
     """A distillation config that cannot be built; the message says what to change."""
 
