@@ -3,12 +3,20 @@
 ``Distiller`` owns ``student_model``, ``teacher_model`` and the distill modules (``distill_losses``, a
 ``LayerList``; align convs and generators live inside the losses). Training forward:
 
-1. teacher forward without gradient, norm/dropout layers forced to eval on every call (the trainer's
-   ``model.train()`` cannot flip the teacher's BatchNorm back to batch statistics); it stops as soon as
-   every teacher tap has what it needs;
-2. student forward through its own loss path, with taps recording;
-3. each configured loss on every paired level, weighted, logged as ``distill_<name>_l<level>`` and added
-   into ``loss``.
+1. teacher forward without gradient, the *whole* teacher in eval mode on every call (the trainer's
+   ``model.train()`` flips it back each epoch): BatchNorm uses its running statistics and every stochastic
+   layer of any kind (Dropout, ppdet's DropBlock, DropPath, ...) is off, so the same inputs give the same
+   tapped tensors. It stops as soon as every teacher tap has fired as often as in the build-time probe
+   (also eval mode), from the first step on: the teacher's head, loss and post-processing never run
+   unless tapped, so the teacher needs nothing from the student's reader beyond what its tapped layers
+   read;
+2. student forward through its own loss path, with taps recording; both tap sets check their call counts
+   against the probe on every step (:class:`~ppdistill.taps.TapCountError`);
+3. each configured loss on every paired level, in float32 and outside autocast whatever the AMP level
+   (features are cast to float32; the distill modules keep float32 weights under ``amp_level: O2``),
+   weighted, logged as ``distill_<name>_l<level>`` and added into ``loss``. One ``isfinite`` over all
+   terms (one host sync per step) guards the sum: a non-finite term stops training naming the term, or
+   with ``nonfinite: skip`` drops that step's distill loss with a warning.
 
 Eval/infer: exactly ``student_model(inputs)``. ``parameters()`` is the student's plus the distill
 modules', never the teacher's.
@@ -31,16 +39,30 @@ from .taps import TapSet
 
 logger = setup_logger(__name__)
 
-__all__ = ['Distiller', 'DistillConfigError']
+__all__ = ['Distiller', 'DistillConfigError', 'NonFiniteDistillLoss']
 
-# Layers whose train mode changes the teacher (running statistics) or its outputs (dropout).
-_EVAL_ALWAYS = tuple(t for t in (
-    getattr(nn.layer.norm, '_BatchNormBase', None), getattr(nn, 'BatchNorm', None),
-    nn.Dropout, nn.Dropout2D, nn.Dropout3D, nn.AlphaDropout) if t is not None)
+_NONFINITE_MODES = ('error', 'skip')
 
 
 class DistillConfigError(PPDistillError):
     """A distillation config that cannot be built; the message says what to change."""
+
+
+class NonFiniteDistillLoss(PPDistillError):
+    """A distill loss term was inf/NaN in a training step (``nonfinite: error``, the default)."""
+
+
+def _keep_float32(layer: nn.Layer) -> None:
+    """Keep ``layer``'s parameters float32 under ``paddle.amp.decorate(level='O2')`` (ppdet's
+    ``amp_level: O2``), as its ``excluded_layers`` argument would; ppdet passes none. Paddle <= 2.6 spells
+    the flag ``_cast_to_low_precison``, later versions ``_cast_to_low_precision``."""
+    for sub in layer.sublayers(include_self=True):
+        sub._cast_to_low_precison = False
+        sub._cast_to_low_precision = False
+
+
+def _float32(x: paddle.Tensor) -> paddle.Tensor:
+    return x if x.dtype == paddle.float32 else paddle.cast(x, 'float32')
 
 
 @dataclass(frozen=True)
@@ -88,12 +110,18 @@ class Distiller(nn.Layer):
         probe_size: side of the blank image used at build time to read tap shapes and strides.
         init_student: copy the teacher's neck/head tensors into the student where names and shapes match
             (MGD's ``init_student``).
+        nonfinite: what a step whose distill loss is inf/NaN does: ``'error'`` (default) stops training
+            naming the term; ``'skip'`` logs a warning and drops that step's distill loss (the student
+            still trains on its own loss; every distill parameter gets a zero gradient).
     """
 
     def __init__(self, student_model: nn.Layer = None, teacher_model: nn.Layer = None,
                  student_arch: str = None, teacher_arch: str = None, losses: Optional[list] = None,
-                 probe_size: int = 320, init_student: bool = False):
+                 probe_size: int = 320, init_student: bool = False, nonfinite: str = 'error'):
         super().__init__()
+        if nonfinite not in _NONFINITE_MODES:
+            raise DistillConfigError(f'nonfinite: {nonfinite!r} is not one of {list(_NONFINITE_MODES)}')
+        self.nonfinite = nonfinite
         if student_model is None or teacher_model is None:
             raise DistillConfigError('Distiller needs student_model and teacher_model: build it with '
                                      'ppdistill.build.build_distiller(cfg)')
@@ -112,8 +140,8 @@ class Distiller(nn.Layer):
 
         entries = [self._normalise(e, (student_preset, student_arch), (teacher_preset, teacher_arch))
                    for e in losses]
-        self.student_taps = TapSet(student_model, [e['student'] for e in entries])
-        self.teacher_taps = TapSet(teacher_model, [e['teacher'] for e in entries])
+        self.student_taps = TapSet(student_model, [e['student'] for e in entries], role='student')
+        self.teacher_taps = TapSet(teacher_model, [e['teacher'] for e in entries], role='teacher')
         s_shapes = probe_shapes(student_model, self.student_taps, probe_size)
         t_shapes = probe_shapes(teacher_model, self.teacher_taps, probe_size)
 
@@ -130,6 +158,7 @@ class Distiller(nn.Layer):
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight']))
         self.distill_losses = nn.LayerList(modules)
+        _keep_float32(self.distill_losses)
         logger.info('Distiller: ' + '; '.join(
             f"{t.key}: student {list(t.pair.student_shape[1:])} <- teacher {list(t.pair.teacher_shape[1:])}"
             for t in self._terms) + f' (shapes at probe size {probe_size})')
@@ -192,25 +221,53 @@ class Distiller(nn.Layer):
 
     # -- forward ------------------------------------------------------------------------------------
     def _teacher_forward(self, inputs: dict) -> None:
-        self.teacher_model.train()  # heads keep their training-time outputs, matching the student's
-        for layer in self.teacher_model.sublayers():
-            if isinstance(layer, _EVAL_ALWAYS):
-                layer.eval()
+        # Eval mode for the whole teacher (not a list of layer types): no stochastic layer of any kind
+        # and running BN statistics. For the taps we support (necks, head convs) eval and train mode
+        # compute the same tensors; see tests/test_distiller.py for RetinaNet and PicoDet.
+        self.teacher_model.eval()
         with paddle.no_grad(), self.teacher_taps.record(stop_early=True):
             self.teacher_model(dict(inputs))
 
     def distill_terms(self, inputs: dict) -> Dict[str, paddle.Tensor]:
-        """Weighted loss per configured term from the tensors recorded in this step."""
+        """Weighted loss per configured term from the tensors recorded in this step.
+
+        Every loss runs in float32 outside autocast, whatever the AMP level: the squared-error sums over
+        a P3 level (~10^7 elements) overflow float16. Features ``[N, C, H, W]`` are cast to float32.
+        """
         student = {n: self.student_taps.levels(n) for n in self.student_taps.specs}
         teacher = {n: self.teacher_taps.levels(n) for n in self.teacher_taps.specs}
         terms = {}
-        for term, loss in zip(self._terms, self.distill_losses):
-            s = student[term.student_tap][term.pair.student_level]
-            t = teacher[term.teacher_tap][term.pair.teacher_level].detach()
-            if s.shape[-2:] != t.shape[-2:]:
-                s = F.interpolate(s, size=t.shape[-2:], mode='bilinear', align_corners=False)
-            terms[term.key] = loss(s, t, inputs) * term.weight
+        with paddle.amp.auto_cast(enable=False):
+            for term, loss in zip(self._terms, self.distill_losses):
+                s = _float32(student[term.student_tap][term.pair.student_level])
+                t = _float32(teacher[term.teacher_tap][term.pair.teacher_level].detach())
+                if s.shape[-2:] != t.shape[-2:]:
+                    s = F.interpolate(s, size=t.shape[-2:], mode='bilinear', align_corners=False)
+                terms[term.key] = loss(s, t, inputs) * term.weight
         return terms
+
+    def _checked_sum(self, terms: Dict[str, paddle.Tensor]) -> paddle.Tensor:
+        """Sum of the terms, or (``nonfinite: skip``) a zero that still reaches every distill parameter.
+
+        One ``isfinite`` over the stacked terms and one host sync per step; the per-term look-up runs
+        only when something is already wrong.
+        """
+        stacked = paddle.stack([paddle.reshape(v, []) for v in terms.values()])
+        finite = paddle.isfinite(stacked)
+        if bool(paddle.all(finite)):
+            return paddle.sum(stacked)
+        bad = [(t, float(v)) for t, v, ok in zip(self._terms, stacked.numpy(), finite.numpy()) if not ok]
+        what = ', '.join(f'{t.key} = {v} (student level {t.pair.student_level} <- teacher level '
+                         f'{t.pair.teacher_level})' for t, v in bad)
+        if self.nonfinite == 'error':
+            raise NonFiniteDistillLoss(
+                f'non-finite distill loss term {what}; training stopped (lower the loss weight or the '
+                'learning rate, check the teacher, or set nonfinite: skip in the distill config to skip '
+                'such steps with a warning)')
+        logger.warning(f'skipping the distill loss of this step: {what}')
+        params = self.distill_losses.parameters()
+        # DataParallel expects a gradient for every parameter on every rank: give them zeros.
+        return paddle.add_n([p.sum() for p in params]) * 0.0 if params else paddle.zeros([])
 
     def forward(self, inputs: dict):
         if not self.training:
@@ -223,7 +280,7 @@ class Distiller(nn.Layer):
         finally:
             self.student_taps.clear()
             self.teacher_taps.clear()
-        distill_loss = paddle.add_n(list(terms.values()))
+        distill_loss = self._checked_sum(terms)
         outputs.update(terms)
         outputs['distill_loss'] = distill_loss
         outputs['loss'] = outputs['loss'] + distill_loss

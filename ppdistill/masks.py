@@ -9,8 +9,12 @@ padded form with broadcasting only (no Python loop over images or boxes), so the
 All grid arithmetic is done in float32 (``floor``/``ceil`` of float32 values are exact integers), so no op
 ever mixes integer and float tensors (paddle 3.x is strict about that).
 
-Boxes are ``(x1, y1, x2, y2)`` in pixels of the resized (unpadded) image whose size is
-``inputs['im_shape'][i] = (im_h, im_w)``.
+Boxes are ``(x1, y1, x2, y2)`` in pixels of the network input. A feature map covers the whole *padded*
+batch image ``inputs['image']`` ``[N, C, Hp, Wp]`` (ppdet's ``PadBatch`` pads every image to the batch
+maximum, so one batch mixes portrait and landscape images), not the unpadded ``im_shape``: boxes are
+scaled to the grid by ``(Hp, Wp)``, the same for every image of the batch. The FGD reference divides by
+mmdet's unpadded ``img_shape`` instead, which stretches boxes whenever an image is padded; we keep its
+formula and its order of operations (``x / Wp * W`` in float32, see :func:`scale_boxes_to_grid`).
 """
 from typing import Optional, Sequence, Tuple, Union
 
@@ -78,20 +82,19 @@ def pad_boxes(gt_bbox: BoxesLike,
     return boxes, valid
 
 
-def scale_boxes_to_grid(boxes: paddle.Tensor, im_shape: paddle.Tensor, height: int,
+def scale_boxes_to_grid(boxes: paddle.Tensor, input_size: Sequence[int], height: int,
                         width: int) -> paddle.Tensor:
-    """Scale padded boxes ``[N, M, 4]`` from image pixels to feature-grid units.
+    """Scale padded boxes ``[N, M, 4]`` from input pixels to feature-grid units.
 
-    ``x`` is multiplied by ``width / im_w`` and ``y`` by ``height / im_h`` with
-    ``(im_h, im_w) = im_shape[i]`` (``im_shape``: ``[N, 2]``). Returns float32 ``[N, M, 4]``.
+    ``input_size = (Hp, Wp)`` is the padded input size (``inputs['image'].shape[2:]``). Computes
+    ``x / Wp * W`` and ``y / Hp * H`` elementwise in float32, in the reference's order: the reordered
+    ``x * (W / Wp)`` rounds to ``W + eps`` at the right edge and ``ceil`` then adds a cell.
+    Returns float32 ``[N, M, 4]``.
     """
-    im_shape = paddle.reshape(_as_float_tensor(im_shape), [-1, 2])
-    im_h = im_shape[:, 0:1]  # [N, 1]
-    im_w = im_shape[:, 1:2]
-    sx = float(width) / im_w
-    sy = float(height) / im_h
-    scale = paddle.stack([sx, sy, sx, sy], axis=-1)  # [N, 1, 4]
-    return boxes * scale
+    pad_h, pad_w = (float(v) for v in input_size)
+    size = paddle.to_tensor([pad_w, pad_h, pad_w, pad_h], dtype='float32')
+    grid = paddle.to_tensor([float(width), float(height)] * 2, dtype='float32')
+    return boxes / size * grid
 
 
 def box_cells(grid_boxes: paddle.Tensor) -> paddle.Tensor:
@@ -128,20 +131,23 @@ def boxes_cover_grid(cells: paddle.Tensor, valid: paddle.Tensor, height: int,
     return paddle.logical_and(cover, valid.unsqueeze(-1).unsqueeze(-1))
 
 
-def fgd_masks(gt_bbox: BoxesLike, im_shape: paddle.Tensor, height: int, width: int,
+def fgd_masks(gt_bbox: BoxesLike, input_size: Sequence[int], height: int, width: int,
               pad_gt_mask: Optional[paddle.Tensor] = None) -> Tuple[paddle.Tensor, paddle.Tensor]:
     """Foreground/background masks of FGD (Yang et al., "Focal and Global Knowledge Distillation for
     Detectors", CVPR 2022; reference ``yzd-v/FGD mmdet/distillation/losses/fgd.py``).
 
-    For image ``i`` each valid box is scaled to the ``height x width`` grid, covers the cells
+    For image ``i`` each valid box is scaled to the ``height x width`` grid (by the padded input size,
+    :func:`scale_boxes_to_grid`), covers the cells
     ``floor(y1)..ceil(y2)`` x ``floor(x1)..ceil(x2)`` (inclusive, clipped to the map) and carries the value
     ``1 / ((hmax - hmin + 1) * (wmax - wmin + 1))`` computed from the unclipped range;
     ``mask_fg`` is the per-cell maximum of those values (0 where no box). ``mask_bg`` is 1 where
     ``mask_fg == 0`` and 0 elsewhere, divided by its per-image sum when that sum is positive.
+    Degenerate boxes (``x2 <= x1`` or ``y2 <= y1``, or non-finite) cover nothing; boxes partly or wholly
+    outside the image are clipped to the map; the masks are always finite.
 
     Args:
         gt_bbox: list of ``[n_i, 4]`` or padded ``[N, M, 4]`` boxes in image pixels (see :func:`pad_boxes`).
-        im_shape: ``[N, 2]`` ``(im_h, im_w)`` per image (ppdet's ``inputs['im_shape']``).
+        input_size: ``(Hp, Wp)``, the padded input size of the batch (``inputs['image'].shape[2:]``).
         height, width: feature-map size ``H, W``.
         pad_gt_mask: optional ``[N, M, 1]`` validity mask (ppdet ``PadGT``).
 
@@ -151,18 +157,17 @@ def fgd_masks(gt_bbox: BoxesLike, im_shape: paddle.Tensor, height: int, width: i
     height, width = int(height), int(width)
     boxes, valid = pad_boxes(gt_bbox, pad_gt_mask)
     num = int(boxes.shape[0])
-    im_shape = paddle.reshape(_as_float_tensor(im_shape), [-1, 2])
-    if int(im_shape.shape[0]) != num:
-        raise ValueError(f'im_shape has {int(im_shape.shape[0])} rows but gt_bbox has {num} images')
+    if len(input_size) != 2:
+        raise ValueError(f'input_size must be (Hp, Wp), got {input_size}')
     if int(boxes.shape[1]) == 0:
         mask_fg = paddle.zeros([num, height, width], dtype='float32')
     else:
-        cells = box_cells(scale_boxes_to_grid(boxes, im_shape, height, width))  # [N, M, 4]
-        # For a valid box hmax >= hmin and wmax >= wmin, so both factors are >= 1; the clip only keeps
-        # invalid (padding) rows finite.
+        cells = box_cells(scale_boxes_to_grid(boxes, input_size, height, width))  # [N, M, 4]
+        # For a valid box hmax >= hmin and wmax >= wmin, so both factors are >= 1; the clip keeps
+        # invalid (padding, degenerate) rows finite and the where drops NaN rows (NaN * 0 is NaN).
         box_h = paddle.clip(cells[:, :, 3] - cells[:, :, 1] + 1.0, min=1.0)
         box_w = paddle.clip(cells[:, :, 2] - cells[:, :, 0] + 1.0, min=1.0)
-        area_recip = 1.0 / (box_h * box_w)  # [N, M]
+        area_recip = paddle.where(valid, 1.0 / (box_h * box_w), paddle.zeros_like(box_h))  # [N, M]
         cover = paddle.cast(boxes_cover_grid(cells, valid, height, width), 'float32')  # [N, M, H, W]
         mask_fg = paddle.max(cover * area_recip.unsqueeze(-1).unsqueeze(-1), axis=1)  # [N, H, W]
     mask_bg = paddle.cast(mask_fg <= 0.0, 'float32')

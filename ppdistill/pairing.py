@@ -1,7 +1,9 @@
 """Build-time shape probing and student↔teacher level pairing (DESIGN principle 7).
 
 Both models run once, in eval mode and without gradient, on a blank ``probe_size``² image; the taps give
-every level's shape (a failure after the last tap fired, e.g. in post-processing, is ignored). Levels pair
+every level's shape (a failure after the last tap fired, e.g. in post-processing, is ignored) and how
+often each tap fires per forward, which fixes the taps' expected call counts for every later step
+(:meth:`~ppdistill.taps.TapSet.expect`). Levels pair
 by stride (``probe_size / H`` rounded to a power of two), so a 5-level teacher and a 4-level student share
 the strides they both have. Channel mismatches are left to the loss's
 1×1 align conv; a remaining H/W difference at run time resizes the student to the teacher.
@@ -51,7 +53,10 @@ def probe_inputs(size: int) -> dict:
 
 
 def probe_shapes(model: nn.Layer, taps: TapSet, size: int) -> Dict[str, List[Shape]]:
-    """Per tap, the shape of every recorded level for one ``size``² image (BN statistics untouched)."""
+    """Per tap, the shape of every recorded level for one ``size``² image (BN statistics untouched).
+
+    Also sets ``taps.expect(...)`` to the number of times each tap fired in this eval-mode forward.
+    """
     was_training = model.training
     model.eval()
     try:
@@ -65,6 +70,7 @@ def probe_shapes(model: nn.Layer, taps: TapSet, size: int) -> Dict[str, List[Sha
                 if silent:
                     raise PairingError(f'{type(model).__name__} failed on a {size}x{size} probe image before '
                                        f'tap(s) {silent} fired (set probe_size): {err}') from None
+        taps.expect({name: len(t.calls) for name, t in taps.taps.items()})
         return {name: [tuple(int(d) for d in t.shape) for t in taps.levels(name)] for name in taps.specs}
     finally:
         taps.clear()

@@ -7,7 +7,9 @@ behaves exactly as before outside the distiller's forward and no tensor outlives
 A sublayer that runs several times per forward (a head conv shared across FPN levels) records one
 entry per call. A tap *spec* may also be a pattern with ``*`` standing for one name component
 (``head.head_cls_list.*``, ``yolo_head.yolo_output.*``): it expands to every matching sublayer, in
-natural order (``.2`` before ``.10``), one level each — per-level head convs are distilled like a neck.
+natural order (``.2`` before ``.10``), one level each — per-level head convs are distilled like a neck. How often each tap fires per forward is fixed at build time (:meth:`TapSet.expect`, from
+the shape probe); every later forward is checked against it, so a changed count is an error naming the
+tap, never a level silently cut or misindexed.
 """
 import contextlib
 import difflib
@@ -19,11 +21,15 @@ import paddle.nn as nn
 
 from .errors import PPDistillError
 
-__all__ = ['FeatureTap', 'TapSet', 'TapError', 'find_sublayer', 'expand_spec']
+__all__ = ['FeatureTap', 'TapSet', 'TapError', 'TapCountError', 'find_sublayer', 'expand_spec']
 
 
 class TapError(PPDistillError):
     """A tap name or a tapped output that cannot be used."""
+
+
+class TapCountError(TapError):
+    """A tap fired a different number of times in a forward than in the build-time probe."""
 
 
 class _TapsComplete(Exception):
@@ -79,7 +85,7 @@ class FeatureTap:
     def _hook(self, layer, inputs, output):
         if self._owner.recording:
             self.calls.append(output)
-            self._owner._after_call()
+            self._owner._after_call(self)
 
     def levels(self) -> List[paddle.Tensor]:
         """Recorded tensors, one per level: the items of a single list-valued call, else one per call."""
@@ -99,15 +105,18 @@ class FeatureTap:
 class TapSet:
     """Taps on several sublayers of one model.
 
-    ``stop_early``: the first complete forward under ``record(stop_early=True)`` shows how often each tap
-    fires; later ones end as soon as every tap has fired that often. The teacher's head
-    and loss are skipped when only neck features are distilled.
+    ``role`` names the model in errors (``student``/``teacher``). After :meth:`expect` (the call counts of
+    one full forward, from the build-time probe) every recording is checked: a tap firing more often fails
+    at once, fewer times when the forward ends. ``record(stop_early=True)`` ends the forward as soon as
+    every tap has fired its expected number of times, so whatever runs after the last tap (the teacher's
+    head, loss and post-processing when only neck features are distilled) never runs.
     """
 
-    def __init__(self, model: nn.Layer, specs: Sequence[str]):
+    def __init__(self, model: nn.Layer, specs: Sequence[str], role: str = ''):
         self.recording = False
+        self.role = role or type(model).__name__
         self._stop_early = False
-        self._expected: Optional[Dict[str, int]] = None
+        self.expected: Optional[Dict[str, int]] = None
         self.specs: Dict[str, List[str]] = {spec: expand_spec(model, spec) for spec in dict.fromkeys(specs)}
         self.taps: Dict[str, FeatureTap] = {}
         for names in self.specs.values():
@@ -115,10 +124,34 @@ class TapSet:
                 if name not in self.taps:
                     self.taps[name] = FeatureTap(name, find_sublayer(model, name), self)
 
-    def _after_call(self) -> None:
-        if self._stop_early and self._expected is not None and all(
-                len(t.calls) >= self._expected[n] for n, t in self.taps.items()):
+    def expect(self, calls: Dict[str, int]) -> None:
+        """Fix how many times each tap fires per forward (``{tap name: calls}``, every tap, each >= 1)."""
+        missing = sorted(set(self.taps) - set(calls))
+        if missing:
+            raise TapError(f'{self.role}: no expected call count for tap(s) {missing}')
+        self.expected = {n: int(calls[n]) for n in self.taps}
+
+    def _count_error(self, name: str, got: str) -> TapCountError:
+        return TapCountError(
+            f"{self.role} tap '{name}' fired {got} time(s) in this forward but {self.expected[name]} "
+            'time(s) in the build-time probe: its levels would be cut or misindexed (does the model run '
+            'that sublayer a different number of times in training, or for this input size?)')
+
+    def _after_call(self, tap: FeatureTap) -> None:
+        if self.expected is None:
+            return
+        if len(tap.calls) > self.expected[tap.name]:
+            raise self._count_error(tap.name, f'at least {len(tap.calls)}')
+        if self._stop_early and all(len(t.calls) == self.expected[n] for n, t in self.taps.items()):
             raise _TapsComplete()
+
+    def check_counts(self) -> None:
+        """Raise :class:`TapCountError` unless every tap fired exactly its expected number of times."""
+        if self.expected is None:
+            return
+        for name, tap in self.taps.items():
+            if len(tap.calls) != self.expected[name]:
+                raise self._count_error(name, str(len(tap.calls)))
 
     def clear(self) -> None:
         for tap in self.taps.values():
@@ -126,19 +159,19 @@ class TapSet:
 
     @contextlib.contextmanager
     def record(self, stop_early: bool = False) -> Iterator['TapSet']:
-        """Record tap outputs inside the block (earlier records are cleared first)."""
+        """Record tap outputs inside the block (earlier records are cleared first); on a normal end (or
+        an early stop) the call counts are checked against :meth:`expect`."""
+        if stop_early and self.expected is None:
+            raise TapError(f'{self.role}: stop_early needs the expected call counts (TapSet.expect)')
         self.clear()
         self.recording, self._stop_early = True, stop_early
-        completed = False
         try:
             yield self
-            completed = True
         except _TapsComplete:
-            completed = True
+            pass
         finally:
             self.recording, self._stop_early = False, False
-        if completed and stop_early and self._expected is None:
-            self._expected = {n: len(t.calls) for n, t in self.taps.items()}
+        self.check_counts()
 
     def levels(self, spec: str) -> List[paddle.Tensor]:
         """A spec's recorded tensors, one per level (a pattern: its sublayers' levels, in order)."""

@@ -6,7 +6,8 @@ import pytest
 
 from ppdistill.losses import FGDLoss
 
-IM_SHAPE = [[48, 64], [40, 64], [48, 56]]
+IM_SHAPE = [[48, 64], [40, 64], [48, 56]]  # unpadded sizes ...
+INPUT_SIZE = (48, 64)  # ... padded into one batch (PadBatch): the feature maps cover this
 BOXES = [np.array([[4, 3, 30, 20], [20, 10, 60, 47], [-5, 30, 9, 52]], 'float32'),
          np.zeros((0, 4), 'float32'),  # an image without GT
          np.array([[10.5, 12.25, 11.0, 13.0]], 'float32')]  # a tiny box
@@ -19,13 +20,18 @@ def softmax(x, axis):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def np_masks(boxes_per_image, im_shape, h, w):
+def np_masks(boxes_per_image, input_size, h, w):
+    """yzd-v/FGD's mask loop (``x / img_w * W`` in float32) with img_shape = the padded input size;
+    degenerate rows (x2<=x1 or y2<=y1) cover nothing."""
     n = len(boxes_per_image)
     fg, bg = np.zeros((n, h, w)), np.ones((n, h, w))
+    im_h, im_w, h32, w32 = (np.float32(v) for v in (*input_size, h, w))
     for i in range(n):
-        for x1, y1, x2, y2 in np.asarray(boxes_per_image[i], np.float64).reshape(-1, 4):
-            wmin, wmax = int(np.floor(x1 / im_shape[i][1] * w)), int(np.ceil(x2 / im_shape[i][1] * w))
-            hmin, hmax = int(np.floor(y1 / im_shape[i][0] * h)), int(np.ceil(y2 / im_shape[i][0] * h))
+        for x1, y1, x2, y2 in np.asarray(boxes_per_image[i], np.float32).reshape(-1, 4):
+            if not (x2 > x1 and y2 > y1):
+                continue
+            wmin, wmax = int(np.floor(x1 / im_w * w32)), int(np.ceil(x2 / im_w * w32))
+            hmin, hmax = int(np.floor(y1 / im_h * h32)), int(np.ceil(y2 / im_h * h32))
             area = 1.0 / (hmax + 1 - hmin) / (wmax + 1 - wmin)
             sl = (i, slice(max(hmin, 0), max(hmax + 1, 0)), slice(max(wmin, 0), max(wmax + 1, 0)))
             fg[sl] = np.maximum(fg[sl], area)
@@ -64,7 +70,7 @@ def np_channel_add(ctx, p, prefix):
     return conv1x1(y, p[prefix + '.3.weight'], p[prefix + '.3.bias'])
 
 
-def np_fgd(module, s, t, boxes, im_shape):
+def np_fgd(module, s, t, boxes, input_size=INPUT_SIZE):
     p = {name: v.numpy().astype(np.float64) for name, v in module.named_parameters()}
     s, t = s.astype(np.float64), t.astype(np.float64)
     if 'align.weight' in p:
@@ -72,7 +78,7 @@ def np_fgd(module, s, t, boxes, im_shape):
     n = s.shape[0]
     s_t, c_t = np_attention(t, module.temp)
     s_s, c_s = np_attention(s, module.temp)
-    fg, bg = np_masks(boxes, im_shape, s.shape[2], s.shape[3])
+    fg, bg = np_masks(boxes, input_size, s.shape[2], s.shape[3])
     fg, bg, s_t4, c_t4 = fg[:, None], bg[:, None], s_t[:, None], c_t[:, :, None, None]
     fea_t = t * np.sqrt(s_t4) * np.sqrt(c_t4)
     fea_s = s * np.sqrt(s_t4) * np.sqrt(c_t4)
@@ -100,7 +106,8 @@ def make_inputs(boxes=BOXES, im_shape=IM_SHAPE, padded=False):
         gt_bbox = paddle.to_tensor(gt)
     else:
         gt_bbox = [paddle.to_tensor(b) for b in boxes]
-    return {'gt_bbox': gt_bbox, 'im_shape': paddle.to_tensor(np.asarray(im_shape, 'float32'))}
+    return {'gt_bbox': gt_bbox, 'im_shape': paddle.to_tensor(np.asarray(im_shape, 'float32')),
+            'image': paddle.zeros([len(boxes), 3, *INPUT_SIZE])}
 
 
 def make_feats(seed, n=3, cs=6, ct=8):
@@ -130,11 +137,11 @@ def test_full_loss_matches_numpy(cs):
     s, t = make_feats(2, cs=cs)
     got = module(paddle.to_tensor(s), paddle.to_tensor(t), make_inputs())
     assert got.size == 1
-    want, terms = np_fgd(module, s, t, BOXES, IM_SHAPE)
+    want, terms = np_fgd(module, s, t, BOXES)
     assert all(v > 0 for v in terms.values()), terms
     np.testing.assert_allclose(float(got), want, rtol=2e-5)
 
-    fg, bg = np_masks(BOXES, IM_SHAPE, H, W)
+    fg, bg = np_masks(BOXES, INPUT_SIZE, H, W)
     got_terms = module.loss_terms(paddle.to_tensor(s), paddle.to_tensor(t),
                                   paddle.to_tensor(fg.astype('float32')),
                                   paddle.to_tensor(bg.astype('float32')))
@@ -146,7 +153,7 @@ def test_default_init_relation_is_plain_sse():
     paddle.seed(1)
     module = FGDLoss(6, 8)
     s, t = make_feats(3)
-    fg, bg = np_masks(BOXES, IM_SHAPE, H, W)
+    fg, bg = np_masks(BOXES, INPUT_SIZE, H, W)
     terms = module.loss_terms(paddle.to_tensor(s), paddle.to_tensor(t),
                               paddle.to_tensor(fg.astype('float32')),
                               paddle.to_tensor(bg.astype('float32')))
@@ -190,7 +197,7 @@ def test_all_empty_batch_is_finite_and_keeps_every_parameter():
         inputs = make_inputs(empty, IM_SHAPE[:2], padded=padded)
         loss = module(paddle.to_tensor(s), paddle.to_tensor(t), inputs)
         assert np.isfinite(float(loss))
-        want, terms = np_fgd(module, s, t, empty, IM_SHAPE[:2])
+        want, terms = np_fgd(module, s, t, empty)
         assert terms['fg'] == 0
         np.testing.assert_allclose(float(loss), want, rtol=2e-5)
         loss.backward()
@@ -221,3 +228,42 @@ def test_missing_inputs_raise():
         module(s, t)
     with pytest.raises(ValueError):
         module(s, t, {'im_shape': paddle.to_tensor(np.asarray(IM_SHAPE, 'float32'))})
+    with pytest.raises(ValueError):  # the padded input size comes from the image
+        module(s, t, {'gt_bbox': [paddle.zeros([0, 4])] * 3})
+
+
+def test_degenerate_boxes_give_a_finite_loss_equal_to_numpy():
+    paddle.seed(5)
+    module = FGDLoss(6, 8, alpha_fgd=1.0, beta_fgd=1.0, gamma_fgd=1.0, lambda_fgd=1.0)
+    randomise_zero_init(module, 5)
+    s, t = make_feats(6)
+    boxes = [np.array([[10, 10, 10, 30], [30, 10, 20, 30], [-90, -90, -10, -10], [100, 60, 140, 90],
+                       [4, 3, 30, 20]], 'float32'),   # zero/negative width, outside, one real box
+             np.array([[5, 5, 5, 9]], 'float32'),       # only a zero-width box
+             np.array([[-1e6, -1e6, 1e6, 1e6]], 'float32')]  # a box far larger than the image
+    for padded in (False, True):
+        loss = module(paddle.to_tensor(s), paddle.to_tensor(t), make_inputs(boxes, padded=padded))
+        assert np.isfinite(float(loss))
+        want, _ = np_fgd(module, s, t, boxes)
+        np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+
+
+def test_padded_batch_of_landscape_and_portrait_images_scales_boxes_by_the_padded_size():
+    """ppdet's PadBatch pads a 64x96 and a 96x64 image to 96x96: the 12x12 stride-8 maps cover the padded
+    image, so the boxes scale by 96x96 for both, not by each image's own im_shape."""
+    paddle.seed(6)
+    module = FGDLoss(8, 8, alpha_fgd=1.0, beta_fgd=1.0, gamma_fgd=1.0, lambda_fgd=1.0)
+    rng = np.random.default_rng(7)
+    s = rng.standard_normal((2, 8, 12, 12)).astype('float32')
+    t = rng.standard_normal((2, 8, 12, 12)).astype('float32')
+    boxes = [np.array([[8, 16, 88, 40], [50, 30, 95, 63]], 'float32'),
+             np.array([[8, 16, 24, 88], [40, 60, 63, 95]], 'float32')]
+    inputs = {'gt_bbox': [paddle.to_tensor(b) for b in boxes],
+              'im_shape': paddle.to_tensor([[64.0, 96.0], [96.0, 64.0]]),
+              'image': paddle.zeros([2, 3, 96, 96])}
+    got = float(module(paddle.to_tensor(s), paddle.to_tensor(t), inputs))
+    want, terms = np_fgd(module, s, t, boxes, (96, 96))
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    # sanity: scaling the landscape image's boxes by its own 64x96 would change its masks
+    assert not np.array_equal(np_masks(boxes[:1], (64, 96), 12, 12)[0],
+                              np_masks(boxes[:1], (96, 96), 12, 12)[0])

@@ -1,10 +1,11 @@
 import ppdistill  # noqa: F401  (import order: ppdet before paddle)
 import numpy as np
 import paddle
+import paddle.nn.functional as F
 import pytest
 
-from ppdistill.taps import TapError, TapSet
-from toy_models import ToyDet, toy_inputs
+from ppdistill.taps import TapCountError, TapError, TapSet
+from toy_models import ToyDet, ToyHead, toy_inputs
 
 
 def test_dotted_name_and_repeated_calls_record_per_call():
@@ -51,22 +52,64 @@ def test_unknown_name_fails_at_build_with_closest_names():
     assert 'head.convs.0' in str(err.value)
 
 
-def test_stop_early_skips_the_rest_of_forward_after_first_full_run():
+def test_stop_early_stops_from_the_first_forward_once_expected_counts_are_reached():
     model = ToyDet()
     taps = TapSet(model, ['neck'])
     head_calls = []
     model.head.cls.register_forward_post_hook(lambda layer, i, o: head_calls.append(1))
+    with pytest.raises(TapError, match='stop_early needs the expected call counts'):
+        with taps.record(stop_early=True):
+            pass
+    taps.expect({'neck': 1})
     with taps.record(stop_early=True):
         model(toy_inputs())
-    first = len(head_calls)
-    assert first == 2  # the first run is complete: it learns how often each tap fires
-    with taps.record(stop_early=True):
-        model(toy_inputs())
-    assert len(head_calls) == first  # later runs stop once the neck has been recorded
+    assert head_calls == []  # the head never ran, not even on the first forward
     assert len(taps.levels('neck')) == 2
     with taps.record():  # without stop_early the model runs fully
         out = model(toy_inputs())
-    assert 'loss' in out and len(head_calls) == first + 2
+    assert 'loss' in out and len(head_calls) == 2
+
+
+class ExtraCallHead(ToyHead):
+    """Calls the shared ``cls`` conv once more than there are levels while ``extra`` is set."""
+
+    extra = False
+
+    def forward(self, feats):
+        outs = super().forward(feats)
+        return outs + [self.cls(F.relu(self.convs[0](feats[-1])))] if self.extra else outs
+
+
+def extra_call_model():
+    model = ToyDet(levels=2)
+    model.head = ExtraCallHead(8)
+    return model
+
+
+@pytest.mark.parametrize('stop_early', [False, True])
+def test_a_changed_call_count_is_an_error_naming_the_tap_and_both_counts(stop_early):
+    model = extra_call_model()
+    taps = TapSet(model, ['head.cls', 'neck'], role='student')
+    taps.expect({'head.cls': 2, 'neck': 1})
+    with taps.record(stop_early=stop_early):
+        model(toy_inputs())
+    assert len(taps.levels('head.cls')) == 2
+    model.head.extra = True
+    if stop_early:  # the forward ends once every count is reached: the extra call never happens
+        with taps.record(stop_early=True):
+            model(toy_inputs())
+        assert len(taps.levels('head.cls')) == 2
+    else:  # more calls: fails as soon as the third call happens
+        with pytest.raises(TapCountError, match=r"student tap 'head.cls' fired at least 3 time\(s\) in this "
+                                                r"forward but 2 time\(s\) in the build-time probe"):
+            with taps.record():
+                model(toy_inputs())
+    model.head.extra = False
+    taps.expect({'head.cls': 3, 'neck': 1})  # fewer calls than expected: fails when the forward ends
+    with pytest.raises(TapCountError, match=r"student tap 'head.cls' fired 2 time\(s\) in this forward "
+                                            r"but 3 time\(s\)"):
+        with taps.record(stop_early=stop_early):
+            model(toy_inputs())
 
 
 def test_non_tensor_output_is_a_clear_error():

@@ -175,17 +175,18 @@ class FGDLoss(FeatureLoss):
         Args:
             student_feat: ``[N, Cs, H, W]``.
             teacher_feat: ``[N, Ct, H, W]`` (constant).
-            inputs: ppdet batch dict with ``'gt_bbox'`` (list of ``[n_i, 4]`` or padded ``[N, M, 4]``, image
-                pixels), ``'im_shape'`` (``[N, 2]``, ``(h, w)``) and optionally ``'pad_gt_mask'``.
+            inputs: ppdet batch dict with ``'gt_bbox'`` (list of ``[n_i, 4]`` or padded ``[N, M, 4]``, input
+                pixels), ``'image'`` (``[N, 3, Hp, Wp]``, the padded batch; its size scales the boxes to
+                the grid) and optionally ``'pad_gt_mask'``.
 
         Returns:
             scalar Tensor. Images without boxes contribute only background, attention and relation
             terms; every parameter takes part in every call.
         """
-        if inputs is None or 'gt_bbox' not in inputs or 'im_shape' not in inputs:
-            raise ValueError("FGDLoss needs inputs with 'gt_bbox' and 'im_shape'")
+        if inputs is None or 'gt_bbox' not in inputs or 'image' not in inputs:
+            raise ValueError("FGDLoss needs inputs with 'gt_bbox' and 'image'")
         h, w = int(teacher_feat.shape[2]), int(teacher_feat.shape[3])
-        mask_fg, mask_bg = fgd_masks(inputs['gt_bbox'], inputs['im_shape'], h, w,
+        mask_fg, mask_bg = fgd_masks(inputs['gt_bbox'], inputs['image'].shape[2:4], h, w,
                                      inputs.get('pad_gt_mask'))
         terms = self.loss_terms(student_feat, teacher_feat, mask_fg, mask_bg)
         return (self.alpha_fgd * terms['fg'] + self.beta_fgd * terms['bg'] +
