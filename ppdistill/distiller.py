@@ -76,8 +76,10 @@ def _make_loss(cls: type, pair: LevelPair, args: dict, what: str) -> nn.Layer:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:  # a loss's own argument check: name the key, no traceback
         text = str(err)
+        # the key named in the message, else the value (float('abc')) or its type (float([1, 2]))
         keys = [k for k, v in kwargs.items() if re.search(rf'\b{re.escape(k)}\b', text)
-                or (isinstance(v, str) and repr(v) in text)]
+                or (isinstance(v, str) and repr(v) in text)
+                or (not isinstance(v, (int, float, str)) and f"'{type(v).__name__}'" in text)]
         bad = ', '.join(f'{k}={kwargs[k]!r}' for k in keys) if keys else f'one of {sorted(args)}'
         raise DistillConfigError(f'{what}: bad argument {bad}: {text}') from None
 
