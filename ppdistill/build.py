@@ -11,8 +11,9 @@ teacher's model config and the teacher's weights::
 Only these distill keys enter ppdet's global config. The teacher is built inside
 :func:`~ppdistill.config_scope.isolated_scope` from ppdet's registered defaults plus its own YAML chain:
 the student's reader, LR, epochs and ``-o`` overrides survive, and none of the student's module options
-(a ResNet ``norm_type``, an FPN flag) reaches the teacher. Teacher weights are mandatory (``allow_random_teacher: true`` waives them); a missing file or a
-checkpoint that matches too few teacher tensors is an error naming the file and the counts.
+(a ResNet ``norm_type``, an FPN flag) reaches the teacher. Teacher weights are mandatory
+(``allow_random_teacher: true`` waives them); a missing file or a checkpoint that matches too few teacher
+tensors is an error naming the file and the counts.
 ppdet's own format (``slim: Distill`` + ``slim_method: FGD`` with the teacher model config inline and
 ``pretrain_weights`` as teacher weights) is translated to the same thing.
 """
@@ -112,19 +113,23 @@ def _translate_upstream(raw: dict, path: str) -> dict:
     if set(fgd) - known:
         raise DistillConfigError(f'{path}: {section} has unknown key(s) {sorted(set(fgd) - known)}; '
                                  f'FGD accepts {sorted(_UPSTREAM_FGD_ARGS)} and loss_weight')
-    try:
-        weight = float(weight)
-    except (TypeError, ValueError):
-        raise DistillConfigError(f'{path}: {section}.loss_weight must be a number, got {weight!r}') from None
     from .losses import FGDLoss  # its defaults are the FGD reference's, as are ppdet's FGDFeatureLoss's
     defaults = inspect.signature(FGDLoss).parameters
-    args = {k: fgd[k] for k in _UPSTREAM_FGD_ARGS if k in fgd}
+    args = {}
+    for key, value in dict({k: fgd[k] for k in _UPSTREAM_FGD_ARGS if k in fgd}, loss_weight=weight).items():
+        try:  # PyYAML reads 5e-6 (no dot) as a string
+            args[key] = float(value)
+        except (TypeError, ValueError):
+            raise DistillConfigError(f'{path}: {section}.{key} must be a number, got {value!r}') from None
+    weight = args.pop('loss_weight')
     if weight != 1.0:
         for key in _UPSTREAM_FGD_WEIGHTED:
-            args[key] = weight * float(args.get(key, defaults[key].default))
+            args[key] = weight * args.get(key, defaults[key].default)
     levels = _upstream_levels(raw.get('distill_loss_name'), path)
     if levels is not None:
         args['levels'] = levels
+    logger.info(f'{path}: ppdet FGD format translated: levels {levels or "all"}, loss_weight {weight} '
+                f'(folded into the term weights), FocalGlobalDistillModel {args}')
     return {'slim': 'FocalGlobalDistillModel', 'teacher_config': os.path.abspath(path),
             'teacher_weights': raw.get('pretrain_weights'), 'FocalGlobalDistillModel': args}
 

@@ -234,7 +234,8 @@ def test_upstream_fgd_level_subset_and_loss_weight_are_honoured(pair, tmp_path):
 
 @pytest.mark.parametrize('section, extra, match', [
     ({'normalize': True}, {}, r'normalize: true .* not supported'),
-    ({'loss_weight': 'x'}, {}, 'loss_weight must be a number'),
+    ({'loss_weight': 'x'}, {}, r'FGDFeatureLoss.loss_weight must be a number'),
+    ({'beta_fgd': 'x'}, {}, r'FGDFeatureLoss.beta_fgd must be a number'),
     ({'tmp': 0.5}, {}, r"unknown key\(s\) \['tmp'\]"),
     ({}, {'distill_loss_name': 'neck_f_0'}, 'distill_loss_name must be a non-empty list'),
 ])
