@@ -8,13 +8,16 @@ teacher's model config and the teacher's weights::
     teacher_weights: output/picodet_teacher/model_final.pdparams
     MGDDistillModel: {alpha_mgd: 2.0e-5, lambda_mgd: 0.65}
 
-Only these distill keys enter ppdet's global config; the teacher YAML is loaded inside
-:func:`~ppdistill.config_scope.config_scope`, so the student's reader, LR, epochs and ``-o`` overrides
-survive. Teacher weights are mandatory (``allow_random_teacher: true`` waives them); a missing file or a
-checkpoint that matches too few teacher tensors is an error naming the file and the counts.
+Only these distill keys enter ppdet's global config. The teacher is built inside
+:func:`~ppdistill.config_scope.isolated_scope` from ppdet's registered defaults plus its own YAML chain:
+the student's reader, LR, epochs and ``-o`` overrides survive, and none of the student's module options
+(a ResNet ``norm_type``, an FPN flag) reaches the teacher. Teacher weights are mandatory
+(``allow_random_teacher: true`` waives them); a missing file or a checkpoint that matches too few teacher
+tensors is an error naming the file and the counts.
 ppdet's own format (``slim: Distill`` + ``slim_method: FGD`` with the teacher model config inline and
 ``pretrain_weights`` as teacher weights) is translated to the same thing.
 """
+import difflib
 import inspect
 import os
 from typing import Optional, Tuple
@@ -26,16 +29,19 @@ from ppdet.core.workspace import create, global_config, load_config, merge_confi
 from ppdet.core.config.schema import SchemaDict
 from ppdet.utils.logger import setup_logger
 
-from .config_scope import config_scope, create_fresh
+from .config_scope import create_fresh, isolated_scope
 from .distiller import DistillConfigError, Distiller
 
 logger = setup_logger(__name__)
 
 __all__ = ['load_distill_config', 'build_distiller', 'build_teacher', 'load_checked_weights',
-           'is_distill_config']
+           'is_distill_config', 'check_teacher_is_not_student']
 
 DISTILL_KEYS = ('slim', 'teacher_config', 'teacher_weights', 'allow_random_teacher', 'teacher_min_match')
 _UPSTREAM_FGD_ARGS = ('temp', 'alpha_fgd', 'beta_fgd', 'gamma_fgd', 'lambda_fgd')
+_UPSTREAM_FGD_WEIGHTED = ('alpha_fgd', 'beta_fgd', 'gamma_fgd', 'lambda_fgd')  # scaled by loss_weight
+# Read from the model shapes by ppdistill, so upstream's values are not needed.
+_UPSTREAM_FGD_IGNORED = ('student_channels', 'teacher_channels')
 
 
 def _read_yaml(path: str) -> dict:
@@ -57,23 +63,75 @@ def _distiller_class(name) -> Optional[type]:
     return None
 
 
+def _distiller_names() -> list:
+    return sorted(k for k in global_config if _distiller_class(k) is not None)
+
+
 def is_distill_config(path: str) -> bool:
-    """True for a ppdistill distill config or ppdet's ``slim: Distill`` format."""
-    slim = _read_yaml(path).get('slim')
-    return slim == 'Distill' or _distiller_class(slim) is not None
+    """True for a ppdistill distill config or ppdet's ``slim: Distill`` format.
+
+    Decided by the distill keys (``teacher_config`` ...) as well as the ``slim`` name, so a misspelt
+    ``slim:`` gets ppdistill's error instead of falling through to ppdet's pruning/quantisation path.
+    """
+    raw = _read_yaml(path)
+    slim = raw.get('slim')
+    return (slim == 'Distill' or _distiller_class(slim) is not None
+            or any(key in raw for key in DISTILL_KEYS if key != 'slim'))
+
+
+def _upstream_levels(names, path: str) -> Optional[list]:
+    """ppdet's ``FGDDistillModel`` applies one loss per entry of ``distill_loss_name`` to neck output
+    ``idx`` (student and teacher alike) for ``idx = 0..len-1``; the names are only log labels."""
+    if names is None:
+        return None
+    if not isinstance(names, (list, tuple)) or not names:
+        raise DistillConfigError(f'{path}: distill_loss_name must be a non-empty list of names (one per '
+                                 f'neck level, from level 0), got {names!r}')
+    return list(range(len(names)))
 
 
 def _translate_upstream(raw: dict, path: str) -> dict:
-    """ppdet's ``slim: Distill`` file: the file itself is the teacher config."""
+    """ppdet's ``slim: Distill`` file: the file itself is the teacher config.
+
+    ``distill_loss_name`` (k names) selects neck levels ``0..k-1``; ``loss_weight`` multiplies the whole
+    per-level loss in ppdet's ``FGDFeatureLoss``, which equals scaling the four term weights (the
+    defaults of both classes are the reference's). ``normalize: true`` has no ppdistill equivalent.
+    """
     method = raw.get('slim_method')
     if method != 'FGD':
         raise DistillConfigError(
             f"{path}: ppdet distill format with slim_method={method!r} is not translated by ppdistill "
             "(only FGD is); write a ppdistill distill config (see configs/slim/distill/)")
-    fgd = raw.get(raw.get('distill_loss') or 'FGDFeatureLoss') or {}
+    section = raw.get('distill_loss') or 'FGDFeatureLoss'
+    fgd = dict(raw.get(section) or {})
+    if fgd.pop('normalize', False):
+        raise DistillConfigError(f'{path}: {section}.normalize: true (normalised features) is not '
+                                 'supported by ppdistill\'s FGD; remove it to distill raw features as the '
+                                 'FGD reference does')
+    weight = fgd.pop('loss_weight', 1.0)
+    known = set(_UPSTREAM_FGD_ARGS) | set(_UPSTREAM_FGD_IGNORED)
+    if set(fgd) - known:
+        raise DistillConfigError(f'{path}: {section} has unknown key(s) {sorted(set(fgd) - known)}; '
+                                 f'FGD accepts {sorted(_UPSTREAM_FGD_ARGS)} and loss_weight')
+    from .losses import FGDLoss  # its defaults are the FGD reference's, as are ppdet's FGDFeatureLoss's
+    defaults = inspect.signature(FGDLoss).parameters
+    args = {}
+    for key, value in dict({k: fgd[k] for k in _UPSTREAM_FGD_ARGS if k in fgd}, loss_weight=weight).items():
+        try:  # PyYAML reads 5e-6 (no dot) as a string
+            args[key] = float(value)
+        except (TypeError, ValueError):
+            raise DistillConfigError(f'{path}: {section}.{key} must be a number, got {value!r}') from None
+    weight = args.pop('loss_weight')
+    if weight != 1.0:
+        for key in _UPSTREAM_FGD_WEIGHTED:
+            args[key] = weight * args.get(key, defaults[key].default)
+    levels = _upstream_levels(raw.get('distill_loss_name'), path)
+    if levels is not None:
+        args['levels'] = levels
+    logger.info(f'{path}: ppdet FGD format translated: levels {levels or "all"}, loss_weight {weight} '
+                f'(folded into the term weights), FocalGlobalDistillModel {args}')
     return {'slim': 'FocalGlobalDistillModel', 'teacher_config': os.path.abspath(path),
-            'teacher_weights': raw.get('pretrain_weights'),
-            'FocalGlobalDistillModel': {k: fgd[k] for k in _UPSTREAM_FGD_ARGS if k in fgd}}
+            'teacher_weights': raw.get('pretrain_weights'), 'FocalGlobalDistillModel': args}
 
 
 def _resolve_config_path(value: str, base_dir: str) -> str:
@@ -94,8 +152,11 @@ def load_distill_config(path: str) -> dict:
         raw = _translate_upstream(raw, path)
     slim = raw.get('slim')
     if _distiller_class(slim) is None:
-        known = sorted(k for k, v in global_config.items() if _distiller_class(k) is not None)
-        raise DistillConfigError(f"{path}: slim: {slim!r} is not a ppdistill distiller; use one of {known}")
+        known = _distiller_names()
+        close = difflib.get_close_matches(str(slim), known, n=1, cutoff=0.6)
+        hint = f'did you mean {close[0]}? ' if close else ''
+        raise DistillConfigError(f"{path}: slim: {slim!r} is not a ppdistill distiller; {hint}"
+                                 f"distillers: {', '.join(known)}")
     if not raw.get('teacher_config'):
         raise DistillConfigError(f'{path}: teacher_config is missing (the teacher model YAML)')
     if not raw.get('allow_random_teacher') and not raw.get('teacher_weights'):
@@ -116,21 +177,74 @@ def load_distill_config(path: str) -> dict:
     return raw
 
 
-def _weights_file(path: str) -> str:
-    if path.startswith(('http://', 'https://')):
-        from ppdet.utils.download import get_weights_path
-        path = get_weights_path(path)
-    candidates = [path] if path.endswith('.pdparams') else [path + '.pdparams', path]
+def _is_url(path: str) -> bool:
+    return path.startswith(('http://', 'https://'))
+
+
+def _candidates(path: str) -> list:
+    return [path] if path.endswith('.pdparams') else [path + '.pdparams', path]
+
+
+def _download(url: str, key: str) -> str:
+    """ppdet's cached download; any failure is one line naming the URL, the reason and the way out."""
+    from ppdet.utils.download import get_weights_path
+    try:
+        return get_weights_path(url)
+    except Exception as err:  # noqa: BLE001 - requests/OSError/RuntimeError: all mean "not downloadable"
+        inner = getattr(err.args[0], 'reason', None) if err.args else None  # urllib3's MaxRetryError
+        reason = ' '.join(f'{type(err).__name__}: {inner or err}'.split())
+        raise DistillConfigError(
+            f'cannot download {url} ({reason}); download it where there is network access and set '
+            f'{key} to the local .pdparams file instead') from None
+
+
+def _weights_file(path: str, key: str = 'teacher_weights') -> str:
+    """The local ``.pdparams`` file for ``path`` (suffix optional; URLs downloaded into ppdet's cache)."""
+    if _is_url(path):
+        path = _download(path, key)
+    candidates = _candidates(path)
     for candidate in candidates:
         if os.path.isfile(candidate):
             return candidate
     raise DistillConfigError(f"weights file not found: {candidates[0]}")
 
 
+def _same_weights(a: str, b: str) -> bool:
+    """Whether two weights settings name the same checkpoint (no download: URLs compare as strings)."""
+    if _is_url(a) or _is_url(b):
+        return a == b
+    found = [next((c for c in _candidates(p) if os.path.isfile(c)), _candidates(p)[0]) for p in (a, b)]
+    if all(os.path.isfile(f) for f in found):
+        return os.path.samefile(*found)
+    return os.path.abspath(found[0]) == os.path.abspath(found[1])
+
+
+def check_teacher_is_not_student(student_config: str, cfg: dict, resume: Optional[str] = None) -> None:
+    """Self-distillation (``teacher_config`` = the student's config) only makes sense from other weights.
+
+    Logs a warning when the two configs are the same file, and raises :class:`DistillConfigError` when the
+    teacher weights are also the student's ``pretrain_weights`` or ``-r`` checkpoint.
+    """
+    teacher_config = cfg.get('teacher_config')
+    if not (teacher_config and os.path.isfile(student_config) and os.path.isfile(teacher_config)
+            and os.path.samefile(student_config, teacher_config)):
+        return
+    logger.warning(f'teacher_config is the student config ({student_config}): teacher and student are the '
+                   'same architecture (self-distillation); this only helps if teacher_weights is a '
+                   'better-trained checkpoint than the student starts from')
+    teacher_weights = cfg.get('teacher_weights')
+    for key, weights in (('pretrain_weights', cfg.get('pretrain_weights')), ('-r/--resume', resume)):
+        if teacher_weights and weights and _same_weights(str(teacher_weights), str(weights)):
+            raise DistillConfigError(
+                f'teacher_config is the student config and teacher_weights ({teacher_weights}) is the '
+                f"student's {key} ({weights}): the teacher would be the student itself; point "
+                'teacher_weights at a trained teacher checkpoint')
+
+
 def load_checked_weights(model: nn.Layer, path: str, min_match: float = 0.95,
                          role: str = 'teacher') -> Tuple[int, int]:
     """Load ``path`` into ``model``; fail unless ≥ ``min_match`` of its tensors match by name and shape."""
-    file = _weights_file(path)
+    file = _weights_file(path, 'teacher_weights' if role == 'teacher' else '-o weights=<file>')
     state = paddle.load(file)
     if not isinstance(state, dict):
         raise DistillConfigError(f'{role} weights {file} are not a state dict')
@@ -148,12 +262,14 @@ def load_checked_weights(model: nn.Layer, path: str, min_match: float = 0.95,
 
 def build_teacher(config_path: str, weights: Optional[str], allow_random: bool = False,
                   min_match: float = 0.95) -> Tuple[nn.Layer, str]:
-    """Build the teacher from its own YAML without touching the global config; load checked weights."""
+    """Build the teacher from ppdet's registered defaults plus its own YAML chain (``_BASE_``) only;
+    nothing of the global (student) config reaches it, and the global config is unchanged afterwards.
+    Load checked weights."""
     if not weights and not allow_random:
         raise DistillConfigError('teacher_weights is not set (allow_random_teacher: true waives it)')
     if weights:
         _weights_file(weights)  # fail before building anything
-    with config_scope():
+    with isolated_scope():
         teacher_cfg = load_config(config_path)
         arch = teacher_cfg.architecture
         teacher = create_fresh(arch)

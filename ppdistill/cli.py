@@ -12,7 +12,7 @@ from ppdet.utils.check import check_config, check_version
 from ppdet.utils.cli import ArgsParser, merge_args
 from ppdet.utils.logger import setup_logger
 
-from .build import is_distill_config, load_checked_weights, load_distill_config
+from .build import check_teacher_is_not_student, is_distill_config, load_checked_weights, load_distill_config
 from .errors import PPDistillError
 
 logger = setup_logger('ppdistill')
@@ -28,8 +28,14 @@ def arg_parser() -> ArgsParser:
     return parser
 
 
-def _check_dataset(cfg, key: str) -> None:
-    dataset = cfg.get(key)
+# The dataset each mode reads itself. infer/export ('test') need none: the test dataset's annotation
+# file only names the categories, and ppdet falls back to default categories without it.
+_OWN_DATASET = {'train': 'TrainDataset', 'eval': 'EvalDataset'}
+
+
+def _check_dataset(cfg, mode: str) -> None:
+    key = _OWN_DATASET.get(mode)
+    dataset = cfg.get(key) if key else None
     if dataset is None or not hasattr(dataset, 'dataset_dir'):
         return
     anno = getattr(dataset, 'anno_path', None)
@@ -57,6 +63,7 @@ def load_tool_config(flags, mode: str):
             if mode == 'train':
                 load_distill_config(slim)
                 merge_config(flags.opt)  # -o wins over the distill config as well
+                check_teacher_is_not_student(flags.config, cfg, getattr(flags, 'resume', None))
             else:
                 logger.info(f'{slim} is a distill config: {mode} runs on the student alone')
         else:  # pruning / quantisation: ppdet's own slim machinery
@@ -73,7 +80,7 @@ def load_tool_config(flags, mode: str):
     paddle.set_device('gpu' if use_gpu else 'cpu')
     check_config(cfg)
     check_version()
-    _check_dataset(cfg, 'TrainDataset' if mode == 'train' else 'EvalDataset')
+    _check_dataset(cfg, mode)
     return cfg
 
 

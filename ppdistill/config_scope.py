@@ -8,7 +8,8 @@ to its shared default ``spatial_scales``, so the second PicoDet in a process cra
 
 :func:`config_scope` snapshots the global config and restores it on exit; :func:`create_fresh` builds
 an architecture with private copies of every list/dict argument, so instances never alias the config or
-a function default.
+a function default. :func:`isolated_scope` is a :func:`config_scope` that starts from ppdet's registered
+defaults alone, so a teacher built inside it sees its own YAML chain and nothing of the student's.
 """
 import contextlib
 import copy
@@ -17,7 +18,7 @@ from typing import Iterator
 from ppdet.core.workspace import create, global_config
 from ppdet.core.config.schema import SchemaDict
 
-__all__ = ['config_scope', 'create_fresh']
+__all__ = ['config_scope', 'isolated_scope', 'create_fresh']
 
 _MUTABLE = (list, dict)
 
@@ -70,6 +71,25 @@ def config_scope() -> Iterator[dict]:
         yield global_config
     finally:
         _restore(snap)
+
+
+@contextlib.contextmanager
+def isolated_scope() -> Iterator[dict]:
+    """A :func:`config_scope` whose global config starts empty: ppdet's registered defaults only.
+
+    Every registered module's configured values are dropped (its schema defaults remain) and every other
+    key (``num_classes``, shared keys such as ``norm_type``, readers, ``-o`` values) is removed, so a YAML
+    loaded inside the block is built exactly as if it were the only config ever loaded. All is restored
+    on exit.
+    """
+    with config_scope():
+        for key in list(global_config):
+            value = global_config[key]
+            if isinstance(value, SchemaDict):
+                dict.clear(value)
+            else:
+                del global_config[key]
+        yield global_config
 
 
 def create_fresh(name: str):

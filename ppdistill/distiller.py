@@ -22,6 +22,7 @@ Eval/infer: exactly ``student_model(inputs)``. ``parameters()`` is the student's
 modules', never the teacher's.
 """
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -93,7 +94,32 @@ def _make_loss(cls: type, pair: LevelPair, args: dict, what: str) -> nn.Layer:
     if unknown:
         accepted = [p for p in params if p not in ('student_channels', 'teacher_channels', 'self')]
         raise DistillConfigError(f"{what}: {cls.__name__} has no argument(s) {unknown}; it accepts {accepted}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:  # a loss's own argument check: name the key, no traceback
+        text = str(err)
+        # the key named in the message, else the value (float('abc')) or its type (float([1, 2]))
+        keys = [k for k, v in kwargs.items() if re.search(rf'\b{re.escape(k)}\b', text)
+                or (isinstance(v, str) and repr(v) in text)
+                or (not isinstance(v, (int, float, str)) and f"'{type(v).__name__}'" in text)]
+        bad = ', '.join(f'{k}={kwargs[k]!r}' for k in keys) if keys else f'one of {sorted(args)}'
+        raise DistillConfigError(f'{what}: bad argument {bad}: {text}') from None
+
+
+def _reject_duplicates(entries: List[dict]) -> None:
+    """Two terms with one logged key would overwrite each other: distinct names, no repeated level."""
+    def describe(i: int) -> str:
+        e = entries[i]
+        return f"entry #{i} ({e['type']} on {e['student']} -> {e['teacher']}, name '{e['name']}')"
+    first: Dict[str, int] = {}
+    for i, e in enumerate(entries):
+        levels = e['levels'] if isinstance(e['levels'], (list, tuple)) else []  # others: pair_levels' error
+        if len({repr(v) for v in levels}) != len(levels):
+            raise DistillConfigError(f"distill loss {describe(i)} repeats a level in levels: {levels}")
+        if e['name'] in first:
+            raise DistillConfigError(f"distill loss {describe(first[e['name']])} and {describe(i)} share the "
+                                     "name; give each a distinct `name:` (it keys the logged terms)")
+        first[e['name']] = i
 
 
 @register
@@ -140,6 +166,7 @@ class Distiller(nn.Layer):
 
         entries = [self._normalise(e, (student_preset, student_arch), (teacher_preset, teacher_arch))
                    for e in losses]
+        _reject_duplicates(entries)
         self.student_taps = TapSet(student_model, [e['student'] for e in entries], role='student')
         self.teacher_taps = TapSet(teacher_model, [e['teacher'] for e in entries], role='teacher')
         s_shapes = probe_shapes(student_model, self.student_taps, probe_size)
@@ -147,7 +174,7 @@ class Distiller(nn.Layer):
 
         modules, self._terms = [], []
         for e in entries:
-            what = f"loss '{e['name']}' ({e['type']} on {e['student']} -> {e['teacher']})"
+            what = f"{type(self).__name__}: loss '{e['name']}' ({e['type']} on {e['student']} -> {e['teacher']})"
             try:
                 pairs = pair_levels(s_shapes[e['student']], t_shapes[e['teacher']], probe_size,
                                     e['levels'], what)

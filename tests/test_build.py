@@ -157,3 +157,247 @@ def test_upstream_fgd_format_is_translated_without_leaking_the_teacher(pair, tmp
     after = yaml.safe_load(watched())
     after['filename'] = yaml.safe_load(before)['filename']
     assert after == yaml.safe_load(before)
+
+
+# -- teacher isolation from the student's config (issue 6, defect 4) --------------------------------
+RETINA = os.path.join(ROOT, 'configs', 'demo')
+# Module options the RetinaNet teacher chain leaves at ppdet's defaults (FPN: norm_type None,
+# freeze_norm False, relu_before_extra_convs True; ResNet: lr_mult_list all 1.0).
+STUDENT_ONLY_OPTIONS = {'FPN': {'norm_type': 'gn', 'freeze_norm': True, 'relu_before_extra_convs': False}}
+STUDENT_ONLY_OVERRIDE = {'ResNet': {'lr_mult_list': [0.1, 0.1, 0.1, 0.1]}}  # as `-o` would merge it
+
+
+def _signature(model):
+    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+
+
+def test_student_module_options_never_reach_the_teacher(tmp_path, scope):
+    teacher_yml = os.path.join(RETINA, 'retinanet_teacher.yml')
+    reference, _ = build_teacher(teacher_yml, None, allow_random=True)  # nothing else loaded
+    student_yml = tmp_path / 'student.yml'
+    student_yml.write_text(yaml.safe_dump(dict(
+        {'_BASE_': [os.path.join(RETINA, 'retinanet_student.yml')]}, **STUDENT_ONLY_OPTIONS)))
+    load_config(str(student_yml))
+    merge_config(STUDENT_ONLY_OVERRIDE)
+    student = create_fresh('RetinaNet')
+    # the options are real: the student is built with them
+    assert student.neck.norm_type == 'gn' and not student.neck.relu_before_extra_convs
+    assert any(isinstance(m, paddle.nn.GroupNorm) for m in student.neck.sublayers())
+    assert {p.optimize_attr['learning_rate'] for p in student.backbone.parameters()} >= {0.1}
+
+    teacher, arch = build_teacher(teacher_yml, None, allow_random=True)
+    assert arch == 'RetinaNet'
+    assert teacher.neck.norm_type is None and teacher.neck.freeze_norm is False
+    assert teacher.neck.relu_before_extra_convs is True
+    assert not any(isinstance(m, paddle.nn.GroupNorm) for m in teacher.neck.sublayers())
+    assert {p.optimize_attr['learning_rate'] for p in teacher.backbone.parameters()} == {1.0}
+    assert _signature(teacher) == _signature(reference)
+    # and the student's config is untouched by the teacher build
+    assert global_config['FPN']['norm_type'] == 'gn'
+    assert global_config['ResNet']['lr_mult_list'] == [0.1, 0.1, 0.1, 0.1]
+    assert global_config['num_classes'] == 10
+
+
+# -- upstream (ppdet `slim: Distill`) FGD format: distill_loss_name and loss_weight (defect 12) ------
+def _ppdet_fgd_defaults():
+    import inspect
+    from ppdet.slim.distill_loss import FGDFeatureLoss
+    params = inspect.signature(FGDFeatureLoss).parameters
+    return {k: params[k].default for k in ('alpha_fgd', 'beta_fgd', 'gamma_fgd', 'lambda_fgd')}
+
+
+def test_upstream_fgd_level_subset_and_loss_weight_are_honoured(pair, tmp_path):
+    student, teacher = pair
+    load_config(student)
+    t, _ = build_teacher(teacher, None, allow_random=True)
+    paddle.save(t.state_dict(), str(tmp_path / 'teacher.pdparams'))
+    upstream = tmp_path / 'fgd_upstream.yml'
+    upstream.write_text(yaml.safe_dump({
+        '_BASE_': [teacher], 'pretrain_weights': str(tmp_path / 'teacher.pdparams'), 'slim': 'Distill',
+        'slim_method': 'FGD', 'distill_loss': 'FGDFeatureLoss', 'distill_loss_name': ['neck_f_0', 'neck_f_1'],
+        'FGDFeatureLoss': {'student_channels': 32, 'teacher_channels': 64, 'loss_weight': 3.0,
+                           'temp': 0.7, 'alpha_fgd': 0.002, 'normalize': False}}))
+    load_distill_config(str(upstream))
+    # ppdet's FGDFeatureLoss returns loss_weight * (alpha*fg + beta*bg + gamma*mask + lambda*rela)
+    want = {k: 3.0 * v for k, v in _ppdet_fgd_defaults().items()}
+    want['alpha_fgd'] = 3.0 * 0.002
+    section = dict(global_config['FocalGlobalDistillModel'])
+    assert section.pop('temp') == 0.7 and section.pop('levels') == [0, 1]
+    assert section.keys() == want.keys()
+    for key, value in want.items():
+        assert section[key] == pytest.approx(value, rel=1e-12), key
+    d = build_distiller(global_config)
+    # ppdet applies one loss per name to neck outputs 0..len-1
+    assert [term.key for term in d._terms] == ['distill_fgd_l0', 'distill_fgd_l1']
+    assert d.distill_losses[0].gamma_fgd == pytest.approx(want['gamma_fgd'])
+
+
+@pytest.mark.parametrize('section, extra, match', [
+    ({'normalize': True}, {}, r'normalize: true .* not supported'),
+    ({'loss_weight': 'x'}, {}, r'FGDFeatureLoss.loss_weight must be a number'),
+    ({'beta_fgd': 'x'}, {}, r'FGDFeatureLoss.beta_fgd must be a number'),
+    ({'tmp': 0.5}, {}, r"unknown key\(s\) \['tmp'\]"),
+    ({}, {'distill_loss_name': 'neck_f_0'}, 'distill_loss_name must be a non-empty list'),
+])
+def test_upstream_fgd_options_without_equivalent_are_rejected(pair, tmp_path, section, extra, match):
+    upstream = tmp_path / 'fgd_upstream.yml'
+    upstream.write_text(yaml.safe_dump(dict({
+        '_BASE_': [pair[1]], 'pretrain_weights': 'w', 'slim': 'Distill', 'slim_method': 'FGD',
+        'distill_loss': 'FGDFeatureLoss', 'FGDFeatureLoss': section}, **extra)))
+    with pytest.raises(DistillConfigError, match=match):
+        load_distill_config(str(upstream))
+
+
+# -- recipe fidelity (defect 13) -------------------------------------------------------------------
+# yzd-v/FGD mmdet/distillation/losses/fgd.py and yzd-v/MGD det/mmdet/distillation/losses/mgd.py defaults
+REFERENCE_CLASS_DEFAULTS = {'FGDLoss': {'temp': 0.5, 'alpha_fgd': 1e-3, 'beta_fgd': 5e-4, 'gamma_fgd': 1e-3,
+                                        'lambda_fgd': 5e-6},
+                            'MGDLoss': {'alpha_mgd': 2e-5, 'lambda_mgd': 0.65}}
+# yzd-v/FGD configs/distillers/fgd/fgd_retina_*.py, fgd_gfl_*.py; yzd-v/MGD .../mgd/retina_*.py
+REFERENCE_ONE_STAGE_RECIPES = {
+    'fgd': {'temp': 0.5, 'alpha_fgd': 1e-3, 'beta_fgd': 5e-4, 'gamma_fgd': 5e-4, 'lambda_fgd': 5e-6,
+            'init_student': True},
+    'mgd': {'alpha_mgd': 2e-5, 'lambda_mgd': 0.65, 'init_student': True}}
+
+
+def test_class_defaults_are_the_reference_class_defaults():
+    import inspect
+    from ppdistill.losses import FGDLoss, MGDLoss
+    from ppdistill.models import FocalGlobalDistillModel, MGDDistillModel
+    for classes, name in (((FGDLoss, FocalGlobalDistillModel), 'FGDLoss'),
+                          ((MGDLoss, MGDDistillModel), 'MGDLoss')):
+        for cls in classes:
+            params = inspect.signature(cls).parameters
+            assert {k: params[k].default for k in REFERENCE_CLASS_DEFAULTS[name]} == \
+                REFERENCE_CLASS_DEFAULTS[name], cls
+    assert _ppdet_fgd_defaults() == {k: v for k, v in REFERENCE_CLASS_DEFAULTS['FGDLoss'].items() if k != 'temp'}
+
+
+@pytest.mark.parametrize('method', ['fgd', 'mgd'])
+@pytest.mark.parametrize('arch', ['picodet', 'retinanet'])
+def test_shipped_distill_configs_follow_the_reference_one_stage_recipes(method, arch):
+    path = os.path.join(ROOT, 'configs', 'slim', 'distill', f'{method}_{arch}_teacher_to_student.yml')
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    section = cfg[cfg['slim']]
+    assert {k: section.get(k) for k in REFERENCE_ONE_STAGE_RECIPES[method]} == REFERENCE_ONE_STAGE_RECIPES[method]
+    assert section.get('levels') is None  # every FPN level, as the references
+
+
+# -- reliability: slim typos, unreachable weight URLs, self-distillation -----------------------------
+def test_slim_typo_is_a_distill_config_with_a_suggestion(pair, tmp_path):
+    from ppdistill.build import is_distill_config
+    path = distill_yaml(tmp_path / 'typo.yml', slim='MGDDistilModel', teacher_config=os.path.basename(pair[1]),
+                        teacher_weights='x')
+    assert is_distill_config(path)  # decided by teacher_config, not by the (wrong) slim name
+    with pytest.raises(DistillConfigError) as err:
+        load_distill_config(path)
+    msg = str(err.value)
+    assert 'did you mean MGDDistillModel?' in msg
+    assert all(name in msg for name in ('Distiller', 'FocalGlobalDistillModel', 'MGDDistillModel'))
+
+
+UNREACHABLE = 'http://127.0.0.1:9/ppdistill_unreachable_teacher.pdparams'  # loopback, discard port
+
+
+def test_unreachable_teacher_url_is_one_line_naming_url_reason_and_fix(pair):
+    with pytest.raises(DistillConfigError) as err:
+        build_teacher(pair[1], UNREACHABLE)
+    msg = str(err.value)
+    assert '\n' not in msg and UNREACHABLE in msg
+    assert 'Connection refused' in msg and 'teacher_weights to the local .pdparams file' in msg
+
+
+class _Records(__import__('logging').Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_teacher_config_equal_to_student_config(pair, tmp_path):
+    import logging
+    from ppdistill.build import check_teacher_is_not_student
+    student, _ = pair
+    for name in ('a', 'b'):
+        (tmp_path / f'{name}.pdparams').write_bytes(b'')
+    records = _Records()
+    logging.getLogger('ppdistill.build').addHandler(records)
+    try:
+        same = {'teacher_config': student, 'teacher_weights': str(tmp_path / 'a')}
+        check_teacher_is_not_student(student, dict(same, pretrain_weights=str(tmp_path / 'b.pdparams')))
+        assert len(records.messages) == 1 and 'teacher_config is the student config' in records.messages[0]
+        check_teacher_is_not_student(student, {'teacher_config': pair[1], 'teacher_weights': 'x',
+                                               'pretrain_weights': 'x'})  # different configs: no check
+        assert len(records.messages) == 1
+        with pytest.raises(DistillConfigError, match="is the student's pretrain_weights"):
+            check_teacher_is_not_student(student, dict(same, pretrain_weights=str(tmp_path / 'a.pdparams')))
+        with pytest.raises(DistillConfigError, match="is the student's -r/--resume"):
+            check_teacher_is_not_student(student, same, resume=str(tmp_path / 'a'))
+    finally:
+        logging.getLogger('ppdistill.build').removeHandler(records)
+
+
+# -- duplicate loss terms (defect 8) ----------------------------------------------------------------
+@pytest.mark.parametrize('losses, match', [
+    ([{'type': 'MGDLoss', 'student': 'neck', 'teacher': 'neck', 'levels': [0]},
+      {'type': 'MGDLoss', 'student': 'neck', 'teacher': 'neck', 'levels': [0], 'args': {'lambda_mgd': 0.5}}],
+     r"entry #0 \(MGDLoss on neck -> neck, name 'mgd'\) and entry #1 \(MGDLoss on neck -> neck, name 'mgd'\)"),
+    ([{'type': 'MGDLoss', 'student': 'neck', 'teacher': 'neck', 'name': 'a'},
+      {'type': 'FGDLoss', 'student': 'neck', 'teacher': 'neck', 'name': 'a'}],
+     r"entry #0 \(MGDLoss .*name 'a'\) and entry #1 \(FGDLoss .*name 'a'\) share the name"),
+    ([{'type': 'MGDLoss', 'student': 'neck', 'teacher': 'neck', 'levels': [1, 0, 1]}],
+     r"entry #0 \(MGDLoss .*\) repeats a level in levels: \[1, 0, 1\]"),
+])
+def test_duplicate_loss_terms_are_rejected_naming_both_entries(losses, match):
+    from toy_models import ToyDet
+    from ppdistill import Distiller
+    with pytest.raises(DistillConfigError, match=match):
+        Distiller(student_model=ToyDet(neck_ch=4), teacher_model=ToyDet(neck_ch=8), losses=losses,
+                  probe_size=32)
+
+
+def test_distinct_names_on_one_level_both_count():
+    from toy_models import ToyDet, toy_inputs
+    from ppdistill import Distiller
+    paddle.seed(0)
+    losses = [{'type': 'MGDLoss', 'student': 'neck', 'teacher': 'neck', 'levels': [0], 'name': n,
+               'args': {'lambda_mgd': 0.0}} for n in ('a', 'b')]
+    d = Distiller(student_model=ToyDet(neck_ch=4), teacher_model=ToyDet(neck_ch=8), losses=losses,
+                  probe_size=32)
+    d.train()
+    out = d(toy_inputs())
+    assert float(out['distill_loss']) == pytest.approx(float(out['distill_a_l0']) + float(out['distill_b_l0']),
+                                                       rel=1e-6)
+
+
+# -- MGD/FGD modules start from the reference's (PyTorch default) init (defect 13) ------------------
+def _pytorch_default_conv_modules():
+    from ppdistill.losses import FGDLoss, MGDLoss
+    paddle.seed(3)
+    mgd, fgd = MGDLoss(16, 48), FGDLoss(24, 64)
+    return {'mgd.align': mgd.align, 'mgd.generation.0': mgd.generation[0], 'mgd.generation.2': mgd.generation[2],
+            'fgd.align': fgd.align, 'fgd.channel_add_conv_s.0': fgd.channel_add_conv_s[0],
+            'fgd.channel_add_conv_t.0': fgd.channel_add_conv_t[0]}
+
+
+@pytest.mark.parametrize('name', list(_pytorch_default_conv_modules()))
+def test_generator_and_align_convs_use_pytorch_default_init(name):
+    """torch.nn.Conv2d.reset_parameters: kaiming_uniform_(a=sqrt(5)) on the weight, i.e.
+    U(-b, b) with b = gain * sqrt(3 / fan_in), gain = sqrt(2 / (1 + a^2)) = sqrt(1/3), so b = 1/sqrt(fan_in);
+    the bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    from scipy import stats
+    conv = _pytorch_default_conv_modules()[name]
+    weight, bias = conv.weight.numpy().astype('float64'), conv.bias.numpy().astype('float64')
+    fan_in = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    a = np.sqrt(5.0)
+    bound = np.sqrt(2.0 / (1 + a * a)) * np.sqrt(3.0 / fan_in)
+    for values in (weight.ravel(), bias.ravel()):
+        assert np.abs(values).max() <= bound * (1 + 1e-6)
+        assert stats.kstest(values, stats.uniform(loc=-bound, scale=2 * bound).cdf).pvalue > 1e-4
+    # variance of U(-b, b) is b^2/3; the sample variance of n weights has relative s.e. ~ sqrt(0.8/n)
+    tol = 5 * np.sqrt(0.8 / weight.size)
+    assert weight.var() == pytest.approx(bound ** 2 / 3, rel=tol)
+    assert abs(weight.mean()) < 5 * bound / np.sqrt(3 * weight.size)

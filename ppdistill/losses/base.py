@@ -1,10 +1,26 @@
 """Common base of the feature-distillation losses."""
+import math
 from typing import Optional
 
 import paddle
 import paddle.nn as nn
 
-__all__ = ['FeatureLoss']
+__all__ = ['FeatureLoss', 'torch_default_conv2d']
+
+
+def torch_default_conv2d(in_channels: int, out_channels: int, kernel_size: int, **kwargs) -> nn.Conv2D:
+    """``nn.Conv2D`` initialised as PyTorch's default ``nn.Conv2d`` (the MGD/FGD reference modules).
+
+    PyTorch draws the weight with ``kaiming_uniform_(a=sqrt(5))`` and the bias from the same range:
+    both ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in = in_channels / groups * k * k``. Paddle's
+    default (weight ``N(0, 2/fan_in)``, bias 0) starts a generator or align conv about 2.4x larger.
+    """
+    fan_in = in_channels // kwargs.get('groups', 1) * kernel_size * kernel_size
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def attr() -> paddle.ParamAttr:
+        return paddle.ParamAttr(initializer=nn.initializer.Uniform(-bound, bound))
+    return nn.Conv2D(in_channels, out_channels, kernel_size, weight_attr=attr(), bias_attr=attr(), **kwargs)
 
 
 class FeatureLoss(nn.Layer):
@@ -12,7 +28,8 @@ class FeatureLoss(nn.Layer):
 
     Holds the optional 1x1 alignment conv used by MGD/FGD-style losses: when the channel counts differ,
     ``self.align = nn.Conv2D(student_channels, teacher_channels, 1)`` maps the student to the teacher's
-    channels; otherwise ``self.align`` is ``None``.
+    channels (PyTorch's default init, as the references' ``nn.Conv2d``); otherwise ``self.align`` is
+    ``None``.
 
     Subclasses implement ``forward(student_feat, teacher_feat, inputs=None) -> Tensor`` (a scalar) where
     ``student_feat`` is ``[N, Cs, H, W]`` (already resized to the teacher's ``H, W`` by the caller),
@@ -33,7 +50,7 @@ class FeatureLoss(nn.Layer):
         self.teacher_channels = teacher_channels
         self.align: Optional[nn.Conv2D] = None
         if student_channels != teacher_channels:
-            self.align = nn.Conv2D(student_channels, teacher_channels, kernel_size=1)
+            self.align = torch_default_conv2d(student_channels, teacher_channels, kernel_size=1)
 
     def align_student(self, x: paddle.Tensor) -> paddle.Tensor:
         """Map a student feature ``[N, Cs, H, W]`` to ``[N, Ct, H, W]`` (identity if ``Cs == Ct``)."""

@@ -11,7 +11,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from ppdet.core.workspace import register
 
-from .base import FeatureLoss
+from .base import FeatureLoss, torch_default_conv2d
 from ..masks import fgd_masks
 
 __all__ = ['FGDLoss']
@@ -20,13 +20,14 @@ __all__ = ['FGDLoss']
 def _channel_add_block(channels: int) -> nn.Sequential:
     """GcBlock-style transform: 1x1 conv (C -> C/2), LayerNorm([C/2, 1, 1]), ReLU, 1x1 conv (C/2 -> C).
 
-    Only the last conv is zero-initialised (the reference's ``last_zero_init``), so the relation term
+    Init as the reference: the first conv has PyTorch's default init, the LayerNorm ones/zeros, and only
+    the last conv is zero-initialised (the reference's ``last_zero_init``), so the relation term
     starts as a plain MSE while the first conv, the LayerNorm and ``conv_mask`` still get gradients once
     the last conv has moved.
     """
     zero = paddle.ParamAttr(initializer=nn.initializer.Constant(0.0))
     return nn.Sequential(
-        nn.Conv2D(channels, channels // 2, kernel_size=1),
+        torch_default_conv2d(channels, channels // 2, kernel_size=1),
         nn.LayerNorm([channels // 2, 1, 1]),
         nn.ReLU(),
         nn.Conv2D(channels // 2, channels, kernel_size=1, weight_attr=zero, bias_attr=zero))

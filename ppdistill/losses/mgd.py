@@ -10,7 +10,7 @@ import paddle
 import paddle.nn as nn
 from ppdet.core.workspace import register
 
-from .base import FeatureLoss
+from .base import FeatureLoss, torch_default_conv2d
 
 __all__ = ['MGDLoss']
 
@@ -51,10 +51,11 @@ class MGDLoss(FeatureLoss):
         self.lambda_mgd = lambda_mgd
         self.mask_mode = mask_mode
         c = self.teacher_channels
+        # PyTorch's default init, as the reference's nn.Conv2d generator
         self.generation = nn.Sequential(
-            nn.Conv2D(c, c, kernel_size=3, padding=1),
+            torch_default_conv2d(c, c, kernel_size=3, padding=1),
             nn.ReLU(),
-            nn.Conv2D(c, c, kernel_size=3, padding=1))
+            torch_default_conv2d(c, c, kernel_size=3, padding=1))
 
     def sample_mask(self, shape: Sequence[int]) -> paddle.Tensor:
         """Draw a random keep-mask for a feature of shape ``[N, C, H, W]``.
