@@ -12,12 +12,14 @@ ever mixes integer and float tensors (paddle 3.x is strict about that).
 Boxes are ``(x1, y1, x2, y2)`` in pixels of the resized (unpadded) image whose size is
 ``inputs['im_shape'][i] = (im_h, im_w)``.
 """
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle
 
-__all__ = ['pad_boxes', 'scale_boxes_to_grid', 'box_cells', 'boxes_cover_grid', 'fgd_masks']
+__all__ = ['pad_boxes', 'scale_boxes_to_grid', 'box_cells', 'boxes_cover_grid', 'fgd_masks', 'level_stride',
+           'retina_anchor_wh', 'grid_anchors', 'box_iou', 'fgfi_masks']
 
 BoxesLike = Union[paddle.Tensor, np.ndarray, Sequence[Union[paddle.Tensor, np.ndarray]]]
 
@@ -172,3 +174,116 @@ def fgd_masks(gt_bbox: BoxesLike, im_shape: paddle.Tensor, height: int, width: i
     mask_fg.stop_gradient = True
     mask_bg.stop_gradient = True
     return mask_fg, mask_bg
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fine-grained feature imitation (FGFI) masks: anchors of one level, IoU with every GT box.
+
+
+def level_stride(image_size: int, feature_size: int) -> float:
+    """Stride of a feature level along one axis, from the padded input size and the feature size.
+
+    ppdet's backbones and necks halve the map with stride-2 convs (``ceil``; a 96-pixel input gives a
+    2-cell stride-64 level), a few with pooling (``floor``). The stride is the power of two ``s`` with
+    ``ceil(image / s) == feature``, else the one with ``floor(image / s) == feature``, else
+    ``image / feature`` itself.
+    """
+    image_size, feature_size = int(image_size), int(feature_size)
+    if image_size <= 0 or feature_size <= 0:
+        raise ValueError(f'sizes must be positive, got image {image_size} and feature {feature_size}')
+    ratio = image_size / feature_size
+    up, down = 2.0 ** math.ceil(math.log2(ratio)), 2.0 ** math.floor(math.log2(ratio))
+    if math.ceil(image_size / up) == feature_size:  # the only power of two ceil can map to feature_size
+        return up
+    if math.floor(image_size / down) == feature_size:
+        return down
+    return ratio
+
+
+def retina_anchor_wh(stride: float, octave_base_scale: float = 4, scales_per_octave: int = 3,
+                     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)) -> np.ndarray:
+    """Anchor widths/heights of one level as ppdet's ``RetinaAnchorGenerator`` makes them.
+
+    Sizes ``stride * octave_base_scale * 2 ** (i / scales_per_octave)`` for ``i < scales_per_octave``;
+    for each size and ratio ``r`` (``r = h / w``): ``w = sqrt(size**2 / r)``, ``h = r * w`` (size-major
+    order, as ppdet). Returns float64 ``[scales_per_octave * len(aspect_ratios), 2]``.
+    """
+    sizes = [float(stride) * octave_base_scale * 2.0 ** (i / scales_per_octave)
+             for i in range(int(scales_per_octave))]
+    ratios = np.asarray(aspect_ratios, dtype='float64').reshape(1, -1)
+    w = np.sqrt(np.square(np.asarray(sizes, dtype='float64')).reshape(-1, 1) / ratios)
+    return np.stack([w, w * ratios], axis=-1).reshape(-1, 2)
+
+
+def grid_anchors(height: int, width: int, stride_h: float, stride_w: float, anchor_wh,
+                 offset: float = 0.0) -> paddle.Tensor:
+    """Every anchor of a ``height x width`` level, centred as ppdet's ``AnchorGenerator``.
+
+    Cell ``(i, j)`` is centred at ``((j + offset) * stride_w, (i + offset) * stride_h)`` (ppdet's
+    generators use ``offset = 0``; anchor-free heads' grid cells use 0.5). ``anchor_wh``: ``[A, 2]``.
+    Returns float32 ``[H * W * A, 4]`` ``(x1, y1, x2, y2)``, ordered row, column, anchor.
+    """
+    wh = _as_float_tensor(anchor_wh).reshape([1, 1, -1, 2])  # [1, 1, A, 2]
+    cy = (paddle.arange(int(height), dtype='float32') + offset) * float(stride_h)
+    cx = (paddle.arange(int(width), dtype='float32') + offset) * float(stride_w)
+    grid_y, grid_x = paddle.meshgrid(cy, cx)  # [H, W] each ('ij' indexing)
+    centre = paddle.stack([grid_x, grid_y], axis=-1).unsqueeze(2)  # [H, W, 1, 2] (x, y)
+    boxes = paddle.concat([centre - wh / 2.0, centre + wh / 2.0], axis=-1)  # [H, W, A, 4]
+    return boxes.reshape([-1, 4])
+
+
+def box_iou(boxes: paddle.Tensor, anchors: paddle.Tensor) -> paddle.Tensor:
+    """IoU of padded boxes ``[N, M, 4]`` with anchors ``[K, 4]`` -> ``[N, M, K]``.
+
+    Continuous coordinates (area ``(x2 - x1) * (y2 - y1)``, as ppdet's ``bbox_overlaps``); pairs whose
+    union is empty (degenerate box and anchor) get 0.
+    """
+    b = boxes.unsqueeze(2)  # [N, M, 1, 4]
+    a = anchors.reshape([1, 1, -1, 4])
+    iw = paddle.clip(paddle.minimum(b[..., 2], a[..., 2]) - paddle.maximum(b[..., 0], a[..., 0]), min=0.0)
+    ih = paddle.clip(paddle.minimum(b[..., 3], a[..., 3]) - paddle.maximum(b[..., 1], a[..., 1]), min=0.0)
+    inter = iw * ih
+    area_b = paddle.clip(b[..., 2] - b[..., 0], min=0.0) * paddle.clip(b[..., 3] - b[..., 1], min=0.0)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    union = area_b + area_a - inter
+    return paddle.where(union > 0.0, inter / paddle.clip(union, min=1e-12), paddle.zeros_like(inter))
+
+
+def fgfi_masks(gt_bbox: BoxesLike, anchor_wh, height: int, width: int, stride_h: float, stride_w: float,
+               psi: float = 0.5, offset: float = 0.0,
+               pad_gt_mask: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """Imitation mask of fine-grained feature imitation (Wang, Yuan, Zhang, Feng, "Distilling Object
+    Detectors with Fine-grained Feature Imitation", CVPR 2019; reference
+    ``twangnh/Distilling-Object-Detectors lib/model/rpn/anchor_target_layer.py``).
+
+    For image ``i`` and every valid GT box ``g``: the IoU of ``g`` with every anchor of the level
+    (:func:`grid_anchors`, all ``H * W * A``), ``m_g`` = its maximum, and the anchors with
+    ``IoU > psi * m_g`` (strict). A cell is imitated (1) when any of its anchors passes for any GT, else 0.
+    A box that overlaps no anchor (``m_g = 0``) marks nothing; padded/degenerate boxes are ignored.
+
+    Args:
+        gt_bbox: list of ``[n_i, 4]`` or padded ``[N, M, 4]`` boxes in pixels of the padded input image.
+        anchor_wh: ``[A, 2]`` anchor widths/heights of this level (e.g. :func:`retina_anchor_wh`).
+        height, width: feature-map size ``H, W``.
+        stride_h, stride_w: the level's stride in pixels (:func:`level_stride`).
+        psi: threshold factor (0.5 in the paper).
+        offset: anchor-centre offset in cells (see :func:`grid_anchors`).
+        pad_gt_mask: optional ``[N, M, 1]`` validity mask (ppdet ``PadGT``).
+
+    Returns:
+        float32 ``[N, H, W]`` of 0/1 with ``stop_gradient=True``.
+    """
+    height, width = int(height), int(width)
+    boxes, valid = pad_boxes(gt_bbox, pad_gt_mask)
+    num, max_boxes = int(boxes.shape[0]), int(boxes.shape[1])
+    if max_boxes == 0:
+        mask = paddle.zeros([num, height, width], dtype='float32')
+    else:
+        anchors = grid_anchors(height, width, stride_h, stride_w, anchor_wh, offset)  # [K, 4]
+        iou = box_iou(boxes, anchors)  # [N, M, K]
+        iou = iou * paddle.cast(valid, 'float32').unsqueeze(-1)  # invalid boxes: IoU 0, so nothing passes
+        thresh = float(psi) * paddle.max(iou, axis=2, keepdim=True)  # [N, M, 1]
+        passed = paddle.cast(iou > thresh, 'float32')  # [N, M, K]
+        mask = paddle.max(passed.reshape([num, max_boxes, height, width, -1]), axis=[1, 4])  # [N, H, W]
+    mask.stop_gradient = True
+    return mask
