@@ -19,7 +19,7 @@ import numpy as np
 import paddle
 
 __all__ = ['pad_boxes', 'scale_boxes_to_grid', 'box_cells', 'boxes_cover_grid', 'fgd_masks', 'level_stride',
-           'retina_anchor_wh', 'grid_anchors', 'box_iou', 'fgfi_masks']
+           'retina_anchor_wh', 'fgfi_masks']
 
 BoxesLike = Union[paddle.Tensor, np.ndarray, Sequence[Union[paddle.Tensor, np.ndarray]]]
 
@@ -215,40 +215,6 @@ def retina_anchor_wh(stride: float, octave_base_scale: float = 4, scales_per_oct
     return np.stack([w, w * ratios], axis=-1).reshape(-1, 2)
 
 
-def grid_anchors(height: int, width: int, stride_h: float, stride_w: float, anchor_wh,
-                 offset: float = 0.0) -> paddle.Tensor:
-    """Every anchor of a ``height x width`` level, centred as ppdet's ``AnchorGenerator``.
-
-    Cell ``(i, j)`` is centred at ``((j + offset) * stride_w, (i + offset) * stride_h)`` (ppdet's
-    generators use ``offset = 0``; anchor-free heads' grid cells use 0.5). ``anchor_wh``: ``[A, 2]``.
-    Returns float32 ``[H * W * A, 4]`` ``(x1, y1, x2, y2)``, ordered row, column, anchor.
-    """
-    wh = _as_float_tensor(anchor_wh).reshape([1, 1, -1, 2])  # [1, 1, A, 2]
-    cy = (paddle.arange(int(height), dtype='float32') + offset) * float(stride_h)
-    cx = (paddle.arange(int(width), dtype='float32') + offset) * float(stride_w)
-    grid_y, grid_x = paddle.meshgrid(cy, cx)  # [H, W] each ('ij' indexing)
-    centre = paddle.stack([grid_x, grid_y], axis=-1).unsqueeze(2)  # [H, W, 1, 2] (x, y)
-    boxes = paddle.concat([centre - wh / 2.0, centre + wh / 2.0], axis=-1)  # [H, W, A, 4]
-    return boxes.reshape([-1, 4])
-
-
-def box_iou(boxes: paddle.Tensor, anchors: paddle.Tensor) -> paddle.Tensor:
-    """IoU of padded boxes ``[N, M, 4]`` with anchors ``[K, 4]`` -> ``[N, M, K]``.
-
-    Continuous coordinates (area ``(x2 - x1) * (y2 - y1)``, as ppdet's ``bbox_overlaps``); pairs whose
-    union is empty (degenerate box and anchor) get 0.
-    """
-    b = boxes.unsqueeze(2)  # [N, M, 1, 4]
-    a = anchors.reshape([1, 1, -1, 4])
-    iw = paddle.clip(paddle.minimum(b[..., 2], a[..., 2]) - paddle.maximum(b[..., 0], a[..., 0]), min=0.0)
-    ih = paddle.clip(paddle.minimum(b[..., 3], a[..., 3]) - paddle.maximum(b[..., 1], a[..., 1]), min=0.0)
-    inter = iw * ih
-    area_b = paddle.clip(b[..., 2] - b[..., 0], min=0.0) * paddle.clip(b[..., 3] - b[..., 1], min=0.0)
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    union = area_b + area_a - inter
-    return paddle.where(union > 0.0, inter / paddle.clip(union, min=1e-12), paddle.zeros_like(inter))
-
-
 def fgfi_masks(gt_bbox: BoxesLike, anchor_wh, height: int, width: int, stride_h: float, stride_w: float,
                psi: float = 0.5, offset: float = 0.0,
                pad_gt_mask: Optional[paddle.Tensor] = None) -> paddle.Tensor:
@@ -256,18 +222,26 @@ def fgfi_masks(gt_bbox: BoxesLike, anchor_wh, height: int, width: int, stride_h:
     Detectors with Fine-grained Feature Imitation", CVPR 2019; reference
     ``twangnh/Distilling-Object-Detectors lib/model/rpn/anchor_target_layer.py``).
 
-    For image ``i`` and every valid GT box ``g``: the IoU of ``g`` with every anchor of the level
-    (:func:`grid_anchors`, all ``H * W * A``), ``m_g`` = its maximum, and the anchors with
-    ``IoU > psi * m_g`` (strict). A cell is imitated (1) when any of its anchors passes for any GT, else 0.
-    A box that overlaps no anchor (``m_g = 0``) marks nothing; padded/degenerate boxes are ignored.
+    The level has ``A`` anchors per cell; anchor ``a`` of cell ``(i, j)`` is ``anchor_wh[a]`` centred at
+    ``((j + offset) * stride_w, (i + offset) * stride_h)`` (ppdet's anchor generators use ``offset = 0``).
+    For image ``n`` and every valid GT box ``g``: the IoU of ``g`` with every anchor of the level, ``m_g``
+    = its maximum, and the anchors with ``IoU > psi * m_g`` (strict). A cell is imitated (1) when any of its
+    anchors passes for any GT, else 0. A box that overlaps no anchor (``m_g = 0``) marks nothing;
+    padded/degenerate boxes are ignored. IoU uses continuous coordinates (area ``(x2 - x1) * (y2 - y1)``,
+    as ppdet), not the reference's legacy ``+1`` pixels.
+
+    Axis-aligned anchors on a grid make the intersection separable, ``I = iw(column) * ih(row)``, and with
+    ``S = area_g + area_a`` the IoU ``I / (S - I)`` grows with ``I``; so the best IoU of each anchor shape
+    comes from ``max iw * max ih``, and ``IoU > t`` is ``I > t * S / (1 + t)``. The only full-size tensors
+    are one ``[N, M, A, H, W]`` product and its comparison.
 
     Args:
         gt_bbox: list of ``[n_i, 4]`` or padded ``[N, M, 4]`` boxes in pixels of the padded input image.
-        anchor_wh: ``[A, 2]`` anchor widths/heights of this level (e.g. :func:`retina_anchor_wh`).
+        anchor_wh: ``[A, 2]`` positive anchor widths/heights of this level (e.g. :func:`retina_anchor_wh`).
         height, width: feature-map size ``H, W``.
         stride_h, stride_w: the level's stride in pixels (:func:`level_stride`).
         psi: threshold factor (0.5 in the paper).
-        offset: anchor-centre offset in cells (see :func:`grid_anchors`).
+        offset: anchor-centre offset in cells.
         pad_gt_mask: optional ``[N, M, 1]`` validity mask (ppdet ``PadGT``).
 
     Returns:
@@ -278,12 +252,31 @@ def fgfi_masks(gt_bbox: BoxesLike, anchor_wh, height: int, width: int, stride_h:
     num, max_boxes = int(boxes.shape[0]), int(boxes.shape[1])
     if max_boxes == 0:
         mask = paddle.zeros([num, height, width], dtype='float32')
-    else:
-        anchors = grid_anchors(height, width, stride_h, stride_w, anchor_wh, offset)  # [K, 4]
-        iou = box_iou(boxes, anchors)  # [N, M, K]
-        iou = iou * paddle.cast(valid, 'float32').unsqueeze(-1)  # invalid boxes: IoU 0, so nothing passes
-        thresh = float(psi) * paddle.max(iou, axis=2, keepdim=True)  # [N, M, 1]
-        passed = paddle.cast(iou > thresh, 'float32')  # [N, M, K]
-        mask = paddle.max(passed.reshape([num, max_boxes, height, width, -1]), axis=[1, 4])  # [N, H, W]
+        mask.stop_gradient = True
+        return mask
+    # Invalid rows become [0, 0, 0, 0]: no overlap, IoU 0, so every quotient below stays finite.
+    boxes = boxes * paddle.cast(valid, 'float32').unsqueeze(-1)
+    wh = _as_float_tensor(anchor_wh).reshape([-1, 2])  # [A, 2]
+    cx = (paddle.arange(width, dtype='float32') + offset) * float(stride_w)  # [W]
+    cy = (paddle.arange(height, dtype='float32') + offset) * float(stride_h)  # [H]
+
+    def overlap(lo, hi, centre, size):  # 1-D overlap of boxes [N, M] with anchors -> [N, M, A, L]
+        half = (size / 2.0).reshape([1, 1, -1, 1])
+        a_lo, a_hi = centre.reshape([1, 1, 1, -1]) - half, centre.reshape([1, 1, 1, -1]) + half
+        return paddle.clip(paddle.minimum(hi.reshape([num, max_boxes, 1, 1]), a_hi) -
+                           paddle.maximum(lo.reshape([num, max_boxes, 1, 1]), a_lo), min=0.0)
+
+    iw = overlap(boxes[:, :, 0], boxes[:, :, 2], cx, wh[:, 0])  # [N, M, A, W]
+    ih = overlap(boxes[:, :, 1], boxes[:, :, 3], cy, wh[:, 1])  # [N, M, A, H]
+    area_g = (boxes[:, :, 2] - boxes[:, :, 0]) * (boxes[:, :, 3] - boxes[:, :, 1])  # [N, M]
+    total = area_g.unsqueeze(-1) + (wh[:, 0] * wh[:, 1]).reshape([1, 1, -1])  # S: [N, M, A]
+    inter_max = paddle.max(iw, axis=-1) * paddle.max(ih, axis=-1)  # [N, M, A]
+    # Every union S - I is positive: valid boxes have area > 0, anchors too.
+    best = paddle.max(inter_max / (total - inter_max), axis=-1, keepdim=True)  # m_g: [N, M, 1]
+    thresh = float(psi) * best
+    need = thresh * total / (1.0 + thresh)  # IoU > thresh  <=>  I > need: [N, M, A]
+    inter = ih.unsqueeze(-1) * iw.unsqueeze(-2)  # [N, M, A, H, W]
+    passed = inter > need.unsqueeze(-1).unsqueeze(-1)  # invalid rows: need = 0 and inter = 0
+    mask = paddle.cast(paddle.any(passed.reshape([num, -1, height, width]), axis=1), 'float32')  # [N, H, W]
     mask.stop_gradient = True
     return mask
