@@ -278,10 +278,13 @@ def test_level_selects_per_level_anchors_and_measured_stride():
     ({'strides': [8, 16, 32]}, 0, 4, 'strides has 3 entries but the student has 4 levels'),
     ({'wh': [[[10, 13]]] * 2}, 0, 3, 'wh has 2 entries but the student has 3 levels'),
     ({'wh': [[[10, 13]]]}, 1, None, 'no entry for student level 1'),
-    ({'wh': [[10, 13, 5]]}, 0, 1, r'wh\[0\] must be a list of positive \[w, h\] pairs'),
+    ({'wh': [[10, 13, 5]]}, 0, 1, r"\{'wh': \[10, 13, 5\]\} \(level 0\) do not give a list of positive"),
+    ({'wh': [[[10, -13]]]}, 0, 1, 'do not give a list of positive'),
+    ({'scales_per_octave': 0}, 0, 1, r"\{'scales_per_octave': 0\} \(level 0\) do not give"),
+    ({'aspect_ratios': [1.0, 'x']}, 0, 1, 'do not give a list of positive'),
     ({'virtual_anchor_scale': 5, 'octave_base_scale': 4}, 0, 1, 'give one of'),
     ({'octave_scale': 4}, 0, 1, r"unknown key\(s\) \['octave_scale'\]"),
-    ({'virtual_anchor_scale': 0}, 0, 1, 'virtual_anchor_scale must be positive'),
+    ({'virtual_anchor_scale': 0}, 0, 1, r"\{'virtual_anchor_scale': 0\} \(level 0\) do not give"),
 ])
 def test_bad_anchor_config_is_a_one_line_error(anchors, level, num_levels, match):
     with pytest.raises(PPDistillError, match=match) as err:

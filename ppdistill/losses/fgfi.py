@@ -69,23 +69,19 @@ class LevelAnchors:
             if self.stride <= 0:
                 raise PPDistillError(f'FGFILoss anchors: strides must be positive, got {anchors["strides"]}')
         self.retina = {k: anchors.get(k, v) for k, v in RETINA_DEFAULTS.items()}
-        self.virtual_scale = float(anchors.get('virtual_anchor_scale', 0.0))
-        self.wh = None
-        if self.kind == 'wh':
-            wh = np.asarray(self._per_level(anchors, 'wh', num_levels), dtype='float64')
-            if wh.ndim != 2 or wh.shape[1] != 2 or wh.shape[0] == 0 or (wh <= 0).any():
-                raise PPDistillError(f'FGFILoss anchors: wh[{self.level}] must be a list of positive [w, h] '
-                                     f'pairs, got {anchors["wh"][self.level]}')
-            self.wh = wh
-        elif self.kind == 'virtual' and self.virtual_scale <= 0:
-            raise PPDistillError(f'FGFILoss anchors: virtual_anchor_scale must be positive, got '
-                                 f'{anchors["virtual_anchor_scale"]}')
-        elif self.kind == 'retina':
-            r = self.retina
-            if float(r['octave_base_scale']) <= 0 or int(r['scales_per_octave']) < 1 or not r['aspect_ratios'] \
-                    or min(float(a) for a in r['aspect_ratios']) <= 0:
-                raise PPDistillError(f'FGFILoss anchors: octave_base_scale and aspect_ratios must be positive '
-                                     f'and scales_per_octave >= 1, got {r}')
+        self.virtual_scale = anchors.get('virtual_anchor_scale', 0.0)
+        self.wh = self._per_level(anchors, 'wh', num_levels) if self.kind == 'wh' else None
+        try:  # one check for every form: the sizes at some stride must be positive [w, h] pairs
+            self.wh = None if self.wh is None else np.asarray(self.wh, dtype='float64')
+            sizes = self.anchor_wh(8.0, 8.0)
+            ok = sizes.ndim == 2 and sizes.shape[0] > 0 and sizes.shape[1] == 2 and bool((sizes > 0).all())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            given = {k: anchors[k][self.level] if k == 'wh' else anchors[k]
+                     for k in _SHAPE_KEYS[self.kind] if k in anchors}
+            raise PPDistillError(f'FGFILoss anchors: {given} (level {self.level}) do not give a list of positive '
+                                 '[w, h] anchor sizes')
 
     def _per_level(self, anchors: dict, key: str, num_levels: Optional[int]):
         if key not in anchors:
@@ -113,7 +109,7 @@ class LevelAnchors:
         if self.kind == 'wh':
             return self.wh
         if self.kind == 'virtual':
-            return np.full([1, 2], self.virtual_scale * stride)
+            return np.full([1, 2], float(self.virtual_scale) * stride)
         return retina_anchor_wh(stride, float(self.retina['octave_base_scale']),
                                 int(self.retina['scales_per_octave']),
                                 [float(a) for a in self.retina['aspect_ratios']])
