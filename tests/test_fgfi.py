@@ -284,6 +284,7 @@ def test_level_selects_per_level_anchors_and_measured_stride():
     ({'aspect_ratios': [1.0, 'x']}, 0, 1, 'do not give a list of positive'),
     ({'virtual_anchor_scale': 5, 'octave_base_scale': 4}, 0, 1, 'give one of'),
     ({'octave_scale': 4}, 0, 1, r"unknown key\(s\) \['octave_scale'\]"),
+    ([[10, 13]], 0, 1, 'anchors must be a mapping'),
     ({'virtual_anchor_scale': 0}, 0, 1, r"\{'virtual_anchor_scale': 0\} \(level 0\) do not give"),
 ])
 def test_bad_anchor_config_is_a_one_line_error(anchors, level, num_levels, match):

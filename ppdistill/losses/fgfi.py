@@ -51,6 +51,9 @@ class LevelAnchors:
     """
 
     def __init__(self, anchors: Optional[dict] = None, level: int = 0, num_levels: Optional[int] = None):
+        if anchors is not None and not isinstance(anchors, dict):
+            raise PPDistillError(f'FGFILoss anchors must be a mapping (e.g. {{virtual_anchor_scale: 5.0}}), '
+                                 f'got {anchors!r}')
         anchors = dict(anchors or {})
         known = sum(_SHAPE_KEYS.values(), ()) + _COMMON_KEYS
         unknown = sorted(set(anchors) - set(known))
