@@ -14,5 +14,6 @@ from . import losses  # noqa: E402,F401
 from .distiller import Distiller, DistillConfigError  # noqa: E402,F401
 from .errors import PPDistillError  # noqa: E402,F401
 from .models import FocalGlobalDistillModel, MGDDistillModel  # noqa: E402,F401
+from .models import FGFIDistillModel  # noqa: E402,F401
 
 __version__ = '0.1.0'

@@ -87,9 +87,11 @@ def loss_class(name: str) -> type:
     return getattr(entry.pymodule, name)
 
 
-def _make_loss(cls: type, pair: LevelPair, args: dict, what: str) -> nn.Layer:
+def _make_loss(cls: type, pair: LevelPair, args: dict, what: str, num_levels: int = 1) -> nn.Layer:
     kwargs = dict(args, student_channels=pair.student_channels, teacher_channels=pair.teacher_channels)
     params = inspect.signature(cls).parameters
+    if 'level' in params and 'num_levels' in params:  # per-level settings (e.g. FGFI's anchor lists)
+        kwargs.update(level=pair.student_level, num_levels=num_levels)
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         accepted = [p for p in params if p not in ('student_channels', 'teacher_channels', 'self')]
@@ -181,7 +183,8 @@ class Distiller(nn.Layer):
             except PairingError as err:
                 raise DistillConfigError(str(err)) from None
             for pair in pairs:
-                modules.append(_make_loss(loss_class(e['type']), pair, e['args'], what))
+                modules.append(_make_loss(loss_class(e['type']), pair, e['args'], what,
+                                          len(s_shapes[e['student']])))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight']))
         self.distill_losses = nn.LayerList(modules)

@@ -16,12 +16,14 @@ scaled to the grid by ``(Hp, Wp)``, the same for every image of the batch. The F
 mmdet's unpadded ``img_shape`` instead, which stretches boxes whenever an image is padded; we keep its
 formula and its order of operations (``x / Wp * W`` in float32, see :func:`scale_boxes_to_grid`).
 """
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle
 
-__all__ = ['pad_boxes', 'scale_boxes_to_grid', 'box_cells', 'boxes_cover_grid', 'fgd_masks']
+__all__ = ['pad_boxes', 'scale_boxes_to_grid', 'box_cells', 'boxes_cover_grid', 'fgd_masks', 'level_stride',
+           'retina_anchor_wh', 'fgfi_masks']
 
 BoxesLike = Union[paddle.Tensor, np.ndarray, Sequence[Union[paddle.Tensor, np.ndarray]]]
 
@@ -177,3 +179,109 @@ def fgd_masks(gt_bbox: BoxesLike, input_size: Sequence[int], height: int, width:
     mask_fg.stop_gradient = True
     mask_bg.stop_gradient = True
     return mask_fg, mask_bg
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fine-grained feature imitation (FGFI) masks: anchors of one level, IoU with every GT box.
+
+
+def level_stride(image_size: int, feature_size: int) -> float:
+    """Stride of a feature level along one axis, from the padded input size and the feature size.
+
+    ppdet's backbones and necks halve the map with stride-2 convs (``ceil``; a 96-pixel input gives a
+    2-cell stride-64 level), a few with pooling (``floor``). The stride is the power of two ``s`` with
+    ``ceil(image / s) == feature``, else the one with ``floor(image / s) == feature``, else
+    ``image / feature`` itself.
+    """
+    image_size, feature_size = int(image_size), int(feature_size)
+    if image_size <= 0 or feature_size <= 0:
+        raise ValueError(f'sizes must be positive, got image {image_size} and feature {feature_size}')
+    ratio = image_size / feature_size
+    up, down = 2.0 ** math.ceil(math.log2(ratio)), 2.0 ** math.floor(math.log2(ratio))
+    if math.ceil(image_size / up) == feature_size:  # the only power of two ceil can map to feature_size
+        return up
+    if math.floor(image_size / down) == feature_size:
+        return down
+    return ratio
+
+
+def retina_anchor_wh(stride: float, octave_base_scale: float = 4, scales_per_octave: int = 3,
+                     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)) -> np.ndarray:
+    """Anchor widths/heights of one level as ppdet's ``RetinaAnchorGenerator`` makes them.
+
+    Sizes ``stride * octave_base_scale * 2 ** (i / scales_per_octave)`` for ``i < scales_per_octave``;
+    for each size and ratio ``r`` (``r = h / w``): ``w = sqrt(size**2 / r)``, ``h = r * w`` (size-major
+    order, as ppdet). Returns float64 ``[scales_per_octave * len(aspect_ratios), 2]``.
+    """
+    sizes = [float(stride) * octave_base_scale * 2.0 ** (i / scales_per_octave)
+             for i in range(int(scales_per_octave))]
+    ratios = np.asarray(aspect_ratios, dtype='float64').reshape(1, -1)
+    w = np.sqrt(np.square(np.asarray(sizes, dtype='float64')).reshape(-1, 1) / ratios)
+    return np.stack([w, w * ratios], axis=-1).reshape(-1, 2)
+
+
+def fgfi_masks(gt_bbox: BoxesLike, anchor_wh, height: int, width: int, stride_h: float, stride_w: float,
+               psi: float = 0.5, offset: float = 0.0,
+               pad_gt_mask: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """Imitation mask of fine-grained feature imitation (Wang, Yuan, Zhang, Feng, "Distilling Object
+    Detectors with Fine-grained Feature Imitation", CVPR 2019; reference
+    ``twangnh/Distilling-Object-Detectors lib/model/rpn/anchor_target_layer.py``).
+
+    The level has ``A`` anchors per cell; anchor ``a`` of cell ``(i, j)`` is ``anchor_wh[a]`` centred at
+    ``((j + offset) * stride_w, (i + offset) * stride_h)`` (ppdet's anchor generators use ``offset = 0``).
+    For image ``n`` and every valid GT box ``g``: the IoU of ``g`` with every anchor of the level, ``m_g``
+    = its maximum, and the anchors with ``IoU > psi * m_g`` (strict). A cell is imitated (1) when any of its
+    anchors passes for any GT, else 0. A box that overlaps no anchor (``m_g = 0``) marks nothing;
+    padded/degenerate boxes are ignored. IoU uses continuous coordinates (area ``(x2 - x1) * (y2 - y1)``,
+    as ppdet), not the reference's legacy ``+1`` pixels.
+
+    Axis-aligned anchors on a grid make the intersection separable, ``I = iw(column) * ih(row)``, and with
+    ``S = area_g + area_a`` the IoU ``I / (S - I)`` grows with ``I``; so the best IoU of each anchor shape
+    comes from ``max iw * max ih``, and ``IoU > t`` is ``I > t * S / (1 + t)``. The only full-size tensors
+    are one ``[N, M, A, H, W]`` product and its comparison.
+
+    Args:
+        gt_bbox: list of ``[n_i, 4]`` or padded ``[N, M, 4]`` boxes in pixels of the padded input image.
+        anchor_wh: ``[A, 2]`` positive anchor widths/heights of this level (e.g. :func:`retina_anchor_wh`).
+        height, width: feature-map size ``H, W``.
+        stride_h, stride_w: the level's stride in pixels (:func:`level_stride`).
+        psi: threshold factor (0.5 in the paper).
+        offset: anchor-centre offset in cells.
+        pad_gt_mask: optional ``[N, M, 1]`` validity mask (ppdet ``PadGT``).
+
+    Returns:
+        float32 ``[N, H, W]`` of 0/1 with ``stop_gradient=True``.
+    """
+    height, width = int(height), int(width)
+    boxes, valid = pad_boxes(gt_bbox, pad_gt_mask)
+    num, max_boxes = int(boxes.shape[0]), int(boxes.shape[1])
+    if max_boxes == 0:
+        mask = paddle.zeros([num, height, width], dtype='float32')
+        mask.stop_gradient = True
+        return mask
+    # Invalid rows become [0, 0, 0, 0]: no overlap, IoU 0, so every quotient below stays finite.
+    boxes = boxes * paddle.cast(valid, 'float32').unsqueeze(-1)
+    wh = _as_float_tensor(anchor_wh).reshape([-1, 2])  # [A, 2]
+    cx = (paddle.arange(width, dtype='float32') + offset) * float(stride_w)  # [W]
+    cy = (paddle.arange(height, dtype='float32') + offset) * float(stride_h)  # [H]
+
+    def overlap(lo, hi, centre, size):  # 1-D overlap of boxes [N, M] with anchors -> [N, M, A, L]
+        half = (size / 2.0).reshape([1, 1, -1, 1])
+        a_lo, a_hi = centre.reshape([1, 1, 1, -1]) - half, centre.reshape([1, 1, 1, -1]) + half
+        return paddle.clip(paddle.minimum(hi.reshape([num, max_boxes, 1, 1]), a_hi) -
+                           paddle.maximum(lo.reshape([num, max_boxes, 1, 1]), a_lo), min=0.0)
+
+    iw = overlap(boxes[:, :, 0], boxes[:, :, 2], cx, wh[:, 0])  # [N, M, A, W]
+    ih = overlap(boxes[:, :, 1], boxes[:, :, 3], cy, wh[:, 1])  # [N, M, A, H]
+    area_g = (boxes[:, :, 2] - boxes[:, :, 0]) * (boxes[:, :, 3] - boxes[:, :, 1])  # [N, M]
+    total = area_g.unsqueeze(-1) + (wh[:, 0] * wh[:, 1]).reshape([1, 1, -1])  # S: [N, M, A]
+    inter_max = paddle.max(iw, axis=-1) * paddle.max(ih, axis=-1)  # [N, M, A]
+    # Every union S - I is positive: valid boxes have area > 0, anchors too.
+    best = paddle.max(inter_max / (total - inter_max), axis=-1, keepdim=True)  # m_g: [N, M, 1]
+    thresh = float(psi) * best
+    need = thresh * total / (1.0 + thresh)  # IoU > thresh  <=>  I > need: [N, M, A]
+    inter = ih.unsqueeze(-1) * iw.unsqueeze(-2)  # [N, M, A, H, W]
+    passed = inter > need.unsqueeze(-1).unsqueeze(-1)  # invalid rows: need = 0 and inter = 0
+    mask = paddle.cast(paddle.any(passed.reshape([num, -1, height, width]), axis=1), 'float32')  # [N, H, W]
+    mask.stop_gradient = True
+    return mask

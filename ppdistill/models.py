@@ -9,7 +9,7 @@ from ppdet.core.workspace import register
 
 from .distiller import Distiller
 
-__all__ = ['MGDDistillModel', 'FocalGlobalDistillModel']
+__all__ = ['MGDDistillModel', 'FocalGlobalDistillModel', 'FGFIDistillModel']
 
 
 @register
@@ -42,5 +42,25 @@ class FocalGlobalDistillModel(Distiller):
         losses = [{'type': 'FGDLoss', 'student': feature, 'teacher': feature, 'levels': levels,
                    'name': 'fgd', 'args': {'temp': temp, 'alpha_fgd': alpha_fgd, 'beta_fgd': beta_fgd,
                                            'gamma_fgd': gamma_fgd, 'lambda_fgd': lambda_fgd}}]
+        super().__init__(student_model, teacher_model, student_arch, teacher_arch, losses, probe_size,
+                         init_student, nonfinite)
+
+
+@register
+class FGFIDistillModel(Distiller):
+    """Fine-grained feature imitation (Wang et al., CVPR 2019) on every stride-paired ``feature`` level.
+
+    ``anchors`` describes the student's anchors (see :class:`ppdistill.losses.fgfi.LevelAnchors`: RetinaNet
+    style, explicit per-level ``wh`` or ``virtual_anchor_scale``); default ppdet's RetinaNet anchors.
+    """
+
+    def __init__(self, student_model=None, teacher_model=None, student_arch: str = None,
+                 teacher_arch: str = None, feature: str = 'fpn', levels: Optional[Sequence[int]] = None,
+                 psi: float = 0.5, anchors: Optional[dict] = None, loss_weight: float = 0.01,
+                 adapt_relu: bool = True, probe_size: int = 320, init_student: bool = False,
+                 nonfinite: str = 'error'):
+        losses = [{'type': 'FGFILoss', 'student': feature, 'teacher': feature, 'levels': levels,
+                   'name': 'fgfi', 'args': {'psi': psi, 'anchors': anchors, 'loss_weight': loss_weight,
+                                            'adapt_relu': adapt_relu}}]
         super().__init__(student_model, teacher_model, student_arch, teacher_arch, losses, probe_size,
                          init_student, nonfinite)

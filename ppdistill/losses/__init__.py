@@ -2,5 +2,6 @@
 from .base import FeatureLoss
 from .mgd import MGDLoss
 from .fgd import FGDLoss
+from .fgfi import FGFILoss
 
-__all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss']
+__all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss']
