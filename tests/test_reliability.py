@@ -31,7 +31,7 @@ ENV = {'OMP_NUM_THREADS': '1'}
 STUDENT = {'retinanet': os.path.join(TINY, 'retinanet_student.yml'),
            'picodet': os.path.join(TINY, 'picodet_student.yml')}
 METHODS = {'fgd': 'FocalGlobalDistillModel', 'mgd': 'MGDDistillModel'}
-EMA_RUN = ['--seed', '0', '-o', 'epoch=3', 'snapshot_epoch=1', 'use_ema=true', 'log_iter=1']
+EMA_RUN = ['--seed', '0', '-o', 'epoch=2', 'snapshot_epoch=1', 'use_ema=true', 'log_iter=1']
 
 
 def distill_config(wd, method, arch):
@@ -96,7 +96,7 @@ TrainDataset:
 
 @pytest.fixture(scope='module')
 def uninterrupted(work):
-    """RetinaNet + FGD with EMA, 3 epochs, a snapshot after each; returns (output dir, log)."""
+    """RetinaNet + FGD with EMA, 2 epochs, a snapshot after each; returns (output dir, log)."""
     wd = run_dir(work, 'uninterrupted')
     proc = run(['train.py', '-c', STUDENT['retinanet'], '--slim_config',
                 distill_config(work, 'fgd', 'retinanet')] + EMA_RUN, wd, env=ENV)
