@@ -51,10 +51,12 @@ class DistillCheckpointer(Checkpointer):
             logger.info(f'Best test bbox ap is {abs(self.best_ap):0.3f}.')
         if save_name:
             raw, ema = (status.get('weight'), trainer.ema) if trainer.use_ema else (None, None)
-            save_checkpoint(trainer.model, trainer.optimizer, self.save_dir, save_name, epoch_id + 1, raw, ema)
+            save_checkpoint(trainer.model, trainer.optimizer, self.save_dir, save_name, epoch_id + 1,
+                            raw, ema)
 
 
-def param_fingerprints(model: paddle.nn.Layer, state: Optional[dict] = None) -> Tuple[List[str], np.ndarray]:
+def param_fingerprints(model: paddle.nn.Layer,
+                       state: Optional[dict] = None) -> Tuple[List[str], np.ndarray]:
     """Names and [P, 2] (sum, sum of squares) in float64 of every trainable parameter, read from
     ``state`` (a state dict of ``model``) when given."""
     names = [n for n, p in model.named_parameters() if p.trainable]

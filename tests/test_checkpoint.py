@@ -143,7 +143,8 @@ def test_resume_with_ema_restores_raw_weights_and_the_average(tmp_path):
 
 def corrupt(path, how):
     data = open(path, 'rb').read()
-    open(path, 'wb').write({'truncated': data[:len(data) // 2], 'empty': b'', 'text': b'not a checkpoint\n'}[how])
+    bad = {'truncated': data[:len(data) // 2], 'empty': b'', 'text': b'not a checkpoint\n'}[how]
+    open(path, 'wb').write(bad)
 
 
 @pytest.mark.parametrize('how', ['truncated', 'empty', 'text'])

@@ -123,8 +123,8 @@ def test_trainer_ema_holds_student_tensors_only(work, monkeypatch):
 def test_resume_with_ema_ends_where_the_uninterrupted_run_ends(work, uninterrupted):
     ref_dir, ref_log = uninterrupted
     wd = run_dir(work, 'resumed')
-    proc = run(['train.py', '-c', STUDENT['retinanet'], '--slim_config', distill_config(work, 'fgd', 'retinanet'),
-                '-r', os.path.join(ref_dir, '0')] + EMA_RUN, wd, env=ENV)
+    args = ['-c', STUDENT['retinanet'], '--slim_config', distill_config(work, 'fgd', 'retinanet')] + EMA_RUN
+    proc = run(['train.py'] + args + ['-r', os.path.join(ref_dir, '0')], wd, env=ENV)
     log = proc.stdout + proc.stderr
     assert 'Epoch: [0]' not in log and '0.pdema' in log  # continued from the raw weights
     resumed = losses(log)
@@ -151,7 +151,8 @@ def test_kill_9_mid_epoch_then_resume_continues_exactly(work, uninterrupted):
         if '.tmp' not in path:
             load_state_file(path)
     assert_same_checkpoint(os.path.join(out, '0'), os.path.join(ref_dir, '0'))
-    last = max(int(os.path.basename(p).split('.')[0]) for p in glob.glob(os.path.join(out, '[0-9]*.pdparams')))
+    snapshots = glob.glob(os.path.join(out, '[0-9]*.pdparams'))
+    last = max(int(os.path.basename(p).split('.')[0]) for p in snapshots)
     resumed = run(['train.py'] + args + ['-r', os.path.join(out, str(last))], wd, env=ENV)
     log = resumed.stdout + resumed.stderr
     assert losses(log) == {k: v for k, v in losses(ref_log).items() if k[0] > last}
@@ -166,7 +167,8 @@ def test_two_processes_with_ema_and_an_image_without_boxes_keep_ranks_identical(
                        anno_path='annotations/instances_train.json', allow_empty=True)
     data.parse_dataset()
     rank1 = list(DistributedBatchSampler(data, batch_size=2, num_replicas=2, rank=1, shuffle=False))
-    assert any(len(data.roidbs[i].get('gt_bbox', [])) == 0 for batch in rank1 for i in batch)  # rank 1 sees it
+    # rank 1 gets the image without boxes
+    assert any(len(data.roidbs[i].get('gt_bbox', [])) == 0 for batch in rank1 for i in batch)
 
     wd, dump = run_dir(work, f'two_processes_{method}'), tmp_path / 'params'
     cmd = ['paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir', str(tmp_path / 'log'),
