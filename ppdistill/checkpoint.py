@@ -94,6 +94,8 @@ def save_checkpoint(model: nn.Layer, optimizer, save_dir: str, save_name: str, l
     written = [(_save_tmp(obj, base + suffix), base + suffix) for suffix, obj in files.items()]
     for tmp, final in written:
         os.replace(tmp, final)
+    if raw_state is None and os.path.isfile(base + '.pdema'):
+        os.remove(base + '.pdema')  # an older EMA run's raw weights; resume would prefer them
     logger.info(f'Save checkpoint: {base}.pdparams')
     return base
 

@@ -120,6 +120,9 @@ def test_resume_with_ema_restores_raw_weights_and_the_average(tmp_path):
     save_checkpoint(d, opt, str(tmp_path), '1', last_epoch=1, raw_state=raw, ema=ema)
     d.set_dict(raw)
     assert sorted(os.listdir(tmp_path)) == ['1.pddistill', '1.pdema', '1.pdopt', '1.pdparams']
+    save_checkpoint(d, opt, str(tmp_path / 'again'), '1', last_epoch=1, raw_state=raw, ema=ema)
+    save_checkpoint(d, opt, str(tmp_path / 'again'), '1', last_epoch=1)  # same name, EMA off: no stale raw
+    assert sorted(os.listdir(tmp_path / 'again')) == ['1.pddistill', '1.pdopt', '1.pdparams']
     # .pdparams is the averaged student (what ships), .pdema the raw one (ppdet's convention)
     averaged = paddle.load(str(tmp_path / '1.pdparams'))
     w = 'neck.lateral.0.weight'
