@@ -22,13 +22,13 @@ import inspect
 import os
 from typing import Optional, Tuple
 
-import paddle
 import paddle.nn as nn
 import yaml
 from ppdet.core.workspace import create, global_config, load_config, merge_config
 from ppdet.core.config.schema import SchemaDict
 from ppdet.utils.logger import setup_logger
 
+from .checkpoint import load_state_file
 from .config_scope import create_fresh, isolated_scope
 from .distiller import DistillConfigError, Distiller
 
@@ -245,9 +245,7 @@ def load_checked_weights(model: nn.Layer, path: str, min_match: float = 0.95,
                          role: str = 'teacher') -> Tuple[int, int]:
     """Load ``path`` into ``model``; fail unless ≥ ``min_match`` of its tensors match by name and shape."""
     file = _weights_file(path, 'teacher_weights' if role == 'teacher' else '-o weights=<file>')
-    state = paddle.load(file)
-    if not isinstance(state, dict):
-        raise DistillConfigError(f'{role} weights {file} are not a state dict')
+    state = load_state_file(file, f'{role} weights')
     own = model.state_dict()
     matched = {k: v for k, v in state.items()
                if k in own and tuple(v.shape) == tuple(own[k].shape)}

@@ -14,6 +14,7 @@ from ppdet.engine.callbacks import Callback, Checkpointer, ComposeCallback
 from ppdet.utils.logger import setup_logger
 
 from .checkpoint import resume_checkpoint, save_checkpoint
+from .ema import ema_from_config
 
 logger = setup_logger(__name__)
 
@@ -49,16 +50,20 @@ class DistillCheckpointer(Checkpointer):
                 self.best_ap, save_name = ap, 'best_model'
             logger.info(f'Best test bbox ap is {abs(self.best_ap):0.3f}.')
         if save_name:
-            raw = status.get('weight') if trainer.use_ema else None
-            save_checkpoint(trainer.model, trainer.optimizer, self.save_dir, save_name, epoch_id + 1, raw)
+            raw, ema = (status.get('weight'), trainer.ema) if trainer.use_ema else (None, None)
+            save_checkpoint(trainer.model, trainer.optimizer, self.save_dir, save_name, epoch_id + 1,
+                            raw, ema)
 
 
-def param_fingerprints(model: paddle.nn.Layer) -> Tuple[List[str], np.ndarray]:
-    """Names and [P, 2] (sum, sum of squares) in float64 of every trainable parameter."""
-    named = [(n, p) for n, p in model.named_parameters() if p.trainable]
-    values = np.array([[p.numpy().astype('float64').sum(), np.square(p.numpy().astype('float64')).sum()]
-                       for _, p in named], dtype='float64')
-    return [n for n, _ in named], values
+def param_fingerprints(model: paddle.nn.Layer,
+                       state: Optional[dict] = None) -> Tuple[List[str], np.ndarray]:
+    """Names and [P, 2] (sum, sum of squares) in float64 of every trainable parameter, read from
+    ``state`` (a state dict of ``model``) when given."""
+    names = [n for n, p in model.named_parameters() if p.trainable]
+    tensors = state if state is not None else dict(model.named_parameters())
+    values = np.array([[t.sum(), np.square(t).sum()] for t in
+                       (tensors[n].numpy().astype('float64') for n in names)], dtype='float64')
+    return names, values
 
 
 class RankConsistencyCheck(Callback):
@@ -67,12 +72,14 @@ class RankConsistencyCheck(Callback):
     DataParallel keeps ranks identical only if every parameter gets a gradient on every rank; a parameter
     used on some ranks only makes them drift apart silently. ``PPDISTILL_DUMP_PARAMS=<dir>`` also writes
     each rank's trainable parameters to ``<dir>/rank<r>.npz`` at the end of training (for debugging).
+    With EMA, ppdet has put the EMA weights into rank 0's model at a snapshot (and only there); the raw
+    weights it saved in ``status['weight']`` are what every rank compares.
     """
 
     def on_epoch_end(self, status):
         if status['mode'] != 'train' or dist.get_world_size() < 2:
             return
-        names, local = param_fingerprints(self.model.model)
+        names, local = param_fingerprints(self.model.model, status.get('weight'))
         gathered = []
         dist.all_gather(gathered, paddle.to_tensor(local))
         reference = gathered[0].numpy()
@@ -112,7 +119,17 @@ class MetricsSaver(Callback):
 
 
 class DistillTrainer(Trainer):
-    """``ppdet.engine.Trainer`` whose checkpoints and resume understand the distiller."""
+    """``ppdet.engine.Trainer`` whose checkpoints, EMA and resume understand the distiller."""
+
+    def __init__(self, cfg, mode: str = 'train'):
+        use_ema = bool(cfg.get('use_ema', False))
+        if use_ema:  # ppdet would build a ModelEMA over the whole distiller, teacher included
+            cfg = cfg.copy()
+            cfg['use_ema'] = False
+        super().__init__(cfg, mode)
+        if use_ema:
+            self.cfg['use_ema'] = self.use_ema = True
+            self.ema = ema_from_config(self.model, self.cfg)
 
     def _init_callbacks(self):
         super()._init_callbacks()
@@ -125,4 +142,11 @@ class DistillTrainer(Trainer):
     def resume_weights(self, weights: str) -> None:
         self.start_epoch = resume_checkpoint(self.model, self.optimizer, weights,
                                              self.ema if self.use_ema else None)
+        # The resumed epoch must shuffle as it would have uninterrupted (paddle's sampler seeds its shuffle
+        # with its own epoch counter, which starts at 0); ppdet's loader already started an iterator over
+        # the sampler when it was built, so that iterator is replaced.
+        sampler = getattr(self.loader, '_batch_sampler', None)
+        if hasattr(sampler, 'set_epoch') and hasattr(self.loader, 'dataloader'):
+            sampler.set_epoch(self.start_epoch)
+            self.loader.loader = iter(self.loader.dataloader)
         logger.info(f'Resumed from {weights} at epoch {self.start_epoch}')
