@@ -15,7 +15,7 @@ modules', never the teacher's.
 """
 import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import paddle
 import paddle.nn as nn
@@ -33,6 +33,8 @@ logger = setup_logger(__name__)
 
 __all__ = ['Distiller', 'DistillConfigError']
 
+TapSpec = Union[str, Dict[str, str]]
+
 # Layers whose train mode changes the teacher (running statistics) or its outputs (dropout).
 _EVAL_ALWAYS = tuple(t for t in (
     getattr(nn.layer.norm, '_BatchNormBase', None), getattr(nn, 'BatchNorm', None),
@@ -45,12 +47,54 @@ class DistillConfigError(PPDistillError):
 
 @dataclass(frozen=True)
 class _Term:
-    """One loss module applied to one student/teacher level pair."""
+    """One loss module applied to one student/teacher level pair.
+
+    ``student_tap``/``teacher_tap``: a tap spec, or for a multi-tensor loss a mapping ``{name: spec}``."""
     key: str
-    student_tap: str
-    teacher_tap: str
+    student_tap: TapSpec
+    teacher_tap: TapSpec
     pair: LevelPair
     weight: float
+
+
+def _tap_specs(spec: TapSpec) -> List[str]:
+    """The tap specs of a loss side: one, or every value of a ``{name: spec}`` mapping."""
+    return list(spec.values()) if isinstance(spec, dict) else [spec]
+
+
+def _first_spec(spec: TapSpec) -> str:
+    return _tap_specs(spec)[0]
+
+
+def _resolve_side(spec, preset: dict, arch: str) -> TapSpec:
+    """A loss entry's ``student``/``teacher`` value resolved to tap specs (a mapping resolves each value)."""
+    if isinstance(spec, dict):
+        if not spec:
+            raise DistillConfigError('an empty {name: tap} mapping names no taps')
+        return {str(k): resolve_tap(v, preset, arch) for k, v in spec.items()}
+    return resolve_tap(spec, preset, arch)
+
+
+def _multi_channels(entry: dict, pair: LevelPair, s_shapes: dict, t_shapes: dict) -> Tuple[dict, dict]:
+    """Per-name channels ``({name: Cs}, {name: Ct})`` of a multi-tensor entry at one level pair."""
+    return ({k: int(s_shapes[v][pair.student_level][1]) for k, v in entry['student'].items()},
+            {k: int(t_shapes[v][pair.teacher_level][1]) for k, v in entry['teacher'].items()})
+
+
+def _check_multi(entry: dict, s_shapes: dict, t_shapes: dict, what: str) -> None:
+    """A multi-tensor entry: same names on both sides, and every name with the same level count per side
+    (levels pair by stride on the first name, so the others must line up with it)."""
+    if not isinstance(entry['student'], dict) and not isinstance(entry['teacher'], dict):
+        return
+    if not (isinstance(entry['student'], dict) and isinstance(entry['teacher'], dict)) or \
+            list(entry['student']) != list(entry['teacher']):
+        raise DistillConfigError(f"{what}: student and teacher must name the same tensors, got "
+                                 f"{entry['student']!r} and {entry['teacher']!r}")
+    for side, spec, shapes in (('student', entry['student'], s_shapes), ('teacher', entry['teacher'], t_shapes)):
+        counts = {k: len(shapes[v]) for k, v in spec.items()}
+        if len(set(counts.values())) > 1:
+            raise DistillConfigError(f"{what}: the {side}'s tensors must have the same number of levels, got "
+                                     + ', '.join(f'{k} ({spec[k]}): {n}' for k, n in counts.items()))
 
 
 def loss_class(name: str) -> type:
@@ -64,14 +108,28 @@ def loss_class(name: str) -> type:
     return getattr(entry.pymodule, name)
 
 
-def _make_loss(cls: type, pair: LevelPair, args: dict, what: str) -> nn.Layer:
-    kwargs = dict(args, student_channels=pair.student_channels, teacher_channels=pair.teacher_channels)
+def _make_loss(cls: type, pair: LevelPair, args: dict, what: str,
+               channels: Optional[Tuple[dict, dict]] = None) -> nn.Layer:
+    """``channels``: per-name ``({name: Cs}, {name: Ct})`` of a multi-tensor entry (else the pair's)."""
+    student_channels, teacher_channels = channels or (pair.student_channels, pair.teacher_channels)
+    kwargs = dict(args, student_channels=student_channels, teacher_channels=teacher_channels)
     params = inspect.signature(cls).parameters
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         accepted = [p for p in params if p not in ('student_channels', 'teacher_channels', 'self')]
         raise DistillConfigError(f"{what}: {cls.__name__} has no argument(s) {unknown}; it accepts {accepted}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except PPDistillError as err:  # e.g. output losses: teacher and student logits of different shapes
+        raise DistillConfigError(f'{what}, student level {pair.student_level} {pair.student_shape} <- '
+                                 f'teacher level {pair.teacher_level} {pair.teacher_shape}: {err}') from None
+
+
+def _resize_to(s: paddle.Tensor, t: paddle.Tensor) -> paddle.Tensor:
+    """The student resized to the teacher's H, W (bilinear) when they differ."""
+    if s.shape[-2:] != t.shape[-2:]:
+        s = F.interpolate(s, size=t.shape[-2:], mode='bilinear', align_corners=False)
+    return s
 
 
 @register
@@ -83,7 +141,9 @@ class Distiller(nn.Layer):
         student_arch, teacher_arch: their ``architecture`` names, used to look up tap presets.
         losses: list of entries ``{type, student, teacher, levels, weight, args, name}``: ``type`` a
             registered loss class; ``student``/``teacher`` a preset role (``fpn``) or an exact sublayer
-            name; ``levels`` student level indices (default all that pair by stride); ``args`` passed to
+            name, or for a loss that needs several tensors per level a mapping ``{name: role or sublayer}``
+            (e.g. ``{conf: cls_logits, loc: box_reg}``): the loss then gets ``{name: tensor}`` per side and
+            its channels as ``{name: C}``; levels pair by stride on the first name; ``levels`` student level indices (default all that pair by stride); ``args`` passed to
             the loss constructor with the channels of each level pair.
         probe_size: side of the blank image used at build time to read tap shapes and strides.
         init_student: copy the teacher's neck/head tensors into the student where names and shapes match
@@ -112,21 +172,23 @@ class Distiller(nn.Layer):
 
         entries = [self._normalise(e, (student_preset, student_arch), (teacher_preset, teacher_arch))
                    for e in losses]
-        self.student_taps = TapSet(student_model, [e['student'] for e in entries])
-        self.teacher_taps = TapSet(teacher_model, [e['teacher'] for e in entries])
+        self.student_taps = TapSet(student_model, [t for e in entries for t in _tap_specs(e['student'])])
+        self.teacher_taps = TapSet(teacher_model, [t for e in entries for t in _tap_specs(e['teacher'])])
         s_shapes = probe_shapes(student_model, self.student_taps, probe_size)
         t_shapes = probe_shapes(teacher_model, self.teacher_taps, probe_size)
 
         modules, self._terms = [], []
         for e in entries:
             what = f"loss '{e['name']}' ({e['type']} on {e['student']} -> {e['teacher']})"
+            _check_multi(e, s_shapes, t_shapes, what)
             try:
-                pairs = pair_levels(s_shapes[e['student']], t_shapes[e['teacher']], probe_size,
-                                    e['levels'], what)
+                pairs = pair_levels(s_shapes[_first_spec(e['student'])], t_shapes[_first_spec(e['teacher'])],
+                                    probe_size, e['levels'], what)
             except PairingError as err:
                 raise DistillConfigError(str(err)) from None
             for pair in pairs:
-                modules.append(_make_loss(loss_class(e['type']), pair, e['args'], what))
+                channels = _multi_channels(e, pair, s_shapes, t_shapes) if isinstance(e['student'], dict) else None
+                modules.append(_make_loss(loss_class(e['type']), pair, e['args'], what, channels))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight']))
         self.distill_losses = nn.LayerList(modules)
@@ -151,8 +213,8 @@ class Distiller(nn.Layer):
         loss_class(entry['type'])
         student = entry.get('student', 'fpn')
         try:
-            student_tap = resolve_tap(student, *student_preset)
-            teacher_tap = resolve_tap(entry.get('teacher', student), *teacher_preset)
+            student_tap = _resolve_side(student, *student_preset)
+            teacher_tap = _resolve_side(entry.get('teacher', student), *teacher_preset)
         except KeyError as err:
             raise DistillConfigError(err.args[0]) from None
         return {
@@ -205,10 +267,14 @@ class Distiller(nn.Layer):
         teacher = {n: self.teacher_taps.levels(n) for n in self.teacher_taps.specs}
         terms = {}
         for term, loss in zip(self._terms, self.distill_losses):
-            s = student[term.student_tap][term.pair.student_level]
-            t = teacher[term.teacher_tap][term.pair.teacher_level].detach()
-            if s.shape[-2:] != t.shape[-2:]:
-                s = F.interpolate(s, size=t.shape[-2:], mode='bilinear', align_corners=False)
+            if isinstance(term.student_tap, dict):  # multi-tensor loss: {name: tensor} per side
+                s = {k: student[v][term.pair.student_level] for k, v in term.student_tap.items()}
+                t = {k: teacher[v][term.pair.teacher_level].detach() for k, v in term.teacher_tap.items()}
+                s = {k: _resize_to(s[k], t[k]) for k in s}
+            else:
+                s = student[term.student_tap][term.pair.student_level]
+                t = teacher[term.teacher_tap][term.pair.teacher_level].detach()
+                s = _resize_to(s, t)
             terms[term.key] = loss(s, t, inputs) * term.weight
         return terms
 

@@ -2,5 +2,8 @@
 from .base import FeatureLoss
 from .mgd import MGDLoss
 from .fgd import FGDLoss
+from .mse import FeatureMSELoss
+from .ssd_kd import SSDOutputLoss
+from .yolo_kd import YOLOv3OutputLoss
 
-__all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss']
+__all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss', 'FeatureMSELoss', 'SSDOutputLoss', 'YOLOv3OutputLoss']
