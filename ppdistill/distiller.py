@@ -90,7 +90,11 @@ def _check_multi(entry: dict, s_shapes: dict, t_shapes: dict, what: str) -> None
             list(entry['student']) != list(entry['teacher']):
         raise DistillConfigError(f"{what}: student and teacher must name the same tensors, got "
                                  f"{entry['student']!r} and {entry['teacher']!r}")
-    for side, spec, shapes in (('student', entry['student'], s_shapes), ('teacher', entry['teacher'], t_shapes)):
+    for side, spec, shapes in (('student', entry['student'], s_shapes),
+                               ('teacher', entry['teacher'], t_shapes)):
+        bad = {k: shapes[v] for k, v in spec.items() if any(len(shape) != 4 for shape in shapes[v])}
+        if bad:
+            raise DistillConfigError(f"{what}: {side} tensors must be [N, C, H, W] maps, got {bad}")
         counts = {k: len(shapes[v]) for k, v in spec.items()}
         if len(set(counts.values())) > 1:
             raise DistillConfigError(f"{what}: the {side}'s tensors must have the same number of levels, got "
@@ -141,10 +145,11 @@ class Distiller(nn.Layer):
         student_arch, teacher_arch: their ``architecture`` names, used to look up tap presets.
         losses: list of entries ``{type, student, teacher, levels, weight, args, name}``: ``type`` a
             registered loss class; ``student``/``teacher`` a preset role (``fpn``) or an exact sublayer
-            name, or for a loss that needs several tensors per level a mapping ``{name: role or sublayer}``
-            (e.g. ``{conf: cls_logits, loc: box_reg}``): the loss then gets ``{name: tensor}`` per side and
-            its channels as ``{name: C}``; levels pair by stride on the first name; ``levels`` student level indices (default all that pair by stride); ``args`` passed to
-            the loss constructor with the channels of each level pair.
+            name; ``levels`` student level indices (default all that pair by stride); ``args`` passed to
+            the loss constructor with the channels of each level pair. A loss that needs several tensors
+            per level takes a mapping ``{name: role or sublayer}`` as ``student`` (and ``teacher``), e.g.
+            ``{conf: cls_logits, loc: box_reg}``: it gets ``{name: tensor}`` per side and its channels as
+            ``{name: C}``; levels pair by stride on the first name, every name must have as many levels.
         probe_size: side of the blank image used at build time to read tap shapes and strides.
         init_student: copy the teacher's neck/head tensors into the student where names and shapes match
             (MGD's ``init_student``).
@@ -187,7 +192,8 @@ class Distiller(nn.Layer):
             except PairingError as err:
                 raise DistillConfigError(str(err)) from None
             for pair in pairs:
-                channels = _multi_channels(e, pair, s_shapes, t_shapes) if isinstance(e['student'], dict) else None
+                multi = isinstance(e['student'], dict)
+                channels = _multi_channels(e, pair, s_shapes, t_shapes) if multi else None
                 modules.append(_make_loss(loss_class(e['type']), pair, e['args'], what, channels))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight']))

@@ -220,6 +220,9 @@ def test_single_tap_entries_still_work_next_to_a_multi_tensor_entry():
     (dict(SSD_ENTRY, student={'conf': 'cls_logits', 'loc': 'box_reg'}), {},
      "'cls_logits' is a preset role but architecture 'ToyDet' has no preset for it"),
     (dict(SSD_ENTRY, student={}), {}, 'empty'),
+    # a 2-D tap as the second tensor of a multi-tensor entry (pairing only looks at the first)
+    (dict(SSD_ENTRY, student={'conf': 'head.cls', 'loc': 'head.flat'}), {},
+     r"student tensors must be \[N, C, H, W\] maps, got \{'loc': \[\(1, 256\), \(1, 64\)\]\}"),
     # a 2-D tap for a feature loss
     ({'type': 'FeatureMSELoss', 'student': 'head.flat'}, {}, r'tensors must be \[N, C, H, W\] feature maps'),
 ])
