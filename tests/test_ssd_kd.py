@@ -230,3 +230,31 @@ def test_bad_multi_tensor_entries_fail_at_build_in_one_line(entry, kw, match):
     with pytest.raises(DistillConfigError, match=match) as err:
         make([entry], **kw)
     assert '\n' not in str(err.value)
+
+
+# -- the SSD preset on real (tiny) ppdet SSD models ------------------------------------------------------------
+
+def tiny_ssd(scale, classes=3):
+    from ppdet.modeling import MobileNet, SSDHead
+    from ppdet.modeling.architectures import SSD
+    backbone = MobileNet(scale=scale, feature_maps=[4, 6, 13], with_extra_blocks=False, extra_block_filters=[])
+    anchors = {'steps': [8, 16, 32], 'aspect_ratios': [[2.], [2.], [2.]], 'base_size': 64,
+               'min_sizes': [8.0, 16.0, 32.0], 'max_sizes': [16.0, 32.0, 60.0]}
+    head = SSDHead(num_classes=classes, in_channels=[s.channels for s in backbone.out_shape],
+                   anchor_generator=anchors, loss=None)
+    return SSD(backbone=backbone, ssd_head=head, post_process=None)
+
+
+def test_ssd_preset_taps_per_level_confidences_locations_and_backbone_maps():
+    paddle.seed(0)
+    losses = [{'type': 'SSDOutputLoss', 'name': 'kd', 'student': {'conf': 'cls_logits', 'loc': 'box_reg'}},
+              {'type': 'FeatureMSELoss', 'name': 'feat', 'student': 'fpn'}]
+    d = Distiller(student_model=tiny_ssd(0.25), teacher_model=tiny_ssd(0.5), student_arch='SSD',
+                  teacher_arch='SSD', losses=losses, probe_size=64)
+    # 4 priors per cell (ratios 1, 2, 1/2 and the max-size square), 3 classes + background
+    assert [t.pair.student_shape for t in d._terms[:3]] == [(1, 16, 8, 8), (1, 16, 4, 4), (1, 16, 2, 2)]
+    assert [t.student_tap for t in d._terms[:3]] == [{'conf': 'ssd_head.scores*', 'loc': 'ssd_head.boxes*'}] * 3
+    assert [loss.num_priors for loss in d.distill_losses[:3]] == [4, 4, 4]
+    # MobileNetV1 stages at strides 8/16/32 have 256/512/1024 channels times the scale
+    assert [(t.pair.student_channels, t.pair.teacher_channels) for t in d._terms[3:]] == [
+        (64, 128), (128, 256), (256, 512)]
