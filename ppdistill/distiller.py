@@ -24,7 +24,7 @@ modules', never the teacher's.
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import paddle
 import paddle.nn as nn
@@ -43,6 +43,7 @@ logger = setup_logger(__name__)
 __all__ = ['Distiller', 'DistillConfigError', 'NonFiniteDistillLoss']
 
 _NONFINITE_MODES = ('error', 'skip')
+TapSpec = Union[str, Dict[str, str]]
 
 
 class DistillConfigError(PPDistillError):
@@ -68,12 +69,58 @@ def _float32(x: paddle.Tensor) -> paddle.Tensor:
 
 @dataclass(frozen=True)
 class _Term:
-    """One loss module applied to one student/teacher level pair."""
+    """One loss module applied to one student/teacher level pair.
+
+    ``student_tap``/``teacher_tap``: a tap spec, or for a multi-tensor loss a mapping ``{name: spec}``."""
     key: str
-    student_tap: str
-    teacher_tap: str
+    student_tap: TapSpec
+    teacher_tap: TapSpec
     pair: LevelPair
     weight: float
+
+
+def _tap_specs(spec: TapSpec) -> List[str]:
+    """The tap specs of a loss side: one, or every value of a ``{name: spec}`` mapping."""
+    return list(spec.values()) if isinstance(spec, dict) else [spec]
+
+
+def _first_spec(spec: TapSpec) -> str:
+    return _tap_specs(spec)[0]
+
+
+def _resolve_side(spec, preset: dict, arch: str) -> TapSpec:
+    """A loss entry's ``student``/``teacher`` value resolved to tap specs (a mapping resolves each value)."""
+    if isinstance(spec, dict):
+        if not spec:
+            raise DistillConfigError('an empty {name: tap} mapping names no taps')
+        return {str(k): resolve_tap(v, preset, arch) for k, v in spec.items()}
+    return resolve_tap(spec, preset, arch)
+
+
+def _multi_channels(entry: dict, pair: LevelPair, s_shapes: dict, t_shapes: dict) -> Tuple[dict, dict]:
+    """Per-name channels ``({name: Cs}, {name: Ct})`` of a multi-tensor entry at one level pair."""
+    return ({k: int(s_shapes[v][pair.student_level][1]) for k, v in entry['student'].items()},
+            {k: int(t_shapes[v][pair.teacher_level][1]) for k, v in entry['teacher'].items()})
+
+
+def _check_multi(entry: dict, s_shapes: dict, t_shapes: dict, what: str) -> None:
+    """A multi-tensor entry: same names on both sides, and every name with the same level count per side
+    (levels pair by stride on the first name, so the others must line up with it)."""
+    if not isinstance(entry['student'], dict) and not isinstance(entry['teacher'], dict):
+        return
+    if not (isinstance(entry['student'], dict) and isinstance(entry['teacher'], dict)) or \
+            list(entry['student']) != list(entry['teacher']):
+        raise DistillConfigError(f"{what}: student and teacher must name the same tensors, got "
+                                 f"{entry['student']!r} and {entry['teacher']!r}")
+    for side, spec, shapes in (('student', entry['student'], s_shapes),
+                               ('teacher', entry['teacher'], t_shapes)):
+        bad = {k: shapes[v] for k, v in spec.items() if any(len(shape) != 4 for shape in shapes[v])}
+        if bad:
+            raise DistillConfigError(f"{what}: {side} tensors must be [N, C, H, W] maps, got {bad}")
+        counts = {k: len(shapes[v]) for k, v in spec.items()}
+        if len(set(counts.values())) > 1:
+            raise DistillConfigError(f"{what}: the {side}'s tensors must have the same number of levels, got "
+                                     + ', '.join(f'{k} ({spec[k]}): {n}' for k, n in counts.items()))
 
 
 def loss_class(name: str) -> type:
@@ -87,8 +134,11 @@ def loss_class(name: str) -> type:
     return getattr(entry.pymodule, name)
 
 
-def _make_loss(cls: type, pair: LevelPair, args: dict, what: str, num_levels: int = 1) -> nn.Layer:
-    kwargs = dict(args, student_channels=pair.student_channels, teacher_channels=pair.teacher_channels)
+def _make_loss(cls: type, pair: LevelPair, args: dict, what: str, num_levels: int = 1,
+               channels: Optional[Tuple[dict, dict]] = None) -> nn.Layer:
+    """``channels``: per-name ``({name: Cs}, {name: Ct})`` of a multi-tensor entry (else the pair's)."""
+    student_channels, teacher_channels = channels or (pair.student_channels, pair.teacher_channels)
+    kwargs = dict(args, student_channels=student_channels, teacher_channels=teacher_channels)
     params = inspect.signature(cls).parameters
     if 'level' in params and 'num_levels' in params:  # per-level settings (e.g. FGFI's anchor lists)
         kwargs.update(level=pair.student_level, num_levels=num_levels)
@@ -98,6 +148,9 @@ def _make_loss(cls: type, pair: LevelPair, args: dict, what: str, num_levels: in
         raise DistillConfigError(f"{what}: {cls.__name__} has no argument(s) {unknown}; it accepts {accepted}")
     try:
         return cls(**kwargs)
+    except PPDistillError as err:  # e.g. output losses: teacher and student logits of different shapes
+        raise DistillConfigError(f'{what}, student level {pair.student_level} {pair.student_shape} <- '
+                                 f'teacher level {pair.teacher_level} {pair.teacher_shape}: {err}') from None
     except (ValueError, TypeError) as err:  # a loss's own argument check: name the key, no traceback
         text = str(err)
         # the key named in the message, else the value (float('abc')) or its type (float([1, 2]))
@@ -124,6 +177,13 @@ def _reject_duplicates(entries: List[dict]) -> None:
         first[e['name']] = i
 
 
+def _resize_to(s: paddle.Tensor, t: paddle.Tensor) -> paddle.Tensor:
+    """The student resized to the teacher's H, W (bilinear) when they differ."""
+    if s.shape[-2:] != t.shape[-2:]:
+        s = F.interpolate(s, size=t.shape[-2:], mode='bilinear', align_corners=False)
+    return s
+
+
 @register
 class Distiller(nn.Layer):
     """Arch-agnostic teacher→student distillation layer.
@@ -134,7 +194,10 @@ class Distiller(nn.Layer):
         losses: list of entries ``{type, student, teacher, levels, weight, args, name}``: ``type`` a
             registered loss class; ``student``/``teacher`` a preset role (``fpn``) or an exact sublayer
             name; ``levels`` student level indices (default all that pair by stride); ``args`` passed to
-            the loss constructor with the channels of each level pair.
+            the loss constructor with the channels of each level pair. A loss that needs several tensors
+            per level takes a mapping ``{name: role or sublayer}`` as ``student`` (and ``teacher``), e.g.
+            ``{conf: cls_logits, loc: box_reg}``: it gets ``{name: tensor}`` per side and its channels as
+            ``{name: C}``; levels pair by stride on the first name, every name must have as many levels.
         probe_size: side of the blank image used at build time to read tap shapes and strides.
         init_student: copy the teacher's neck/head tensors into the student where names and shapes match
             (MGD's ``init_student``).
@@ -169,22 +232,27 @@ class Distiller(nn.Layer):
         entries = [self._normalise(e, (student_preset, student_arch), (teacher_preset, teacher_arch))
                    for e in losses]
         _reject_duplicates(entries)
-        self.student_taps = TapSet(student_model, [e['student'] for e in entries], role='student')
-        self.teacher_taps = TapSet(teacher_model, [e['teacher'] for e in entries], role='teacher')
+        self.student_taps = TapSet(student_model, [t for e in entries for t in _tap_specs(e['student'])],
+                                   role='student')
+        self.teacher_taps = TapSet(teacher_model, [t for e in entries for t in _tap_specs(e['teacher'])],
+                                   role='teacher')
         s_shapes = probe_shapes(student_model, self.student_taps, probe_size)
         t_shapes = probe_shapes(teacher_model, self.teacher_taps, probe_size)
 
         modules, self._terms = [], []
         for e in entries:
             what = f"{type(self).__name__}: loss '{e['name']}' ({e['type']} on {e['student']} -> {e['teacher']})"
+            _check_multi(e, s_shapes, t_shapes, what)
             try:
-                pairs = pair_levels(s_shapes[e['student']], t_shapes[e['teacher']], probe_size,
-                                    e['levels'], what)
+                pairs = pair_levels(s_shapes[_first_spec(e['student'])], t_shapes[_first_spec(e['teacher'])],
+                                    probe_size, e['levels'], what)
             except PairingError as err:
                 raise DistillConfigError(str(err)) from None
             for pair in pairs:
+                multi = isinstance(e['student'], dict)
+                channels = _multi_channels(e, pair, s_shapes, t_shapes) if multi else None
                 modules.append(_make_loss(loss_class(e['type']), pair, e['args'], what,
-                                          len(s_shapes[e['student']])))
+                                          len(s_shapes[_first_spec(e['student'])]), channels))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight']))
         self.distill_losses = nn.LayerList(modules)
@@ -210,8 +278,8 @@ class Distiller(nn.Layer):
         loss_class(entry['type'])
         student = entry.get('student', 'fpn')
         try:
-            student_tap = resolve_tap(student, *student_preset)
-            teacher_tap = resolve_tap(entry.get('teacher', student), *teacher_preset)
+            student_tap = _resolve_side(student, *student_preset)
+            teacher_tap = _resolve_side(entry.get('teacher', student), *teacher_preset)
         except KeyError as err:
             raise DistillConfigError(err.args[0]) from None
         return {
@@ -269,10 +337,14 @@ class Distiller(nn.Layer):
         terms = {}
         with paddle.amp.auto_cast(enable=False):
             for term, loss in zip(self._terms, self.distill_losses):
-                s = _float32(student[term.student_tap][term.pair.student_level])
-                t = _float32(teacher[term.teacher_tap][term.pair.teacher_level].detach())
-                if s.shape[-2:] != t.shape[-2:]:
-                    s = F.interpolate(s, size=t.shape[-2:], mode='bilinear', align_corners=False)
+                if isinstance(term.student_tap, dict):  # multi-tensor loss: {name: tensor} per side
+                    t = {k: _float32(teacher[v][term.pair.teacher_level].detach())
+                         for k, v in term.teacher_tap.items()}
+                    s = {k: _resize_to(_float32(student[v][term.pair.student_level]), t[k])
+                         for k, v in term.student_tap.items()}
+                else:
+                    t = _float32(teacher[term.teacher_tap][term.pair.teacher_level].detach())
+                    s = _resize_to(_float32(student[term.student_tap][term.pair.student_level]), t)
                 terms[term.key] = loss(s, t, inputs) * term.weight
         return terms
 

@@ -14,6 +14,15 @@ PRESETS: Dict[str, dict] = {
     'RetinaNet': {'taps': {'fpn': 'neck'}, 'init_student': ['neck', 'head']},
     # ppdet LCPAN forward returns 3 or 4 levels (strides 8..64).
     'PicoDet': {'taps': {'fpn': 'neck'}, 'init_student': ['neck', 'head']},
+    # ppdet SSD: the backbone's multi-scale maps feed SSDHead directly (no neck); per level i the head has
+    # `scores{i}` -> [N, A*(C+1), H, W] confidence logits (background included) and `boxes{i}` ->
+    # [N, A*4, H, W] prior-box offsets.
+    'SSD': {'taps': {'fpn': 'backbone', 'cls_logits': 'ssd_head.scores*', 'box_reg': 'ssd_head.boxes*'},
+            'init_student': ['ssd_head']},
+    # ppdet YOLOv3 (also PP-YOLO/v2): YOLOv3FPN returns 3 levels (strides 32, 16, 8); per level the head's
+    # 1x1 conv `yolo_output.{i}` -> [N, A*(5+C), H, W] raw (x, y, w, h, objectness, classes) per anchor.
+    'YOLOv3': {'taps': {'fpn': 'neck', 'yolo_output': 'yolo_head.yolo_output.*'},
+               'init_student': ['neck', 'yolo_head']},
 }
 
 

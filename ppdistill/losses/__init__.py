@@ -3,5 +3,9 @@ from .base import FeatureLoss
 from .mgd import MGDLoss
 from .fgd import FGDLoss
 from .fgfi import FGFILoss
+from .mse import FeatureMSELoss
+from .ssd_kd import SSDOutputLoss
+from .yolo_kd import YOLOv3OutputLoss
 
-__all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss']
+__all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss', 'FeatureMSELoss', 'SSDOutputLoss',
+           'YOLOv3OutputLoss']
