@@ -27,6 +27,7 @@ from ppdet.utils.logger import setup_logger
 from .errors import PPDistillError
 from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
 from .presets import PRESETS, init_prefixes, resolve_tap
+from .losses.base import loss_total
 from .taps import TapSet
 
 logger = setup_logger(__name__)
@@ -200,7 +201,11 @@ class Distiller(nn.Layer):
             self.teacher_model(dict(inputs))
 
     def distill_terms(self, inputs: dict) -> Dict[str, paddle.Tensor]:
-        """Weighted loss per configured term from the tensors recorded in this step."""
+        """Weighted loss per configured term from the tensors recorded in this step.
+
+        A loss returning sub-terms (a dict) also yields ``<term key>_<sub_term>`` entries (weighted, logged
+        by ppdet like any output); the term itself is their sum.
+        """
         student = {n: self.student_taps.levels(n) for n in self.student_taps.taps}
         teacher = {n: self.teacher_taps.levels(n) for n in self.teacher_taps.taps}
         terms = {}
@@ -209,7 +214,10 @@ class Distiller(nn.Layer):
             t = teacher[term.teacher_tap][term.pair.teacher_level].detach()
             if s.shape[-2:] != t.shape[-2:]:
                 s = F.interpolate(s, size=t.shape[-2:], mode='bilinear', align_corners=False)
-            terms[term.key] = loss(s, t, inputs) * term.weight
+            value = loss(s, t, inputs)
+            if isinstance(value, dict):
+                terms.update({f'{term.key}_{sub}': v * term.weight for sub, v in value.items()})
+            terms[term.key] = loss_total(value) * term.weight
         return terms
 
     def forward(self, inputs: dict):
@@ -223,7 +231,7 @@ class Distiller(nn.Layer):
         finally:
             self.student_taps.clear()
             self.teacher_taps.clear()
-        distill_loss = paddle.add_n(list(terms.values()))
+        distill_loss = paddle.add_n([terms[t.key] for t in self._terms])  # sub-terms are only logged
         outputs.update(terms)
         outputs['distill_loss'] = distill_loss
         outputs['loss'] = outputs['loss'] + distill_loss

@@ -5,6 +5,7 @@ import paddle
 import pytest
 
 from ppdistill.losses import FGDLoss
+from ppdistill.losses.base import loss_total
 
 IM_SHAPE = [[48, 64], [40, 64], [48, 56]]
 BOXES = [np.array([[4, 3, 30, 20], [20, 10, 60, 47], [-5, 30, 9, 52]], 'float32'),
@@ -128,7 +129,7 @@ def test_full_loss_matches_numpy(cs):
     for name, p in module.named_parameters():
         assert float(p.abs().sum()) > 0, name  # non-zero weights in every conv
     s, t = make_feats(2, cs=cs)
-    got = module(paddle.to_tensor(s), paddle.to_tensor(t), make_inputs())
+    got = loss_total(module(paddle.to_tensor(s), paddle.to_tensor(t), make_inputs()))
     assert got.size == 1
     want, terms = np_fgd(module, s, t, BOXES, IM_SHAPE)
     assert all(v > 0 for v in terms.values()), terms
@@ -140,6 +141,11 @@ def test_full_loss_matches_numpy(cs):
                                   paddle.to_tensor(bg.astype('float32')))
     for key, value in terms.items():
         np.testing.assert_allclose(float(got_terms[key]), value, rtol=2e-5, err_msg=key)
+    # forward returns the weighted sub-terms (logged one by one by the distiller); their sum is the loss
+    subs = module(paddle.to_tensor(s), paddle.to_tensor(t), make_inputs())
+    assert sorted(subs) == ['bg', 'fg', 'mask', 'rela']
+    for key, weight in (('fg', 1.0), ('bg', 2.0), ('mask', 3.0), ('rela', 0.5)):
+        np.testing.assert_allclose(float(subs[key]), weight * terms[key], rtol=2e-5, err_msg=key)
 
 
 def test_default_init_relation_is_plain_sse():
@@ -169,7 +175,7 @@ def test_every_parameter_gets_gradient_within_two_sgd_steps():
     inputs = make_inputs()
     seen = {name: False for name, _ in module.named_parameters()}
     for _ in range(2):
-        loss = module(s, t, inputs)
+        loss = loss_total(module(s, t, inputs))
         loss.backward()
         for name, p in module.named_parameters():
             assert p.grad is not None, name  # every parameter is in the graph at every step
@@ -188,7 +194,7 @@ def test_all_empty_batch_is_finite_and_keeps_every_parameter():
     empty = [np.zeros((0, 4), 'float32')] * 2
     for padded in (False, True):
         inputs = make_inputs(empty, IM_SHAPE[:2], padded=padded)
-        loss = module(paddle.to_tensor(s), paddle.to_tensor(t), inputs)
+        loss = loss_total(module(paddle.to_tensor(s), paddle.to_tensor(t), inputs))
         assert np.isfinite(float(loss))
         want, terms = np_fgd(module, s, t, empty, IM_SHAPE[:2])
         assert terms['fg'] == 0
@@ -203,15 +209,15 @@ def test_padded_and_list_gt_bbox_agree():
     paddle.seed(4)
     module = FGDLoss(8, 8)
     s, t = (paddle.to_tensor(a) for a in make_feats(5, cs=8))
-    a = float(module(s, t, make_inputs(padded=False)))
-    b = float(module(s, t, make_inputs(padded=True)))
+    a = float(loss_total(module(s, t, make_inputs(padded=False))))
+    b = float(loss_total(module(s, t, make_inputs(padded=True))))
     assert a == pytest.approx(b, rel=1e-6)
     # pad_gt_mask hiding a real box changes the loss
     inputs = make_inputs(padded=True)
     pad_gt_mask = np.ones(list(inputs['gt_bbox'].shape[:2]) + [1], 'float32')
     pad_gt_mask[0, 1] = 0
     inputs['pad_gt_mask'] = paddle.to_tensor(pad_gt_mask)
-    assert float(module(s, t, inputs)) != pytest.approx(a, rel=1e-6)
+    assert float(loss_total(module(s, t, inputs))) != pytest.approx(a, rel=1e-6)
 
 
 def test_missing_inputs_raise():

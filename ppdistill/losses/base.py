@@ -1,10 +1,18 @@
 """Common base of the feature-distillation losses."""
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import paddle
 import paddle.nn as nn
 
-__all__ = ['FeatureLoss']
+__all__ = ['FeatureLoss', 'loss_total']
+
+LossValue = Union[paddle.Tensor, Dict[str, paddle.Tensor]]
+
+
+def loss_total(value: LossValue) -> paddle.Tensor:
+    """The scalar a loss contributes: the value itself, or the sum of its weighted sub-terms when the loss
+    returns a dict ``{sub_term: weighted scalar}`` (so the distiller can log each sub-term)."""
+    return paddle.add_n(list(value.values())) if isinstance(value, dict) else value
 
 
 class FeatureLoss(nn.Layer):
@@ -14,7 +22,8 @@ class FeatureLoss(nn.Layer):
     ``self.align = nn.Conv2D(student_channels, teacher_channels, 1)`` maps the student to the teacher's
     channels; otherwise ``self.align`` is ``None``.
 
-    Subclasses implement ``forward(student_feat, teacher_feat, inputs=None) -> Tensor`` (a scalar) where
+    Subclasses implement ``forward(student_feat, teacher_feat, inputs=None)`` returning a scalar Tensor, or
+    a dict ``{sub_term: weighted scalar}`` whose sum (:func:`loss_total`) is the loss, where
     ``student_feat`` is ``[N, Cs, H, W]`` (already resized to the teacher's ``H, W`` by the caller),
     ``teacher_feat`` is ``[N, Ct, H, W]`` (a constant) and ``inputs`` is ppdet's batch dict.
 

@@ -179,8 +179,10 @@ class FGDLoss(FeatureLoss):
                 pixels), ``'im_shape'`` (``[N, 2]``, ``(h, w)``) and optionally ``'pad_gt_mask'``.
 
         Returns:
-            scalar Tensor. Images without boxes contribute only background, attention and relation
-            terms; every parameter takes part in every call.
+            ``{'fg', 'bg', 'mask', 'rela'}``: the weighted sub-terms (scalars) whose sum
+            (:func:`~ppdistill.losses.base.loss_total`) is the loss; the distiller logs each. Images
+            without boxes contribute only background, attention and relation terms; every parameter takes
+            part in every call.
         """
         if inputs is None or 'gt_bbox' not in inputs or 'im_shape' not in inputs:
             raise ValueError("FGDLoss needs inputs with 'gt_bbox' and 'im_shape'")
@@ -188,5 +190,5 @@ class FGDLoss(FeatureLoss):
         mask_fg, mask_bg = fgd_masks(inputs['gt_bbox'], inputs['im_shape'], h, w,
                                      inputs.get('pad_gt_mask'))
         terms = self.loss_terms(student_feat, teacher_feat, mask_fg, mask_bg)
-        return (self.alpha_fgd * terms['fg'] + self.beta_fgd * terms['bg'] +
-                self.gamma_fgd * terms['mask'] + self.lambda_fgd * terms['rela'])
+        return {'fg': self.alpha_fgd * terms['fg'], 'bg': self.beta_fgd * terms['bg'],
+                'mask': self.gamma_fgd * terms['mask'], 'rela': self.lambda_fgd * terms['rela']}
