@@ -15,7 +15,7 @@ modules', never the teacher's.
 """
 import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import paddle
 import paddle.nn as nn
@@ -200,20 +200,28 @@ class Distiller(nn.Layer):
         with paddle.no_grad(), self.teacher_taps.record(stop_early=True):
             self.teacher_model(dict(inputs))
 
+    def term_inputs(self) -> List[Tuple[paddle.Tensor, paddle.Tensor]]:
+        """``(student [N, Cs, H, W], teacher [N, Ct, H, W])`` per configured term from this step's taps;
+        the teacher detached, the student resized to the teacher's ``H, W`` where they differ."""
+        student = {n: self.student_taps.levels(n) for n in self.student_taps.taps}
+        teacher = {n: self.teacher_taps.levels(n) for n in self.teacher_taps.taps}
+        pairs = []
+        for term in self._terms:
+            s = student[term.student_tap][term.pair.student_level]
+            t = teacher[term.teacher_tap][term.pair.teacher_level].detach()
+            if s.shape[-2:] != t.shape[-2:]:
+                s = F.interpolate(s, size=t.shape[-2:], mode='bilinear', align_corners=False)
+            pairs.append((s, t))
+        return pairs
+
     def distill_terms(self, inputs: dict) -> Dict[str, paddle.Tensor]:
         """Weighted loss per configured term from the tensors recorded in this step.
 
         A loss returning sub-terms (a dict) also yields ``<term key>_<sub_term>`` entries (weighted, logged
         by ppdet like any output); the term itself is their sum.
         """
-        student = {n: self.student_taps.levels(n) for n in self.student_taps.taps}
-        teacher = {n: self.teacher_taps.levels(n) for n in self.teacher_taps.taps}
         terms = {}
-        for term, loss in zip(self._terms, self.distill_losses):
-            s = student[term.student_tap][term.pair.student_level]
-            t = teacher[term.teacher_tap][term.pair.teacher_level].detach()
-            if s.shape[-2:] != t.shape[-2:]:
-                s = F.interpolate(s, size=t.shape[-2:], mode='bilinear', align_corners=False)
+        for term, loss, (s, t) in zip(self._terms, self.distill_losses, self.term_inputs()):
             value = loss(s, t, inputs)
             if isinstance(value, dict):
                 terms.update({f'{term.key}_{sub}': v * term.weight for sub, v in value.items()})
