@@ -102,8 +102,10 @@ def _save_figure(path: str, image: np.ndarray, valid: Tuple[float, float], boxes
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    cols = len(panels) + 1
-    fig, axes = plt.subplots(1, cols, figsize=(3.0 * cols, 3.4))
+    cols = min(4, len(panels) + 1)
+    rows_ = math.ceil((len(panels) + 1) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 3.2 * rows_ + 0.4), squeeze=False)
+    axes = axes.reshape(-1)
     height, width = image.shape[:2]
     axes[0].imshow(image)
     axes[0].set_title('image (+ boxes for masks)', fontsize=8)
