@@ -67,15 +67,16 @@ def run_tool(name: str, args: Sequence[str], log: str, cwd: str, prefix: str = '
     """Run ``python <args>`` in ``cwd`` with its output in ``log``; return the seconds it took.
 
     Prints one progress line for the run: its start with ``expected`` seconds (e.g. from earlier runs),
-    refreshed in place on a terminal with the ETA the training log reports (on a pipe, at most every
-    2 minutes), then its duration. Raises :class:`RunFailed` (with the log tail) on a non-zero exit.
+    refreshed in place on a terminal with the ETA the training log reports (on a pipe: when the first ETA
+    appears, then at most every 2 minutes), then its duration. Raises :class:`RunFailed` (with the log tail) on a non-zero exit.
     """
     os.makedirs(os.path.dirname(os.path.abspath(log)) or '.', exist_ok=True)
     tty = sys.stdout.isatty()
     head = f'{prefix} {name}'
     print(f'{head}: started{", ETA " + format_duration(expected) if expected else ""} '
           f'(log: {os.path.relpath(log, cwd)})', end='' if tty else '\n', flush=True)
-    start = last_print = time.time()
+    start = time.time()
+    last_print = None
     with open(log, 'w') as f:
         proc = subprocess.Popen([PY] + list(args), cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, **(env or {})))
@@ -83,7 +84,7 @@ def run_tool(name: str, args: Sequence[str], log: str, cwd: str, prefix: str = '
             time.sleep(poll)
             eta = last_eta(log)
             now = time.time()
-            if eta is not None and (tty or now - last_print >= 120):
+            if eta is not None and (tty or last_print is None or now - last_print >= 120):
                 msg = f'{head}: running {format_duration(now - start)}, ETA {format_duration(eta)}'
                 print(('\r' + msg.ljust(78)) if tty else msg, end='' if tty else '\n', flush=True)
                 last_print = now

@@ -226,7 +226,7 @@ def test_accuracy_benchmark_on_tiny_configs_and_resume(work):
     assert {'delta_ap', 'gap_closed', 'beyond_noise'} <= set(rows['fgd'])
     balance = rows['fgd']['runs'][0]['balance']['terms']
     assert {'distill_loss', 'distill_fgd_l0', 'distill_fgd_l0_fg', 'distill_fgd_l0_rela'} <= set(balance)
-    assert all(v['start'] > 0 for v in balance.values() if not v is None)
+    assert balance['distill_loss']['start'] > 0 and balance['distill_loss']['end'] > 0
     md = (bench / 'accuracy_picodet.md').read_text()
     assert 'seeds: [0, 1]' in md and 'benchmark.py accuracy' in md and '| fgd | 2 |' in md
     # a second call reuses every finished run
@@ -266,3 +266,35 @@ def test_unknown_method_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith('ppdistill: error:')]
     assert len(err) == 1 and "['nope']" in err[0] and 'mgd' in err[0] and 'Traceback' not in proc.stderr
+
+
+# -- runs: progress and log parsing --------------------------------------------------------------------
+LOG_LINE = ('[12/02 00:43:22] ppdet.engine INFO: Epoch: [1] [ 3/10] learning_rate: 0.040000 loss: 2.500000 '
+            'loss_vfl: 1.000000 distill_fgd_l0: 0.250000 distill_loss: 0.500000 eta: 0:01:05 '
+            'batch_cost: 0.5000 data_cost: 0.0100 ips: 8.0000 images/s')
+
+
+def test_parse_train_log_and_eta():
+    from ppdistill.runs import parse_train_log
+    rows = parse_train_log('noise\n' + LOG_LINE + '\n' + LOG_LINE.replace('[ 3/10]', '[ 4/10]')
+                           .replace('eta: 0:01:05', 'eta: 1 day, 2:00:01'))
+    assert rows[0] == {'epoch': 1, 'step': 3, 'steps_per_epoch': 10, 'iter': 13, 'lr': 0.04, 'loss': 2.5,
+                       'loss_vfl': 1.0, 'distill_fgd_l0': 0.25, 'distill_loss': 0.5}
+    assert rows[1]['iter'] == 14
+
+
+def test_run_tool_reports_eta_and_fails_with_the_log_tail(tmp_path, capsys):
+    from ppdistill.runs import RunFailed, last_eta, run_tool
+    script = tmp_path / 'job.py'
+    script.write_text('import sys, time\n'
+                      f'print({LOG_LINE!r}, flush=True)\n'
+                      'time.sleep(1.5)\n'
+                      'print("last words"); sys.exit(3)\n')
+    with pytest.raises(RunFailed) as err:
+        run_tool('job', [str(script)], str(tmp_path / 'job.log'), str(tmp_path), '[t]', poll=0.2)
+    assert 'last words' in err.value.log_tail and 'exit 3' in str(err.value)
+    out = capsys.readouterr().out
+    assert '[t] job: running' in out and 'ETA 1m05s' in out and '[t] job: FAILED' in out
+    assert last_eta(str(tmp_path / 'job.log')) == 65
+    (tmp_path / 'day.log').write_text('eta: 1 day, 2:00:01 x')
+    assert last_eta(str(tmp_path / 'day.log')) == 86400 + 7201
