@@ -232,10 +232,43 @@ def test_accuracy_benchmark_on_tiny_configs_and_resume(work):
     # a second call reuses every finished run
     again = run(args, work)
     assert 'reusing 5 finished runs' in again and 'train: done' not in again
-    # a different override is a different run for the students, not for the teacher
-    changed = run(['benchmark.py', 'accuracy', '--config_dir', TINY, '--methods', 'fgd', '--seeds', '1',
-                   '-o', 'log_iter=2'], work)
-    assert 'reusing 1 finished runs' in changed and changed.count('train: done') == 2
+
+
+def _benchmark_module():
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    try:
+        import benchmark
+    finally:
+        sys.path.pop(0)
+    return benchmark
+
+
+def test_methods_are_discovered_by_config_name(tmp_path):
+    benchmark = _benchmark_module()
+    found = benchmark.discover_methods(os.path.join(ROOT, 'configs', 'slim', 'distill'), 'picodet')
+    assert {'mgd', 'fgd'} <= set(found) and 'generic_example' not in found
+    (tmp_path / 'newkd_picodet_teacher_to_student.yml').write_text('slim: Distiller\n')
+    (tmp_path / 'newkd_retinanet_teacher_to_student.yml').write_text('slim: Distiller\n')
+    assert list(benchmark.discover_methods(str(tmp_path), 'picodet')) == ['newkd']
+    assert benchmark.parse_seeds('3') == [0, 1, 2] and benchmark.parse_seeds('4,7') == [4, 7]
+
+
+def test_run_stamps_follow_what_decides_each_run():
+    benchmark = _benchmark_module()
+
+    def plan(*extra):
+        return benchmark.Plan(benchmark.parse_args(['accuracy', '--config_dir', TINY, '--methods', 'fgd']
+                                                   + list(extra)))
+    base, other_opt, other_teacher = plan('-o', 'epoch=1'), plan('-o', 'epoch=2'), \
+        plan('-o', 'epoch=1', '--teacher_opt', 'epoch=3')
+    assert base.stamp('student', 0) == plan('-o', 'epoch=1').stamp('student', 0)  # deterministic
+    assert base.stamp('student', 0) != base.stamp('student', 1)                   # seed
+    assert base.stamp('student', 0) != base.stamp('fgd', 0)                       # row
+    assert base.stamp('student', 0) != other_opt.stamp('student', 0)              # student overrides
+    assert base.stamp('teacher', 0) == other_opt.stamp('teacher', 0)              # ... not the teacher's
+    assert base.stamp('teacher', 0) != other_teacher.stamp('teacher', 0)          # teacher overrides
+    assert base.stamp('fgd', 0) != other_teacher.stamp('fgd', 0)                  # a new teacher: new fgd
+    assert base.stamp('student', 0) == other_teacher.stamp('student', 0)          # ... same plain student
 
 
 @pytest.mark.integration
