@@ -68,7 +68,8 @@ def run_tool(name: str, args: Sequence[str], log: str, cwd: str, prefix: str = '
 
     Prints one progress line for the run: its start with ``expected`` seconds (e.g. from earlier runs),
     refreshed in place on a terminal with the ETA the training log reports (on a pipe: when the first ETA
-    appears, then at most every 2 minutes), then its duration. Raises :class:`RunFailed` (with the log tail) on a non-zero exit.
+    appears, then at most every 2 minutes), then its duration. Raises :class:`RunFailed` (with the log
+    tail) on a non-zero exit.
     """
     os.makedirs(os.path.dirname(os.path.abspath(log)) or '.', exist_ok=True)
     tty = sys.stdout.isatty()

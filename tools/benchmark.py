@@ -175,7 +175,7 @@ def _expected(records: Dict[tuple, dict], row: str, key: str = 'seconds') -> Opt
 
 def run_accuracy(args) -> dict:
     from ppdistill.balance import balance_summary
-    from ppdistill.bench.stats import aggregate, coco_row, markdown_table
+    from ppdistill.bench.stats import aggregate, coco_row
     from ppdistill.runs import param_count, parse_train_log
 
     plan = Plan(args)
@@ -196,7 +196,8 @@ def run_accuracy(args) -> dict:
         run_dir = plan.run_dir(row, seed)
         os.makedirs(run_dir, exist_ok=True)
         left = sum(_expected(records, r) or 0.0 for r, _ in todo[i - 1:])
-        prefix = f'[bench] ({i}/{len(todo)}{", all ~" + format_duration(left) if left else ""}) {row} seed {seed}'
+        total = f', all ~{format_duration(left)}' if left else ''
+        prefix = f'[bench] ({i}/{len(todo)}{total}) {row} seed {seed}'
         start = time.time()
         try:
             train_s = run_tool('train', plan.train_args(row, seed), os.path.join(run_dir, 'train.log'),

@@ -86,7 +86,8 @@ def _one_image_batch(path: str) -> dict:
     return next(iter(loader))
 
 
-def _teacher_boxes(teacher_out: dict, threshold: float, scale_factor: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _teacher_boxes(teacher_out: dict, threshold: float,
+                   scale_factor: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Teacher detections above ``threshold``: ``(boxes in original image pixels, same in network-input
     pixels)``, each ``[M, 4]``."""
     bbox = teacher_out['bbox'].numpy().reshape([-1, 6])

@@ -19,7 +19,6 @@ is measured in one subprocess each (``ru_maxrss`` on CPU, ``max_memory_allocated
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List
@@ -297,7 +296,8 @@ def markdown(result: dict) -> str:
              f"- command: `{result['command']}`", f"- device: {result['device']}, OMP_NUM_THREADS="
              f"{os.environ.get('OMP_NUM_THREADS', '?')}; medians over {result['timing']['steps']} steps "
              f"after {result['warmup']} warm-up steps, all variants interleaved on the same batches"
-             + (' (FEWER THAN 8 STEPS: a smoke run, not a measurement)' if result['timing']['steps'] < 8 else ''),
+             + (' (FEWER THAN 8 STEPS: a smoke run, not a measurement)'
+                if result['timing']['steps'] < 8 else ''),
              '',
              '| method | student step ms | teacher fwd ms | limit ms | distill step ms | ratio (distill/limit) '
              '| loss fwd+bwd ms | overhead distill/(limit+loss) |', '|---|---|---|---|---|---|---|---|']
@@ -316,7 +316,8 @@ def markdown(result: dict) -> str:
         lines += ['', '## Peak memory (one subprocess each, the same batches)', '',
                   'RSS sampled every 2 ms; "above imports" = peak RSS minus the RSS once paddle/ppdet are '
                   'imported (model build, data and steps).', '',
-                  '| run | peak RSS above imports MB | peak RSS MB |' + (' GPU max allocated MB |' if gpu else ''),
+                  '| run | peak RSS above imports MB | peak RSS MB |'
+                  + (' GPU max allocated MB |' if gpu else ''),
                   '|---|---|---|' + ('---|' if gpu else '')]
         for role, v in mem.items():
             extra = f" {v['gpu_max_allocated_mb']:.0f} |" if gpu else ''
