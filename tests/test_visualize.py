@@ -1,5 +1,6 @@
 """tools/visualize.py on a tiny PicoDet pair: one PNG per distill term, plain student checkpoint + teacher."""
 import ppdistill  # noqa: F401  (import order: ppdet before paddle)
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,13 @@ def save_fresh(config: str, path: str) -> int:
     return levels
 
 
+def annotated_boxes(root, name: str) -> int:
+    """How many boxes the tiny val annotation lists for the image ``name``."""
+    coco = json.loads((root / 'dataset' / 'digits_tiny' / 'annotations' / 'instances_val.json').read_text())
+    ids = {im['id'] for im in coco['images'] if os.path.basename(im['file_name']) == name}
+    return sum(a['image_id'] in ids for a in coco['annotations'])
+
+
 def test_visualize_writes_one_png_per_term(tmp_path):
     proc = tool(['make_demo_data.py', '--out', 'dataset/digits_tiny', '--num_train', '2', '--num_val', '2'],
                 tmp_path)
@@ -53,6 +61,9 @@ def test_visualize_writes_one_png_per_term(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     want = {f'{image.stem}_distill_mgd_l0.png'} | {f'{image.stem}_distill_fgd_l{i}.png' for i in range(levels)}
     assert set(os.listdir(tmp_path / 'vis')) == want
+    # a val image: its annotated boxes drive the GT-aware masks
+    n_boxes = annotated_boxes(tmp_path, image.name)
+    assert f'masks from {n_boxes} ground-truth boxes' in proc.stdout and n_boxes > 0
     for name in want:
         with Image.open(tmp_path / 'vis' / name) as png:
             assert png.format == 'PNG' and png.size[0] > 300 and png.size[1] > 200

@@ -11,9 +11,10 @@ the boxes used for GT-aware masks; teacher energy ``mean_C |T|``; student energy
 difference after dividing each by its mean over the map (shape, not scale, since the channel counts and
 magnitudes differ); then the method's own masks from its loss module: FGD foreground/background
 (:func:`ppdistill.masks.fgd_masks`) and teacher/student spatial attention (``FGDLoss.attention``), MGD's
-random keep-mask (``MGDLoss.sample_mask``). A free image has no ground truth, so the teacher's detections
-above ``--draw_threshold`` stand in for the boxes. The student is the plain checkpoint in ``weights``
-(default: the student config's), the teacher the distill config's.
+random keep-mask (``MGDLoss.sample_mask``). The boxes are the ground truth when the image is in the eval
+set's COCO annotation (matched by file name); for a free image the teacher's detections above
+``--draw_threshold`` stand in. The student is the plain checkpoint in ``weights`` (default: the student
+config's), the teacher the distill config's.
 """
 import _path  # noqa: F401
 import ppdistill  # noqa: F401  (CPU defaults before paddle loads; registers ppdistill classes)
@@ -40,7 +41,8 @@ def parse_args():
     parser.add_argument('--infer_img', required=True, help='image to visualise')
     parser.add_argument('--output_dir', default='output/visualize', help='where the PNGs go')
     parser.add_argument('--draw_threshold', type=float, default=0.5,
-                        help='teacher detections above this score stand in for GT boxes (FGD masks)')
+                        help='for an image without annotation: teacher detections above this score stand '
+                             'in for GT boxes (FGD masks)')
     return parser.parse_args()
 
 
@@ -86,15 +88,29 @@ def _one_image_batch(path: str) -> dict:
     return next(iter(loader))
 
 
-def _teacher_boxes(teacher_out: dict, threshold: float,
-                   scale_factor: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Teacher detections above ``threshold``: ``(boxes in original image pixels, same in network-input
-    pixels)``, each ``[M, 4]``."""
+def _annotated_boxes(cfg, image_path: str):
+    """GT boxes ``[M, 4]`` (x1, y1, x2, y2, original pixels) of ``image_path`` if the eval set's COCO
+    annotation lists a file of that name, else None."""
+    import json
+    dataset = cfg.get('EvalDataset')
+    anno = os.path.join(getattr(dataset, 'dataset_dir', '') or '', getattr(dataset, 'anno_path', '') or '')
+    if not os.path.isfile(anno):
+        return None
+    with open(anno) as f:
+        coco = json.load(f)
+    name = os.path.basename(image_path)
+    ids = {im['id'] for im in coco.get('images', []) if os.path.basename(im['file_name']) == name}
+    if not ids:
+        return None
+    xywh = np.array([a['bbox'] for a in coco.get('annotations', []) if a['image_id'] in ids],
+                    'float32').reshape([-1, 4])
+    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+
+
+def _teacher_boxes(teacher_out: dict, threshold: float) -> np.ndarray:
+    """Teacher detections above ``threshold``, ``[M, 4]`` in original image pixels."""
     bbox = teacher_out['bbox'].numpy().reshape([-1, 6])
-    keep = bbox[:, 1] >= threshold
-    boxes = bbox[keep, 2:6].astype('float32')
-    sy, sx = scale_factor.reshape(-1)[:2]
-    return boxes, boxes * np.array([sx, sy, sx, sy], 'float32')
+    return bbox[bbox[:, 1] >= threshold, 2:6].astype('float32')
 
 
 def _save_figure(path: str, image: np.ndarray, valid: Tuple[float, float], boxes: np.ndarray,
@@ -149,7 +165,13 @@ def main():
         with distiller.student_taps.record():
             student(batch)
         pairs = distiller.term_inputs()
-    boxes, input_boxes = _teacher_boxes(teacher_out, flags.draw_threshold, batch['scale_factor'].numpy())
+    boxes = _annotated_boxes(cfg, flags.infer_img)
+    source = 'ground-truth boxes'
+    if boxes is None:
+        boxes = _teacher_boxes(teacher_out, flags.draw_threshold)
+        source = f'teacher boxes >= {flags.draw_threshold:g}'
+    sy, sx = batch['scale_factor'].numpy().reshape(-1)[:2]
+    input_boxes = boxes * np.array([sx, sy, sx, sy], 'float32')  # network-input pixels, as gt_bbox in training
     inputs = {'gt_bbox': [paddle.to_tensor(input_boxes.reshape([-1, 4]))], 'im_shape': batch['im_shape']}
     from PIL import Image
     image = np.asarray(Image.open(flags.infer_img).convert('RGB'))
@@ -168,10 +190,11 @@ def main():
         path = os.path.join(flags.output_dir, f'{stem}_{term.key}.png')
         _save_figure(path, image, valid, boxes, panels,
                      f'{term.key}: student {list(s.shape[1:])} vs teacher {list(t.shape[1:])}; '
-                     f'{len(boxes)} teacher boxes >= {flags.draw_threshold:g}')
+                     f'{len(boxes)} {source}')
         written.append(path)
     distiller.student_taps.clear()
     distiller.teacher_taps.clear()
+    print(f'[visualize] masks from {len(boxes)} {source}')
     print('\n'.join(f'[visualize] wrote {p}' for p in written))
 
 
