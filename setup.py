@@ -18,6 +18,8 @@ REQUIRES = [
     'pyyaml',
     'setuptools<70',
     'Pillow<10',  # ppdet 2.6's visualizer (tools/infer.py) calls ImageDraw.textsize, removed in Pillow 10
+    'matplotlib',  # tools/benchmark.py and tools/visualize.py pictures
+    'scipy',  # the benchmark's Welch t-test (scikit-learn pulls it too)
 ]
 if not os.environ.get('PPDISTILL_NO_PADDLE_DEP'):
     # GPU users install paddlepaddle-gpu themselves and set PPDISTILL_NO_PADDLE_DEP=1.

@@ -36,6 +36,7 @@ from ppdet.utils.logger import setup_logger
 from .errors import PPDistillError
 from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
 from .presets import PRESETS, init_prefixes, resolve_tap
+from .losses.base import loss_total
 from .taps import TapSet
 
 logger = setup_logger(__name__)
@@ -326,26 +327,41 @@ class Distiller(nn.Layer):
         with paddle.no_grad(), self.teacher_taps.record(stop_early=True):
             self.teacher_model(dict(inputs))
 
+    def term_inputs(self) -> List[tuple]:
+        """``(student, teacher)`` per configured term from this step's taps, float32: ``[N, Cs, H, W]`` and
+        ``[N, Ct, H, W]`` (for a multi-tensor term, ``{name: tensor}`` per side); the teacher detached, the
+        student resized to the teacher's ``H, W`` where they differ."""
+        student = {n: self.student_taps.levels(n) for n in self.student_taps.specs}
+        teacher = {n: self.teacher_taps.levels(n) for n in self.teacher_taps.specs}
+
+        def pair(s_spec: str, t_spec: str, term: _Term) -> tuple:
+            t = _float32(teacher[t_spec][term.pair.teacher_level].detach())
+            return _resize_to(_float32(student[s_spec][term.pair.student_level]), t), t
+
+        pairs = []
+        for term in self._terms:
+            if isinstance(term.student_tap, dict):  # multi-tensor loss: {name: tensor} per side
+                both = {k: pair(term.student_tap[k], term.teacher_tap[k], term) for k in term.student_tap}
+                pairs.append(({k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}))
+            else:
+                pairs.append(pair(term.student_tap, term.teacher_tap, term))
+        return pairs
+
     def distill_terms(self, inputs: dict) -> Dict[str, paddle.Tensor]:
         """Weighted loss per configured term from the tensors recorded in this step.
 
         Every loss runs in float32 outside autocast, whatever the AMP level: the squared-error sums over
-        a P3 level (~10^7 elements) overflow float16. Features ``[N, C, H, W]`` are cast to float32.
+        a P3 level (~10^7 elements) overflow float16. A loss returning sub-terms (a dict) also yields
+        ``<term key>_<sub_term>`` entries (weighted, logged by ppdet like any output); the term itself is
+        their sum.
         """
-        student = {n: self.student_taps.levels(n) for n in self.student_taps.specs}
-        teacher = {n: self.teacher_taps.levels(n) for n in self.teacher_taps.specs}
         terms = {}
         with paddle.amp.auto_cast(enable=False):
-            for term, loss in zip(self._terms, self.distill_losses):
-                if isinstance(term.student_tap, dict):  # multi-tensor loss: {name: tensor} per side
-                    t = {k: _float32(teacher[v][term.pair.teacher_level].detach())
-                         for k, v in term.teacher_tap.items()}
-                    s = {k: _resize_to(_float32(student[v][term.pair.student_level]), t[k])
-                         for k, v in term.student_tap.items()}
-                else:
-                    t = _float32(teacher[term.teacher_tap][term.pair.teacher_level].detach())
-                    s = _resize_to(_float32(student[term.student_tap][term.pair.student_level]), t)
-                terms[term.key] = loss(s, t, inputs) * term.weight
+            for term, loss, (s, t) in zip(self._terms, self.distill_losses, self.term_inputs()):
+                value = loss(s, t, inputs)
+                if isinstance(value, dict):
+                    terms.update({f'{term.key}_{sub}': v * term.weight for sub, v in value.items()})
+                terms[term.key] = loss_total(value) * term.weight
         return terms
 
     def _checked_sum(self, terms: Dict[str, paddle.Tensor]) -> paddle.Tensor:
@@ -382,7 +398,7 @@ class Distiller(nn.Layer):
         finally:
             self.student_taps.clear()
             self.teacher_taps.clear()
-        distill_loss = self._checked_sum(terms)
+        distill_loss = self._checked_sum({t.key: terms[t.key] for t in self._terms})  # sub-terms: logged only
         outputs.update(terms)
         outputs['distill_loss'] = distill_loss
         outputs['loss'] = outputs['loss'] + distill_loss

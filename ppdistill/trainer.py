@@ -13,6 +13,7 @@ from ppdet.engine import Trainer
 from ppdet.engine.callbacks import Callback, Checkpointer, ComposeCallback
 from ppdet.utils.logger import setup_logger
 
+from .balance import LossBalanceMonitor
 from .checkpoint import resume_checkpoint, save_checkpoint
 from .ema import ema_from_config
 
@@ -136,7 +137,7 @@ class DistillTrainer(Trainer):
         if self.mode != 'train':
             return
         self._callbacks = [DistillCheckpointer(self) if type(cb) is Checkpointer else cb
-                           for cb in self._callbacks] + [RankConsistencyCheck(self)]
+                           for cb in self._callbacks] + [RankConsistencyCheck(self), LossBalanceMonitor(self)]
         self._compose_callback = ComposeCallback(self._callbacks)
 
     def resume_weights(self, weights: str) -> None:

@@ -5,6 +5,7 @@ import paddle
 import pytest
 
 from ppdistill.losses import FGDLoss
+from ppdistill.losses.base import loss_total
 
 IM_SHAPE = [[48, 64], [40, 64], [48, 56]]  # unpadded sizes ...
 INPUT_SIZE = (48, 64)  # ... padded into one batch (PadBatch): the feature maps cover this
@@ -135,7 +136,7 @@ def test_full_loss_matches_numpy(cs):
     for name, p in module.named_parameters():
         assert float(p.abs().sum()) > 0, name  # non-zero weights in every conv
     s, t = make_feats(2, cs=cs)
-    got = module(paddle.to_tensor(s), paddle.to_tensor(t), make_inputs())
+    got = loss_total(module(paddle.to_tensor(s), paddle.to_tensor(t), make_inputs()))
     assert got.size == 1
     want, terms = np_fgd(module, s, t, BOXES)
     assert all(v > 0 for v in terms.values()), terms
@@ -147,6 +148,11 @@ def test_full_loss_matches_numpy(cs):
                                   paddle.to_tensor(bg.astype('float32')))
     for key, value in terms.items():
         np.testing.assert_allclose(float(got_terms[key]), value, rtol=2e-5, err_msg=key)
+    # forward returns the weighted sub-terms (logged one by one by the distiller); their sum is the loss
+    subs = module(paddle.to_tensor(s), paddle.to_tensor(t), make_inputs())
+    assert sorted(subs) == ['bg', 'fg', 'mask', 'rela']
+    for key, weight in (('fg', 1.0), ('bg', 2.0), ('mask', 3.0), ('rela', 0.5)):
+        np.testing.assert_allclose(float(subs[key]), weight * terms[key], rtol=2e-5, err_msg=key)
 
 
 def test_default_init_relation_is_plain_sse():
@@ -176,7 +182,7 @@ def test_every_parameter_gets_gradient_within_two_sgd_steps():
     inputs = make_inputs()
     seen = {name: False for name, _ in module.named_parameters()}
     for _ in range(2):
-        loss = module(s, t, inputs)
+        loss = loss_total(module(s, t, inputs))
         loss.backward()
         for name, p in module.named_parameters():
             assert p.grad is not None, name  # every parameter is in the graph at every step
@@ -195,7 +201,7 @@ def test_all_empty_batch_is_finite_and_keeps_every_parameter():
     empty = [np.zeros((0, 4), 'float32')] * 2
     for padded in (False, True):
         inputs = make_inputs(empty, IM_SHAPE[:2], padded=padded)
-        loss = module(paddle.to_tensor(s), paddle.to_tensor(t), inputs)
+        loss = loss_total(module(paddle.to_tensor(s), paddle.to_tensor(t), inputs))
         assert np.isfinite(float(loss))
         want, terms = np_fgd(module, s, t, empty)
         assert terms['fg'] == 0
@@ -210,15 +216,15 @@ def test_padded_and_list_gt_bbox_agree():
     paddle.seed(4)
     module = FGDLoss(8, 8)
     s, t = (paddle.to_tensor(a) for a in make_feats(5, cs=8))
-    a = float(module(s, t, make_inputs(padded=False)))
-    b = float(module(s, t, make_inputs(padded=True)))
+    a = float(loss_total(module(s, t, make_inputs(padded=False))))
+    b = float(loss_total(module(s, t, make_inputs(padded=True))))
     assert a == pytest.approx(b, rel=1e-6)
     # pad_gt_mask hiding a real box changes the loss
     inputs = make_inputs(padded=True)
     pad_gt_mask = np.ones(list(inputs['gt_bbox'].shape[:2]) + [1], 'float32')
     pad_gt_mask[0, 1] = 0
     inputs['pad_gt_mask'] = paddle.to_tensor(pad_gt_mask)
-    assert float(module(s, t, inputs)) != pytest.approx(a, rel=1e-6)
+    assert float(loss_total(module(s, t, inputs))) != pytest.approx(a, rel=1e-6)
 
 
 def test_missing_inputs_raise():
@@ -242,7 +248,7 @@ def test_degenerate_boxes_give_a_finite_loss_equal_to_numpy():
              np.array([[5, 5, 5, 9]], 'float32'),       # only a zero-width box
              np.array([[-1e6, -1e6, 1e6, 1e6]], 'float32')]  # a box far larger than the image
     for padded in (False, True):
-        loss = module(paddle.to_tensor(s), paddle.to_tensor(t), make_inputs(boxes, padded=padded))
+        loss = loss_total(module(paddle.to_tensor(s), paddle.to_tensor(t), make_inputs(boxes, padded=padded)))
         assert np.isfinite(float(loss))
         want, _ = np_fgd(module, s, t, boxes)
         np.testing.assert_allclose(float(loss), want, rtol=2e-5)
@@ -261,7 +267,7 @@ def test_padded_batch_of_landscape_and_portrait_images_scales_boxes_by_the_padde
     inputs = {'gt_bbox': [paddle.to_tensor(b) for b in boxes],
               'im_shape': paddle.to_tensor([[64.0, 96.0], [96.0, 64.0]]),
               'image': paddle.zeros([2, 3, 96, 96])}
-    got = float(module(paddle.to_tensor(s), paddle.to_tensor(t), inputs))
+    got = float(loss_total(module(paddle.to_tensor(s), paddle.to_tensor(t), inputs)))
     want, terms = np_fgd(module, s, t, boxes, (96, 96))
     np.testing.assert_allclose(got, want, rtol=2e-5)
     # sanity: scaling the landscape image's boxes by its own 64x96 would change its masks

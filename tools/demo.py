@@ -17,65 +17,24 @@ pipeline works end to end; they are not a reproduction of the papers' COCO resul
 import _path  # noqa: F401  (repo root on sys.path)
 
 import argparse
-import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 
 from ppdistill._env import apply_cpu_defaults
+from ppdistill.runs import RunFailed, config_files, param_count, run_tool, stamp
 
 ROOT = _path.ROOT
-PY = sys.executable
 
 
 def _run(name: str, args: list, log_dir: str) -> float:
-    """Run one tool, logging to ``log_dir/name.log``; on failure print the log tail and exit."""
-    os.makedirs(log_dir, exist_ok=True)
-    log = os.path.join(log_dir, f'{name}.log')
-    print(f'[demo] {name}: {" ".join(args)}', flush=True)
-    start = time.time()
-    with open(log, 'w') as f:
-        code = subprocess.call([PY] + args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    took = time.time() - start
-    if code != 0:
-        with open(log) as f:
-            tail = f.readlines()[-40:]
-        sys.stdout.write(''.join(tail))
-        sys.exit(f'[demo] {name} failed (exit {code}); full log: {log}')
-    print(f'[demo] {name}: done in {took / 60:.1f} min', flush=True)
-    return took
-
-
-def _stamp(paths: list) -> str:
-    """Hash of the files that decide a teacher checkpoint (configs and dataset meta)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(os.path.join(ROOT, path), 'rb') as f:
-            digest.update(f.read())
-    return digest.hexdigest()[:16]
-
-
-def _config_files(config: str) -> list:
-    """A config and its _BASE_ files, recursively (paths relative to ROOT)."""
-    import yaml
-    files, todo = [], [config]
-    while todo:
-        path = todo.pop()
-        files.append(path)
-        with open(os.path.join(ROOT, path)) as f:
-            text = yaml.load(f, Loader=yaml.BaseLoader) or {}
-        for base in text.get('_BASE_', []) if isinstance(text, dict) else []:
-            todo.append(os.path.normpath(os.path.join(os.path.dirname(path), base)))
-    return sorted(files)
-
-
-def _param_count(weights: str) -> int:
-    import numpy as np
-    import paddle
-    state = paddle.load(weights + '.pdparams')
-    return int(sum(np.prod(v.shape) for k, v in state.items() if not k.endswith(('_mean', '_variance'))))
+    """Run one tool (one progress line with the ETA from its log); on failure print the log tail and exit."""
+    try:
+        return run_tool(name, args, os.path.join(log_dir, f'{name}.log'), cwd=ROOT, prefix='[demo]')
+    except RunFailed as err:
+        sys.stdout.write(err.log_tail)
+        sys.exit(f'[demo] {err}')
 
 
 def main():
@@ -98,15 +57,15 @@ def main():
 
     teacher_w = f'output/{args.arch}_teacher/model_final'
     stamp_file = os.path.join(ROOT, f'output/{args.arch}_teacher/demo_stamp.txt')
-    stamp = _stamp(_config_files(teacher_cfg) + ['dataset/digits/meta.json'])
+    stamp_now = stamp(config_files(os.path.join(ROOT, teacher_cfg)) + [os.path.join(ROOT, 'dataset/digits/meta.json')])
     cached = (not args.retrain_teacher and os.path.isfile(os.path.join(ROOT, teacher_w + '.pdparams'))
-              and os.path.isfile(stamp_file) and open(stamp_file).read().strip() == stamp)
+              and os.path.isfile(stamp_file) and open(stamp_file).read().strip() == stamp_now)
     if cached:
         print(f'[demo] teacher: reusing {teacher_w}.pdparams (configs unchanged; --retrain_teacher to redo)')
     else:
         _run('train_teacher', ['tools/train.py', '-c', teacher_cfg] + seed, logs)
         with open(stamp_file, 'w') as f:
-            f.write(stamp + '\n')
+            f.write(stamp_now + '\n')
 
     _run('train_student', ['tools/train.py', '-c', student_cfg] + seed, logs)
     _run(f'train_{args.method}', ['tools/train.py', '-c', student_cfg, '--slim_config', distill_cfg,
@@ -122,7 +81,7 @@ def main():
              ['tools/eval.py', '-c', cfg, '-o', f'weights={weights}', '--save_metrics', metrics], logs)
         with open(metrics) as f:
             bbox = json.load(f)['bbox']
-        rows.append({'model': label, 'params': _param_count(os.path.join(ROOT, weights)),
+        rows.append({'model': label, 'params': param_count(os.path.join(ROOT, weights)),
                      'AP': bbox[0], 'AP50': bbox[1], 'APs': bbox[3], 'APm': bbox[4], 'APl': bbox[5]})
 
     lines = [f"{'model':<18} {'params':>9} {'AP':>6} {'AP50':>6} {'APs':>6} {'APm':>6} {'APl':>6}"]

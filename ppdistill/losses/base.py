@@ -1,11 +1,13 @@
 """Common base of the feature-distillation losses."""
 import math
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import paddle
 import paddle.nn as nn
 
-__all__ = ['FeatureLoss', 'torch_default_conv2d']
+__all__ = ['FeatureLoss', 'torch_default_conv2d', 'loss_total']
+
+LossValue = Union[paddle.Tensor, Dict[str, paddle.Tensor]]
 
 
 def torch_default_conv2d(in_channels: int, out_channels: int, kernel_size: int, **kwargs) -> nn.Conv2D:
@@ -23,6 +25,12 @@ def torch_default_conv2d(in_channels: int, out_channels: int, kernel_size: int, 
     return nn.Conv2D(in_channels, out_channels, kernel_size, weight_attr=attr(), bias_attr=attr(), **kwargs)
 
 
+def loss_total(value: LossValue) -> paddle.Tensor:
+    """The scalar a loss contributes: the value itself, or the sum of its weighted sub-terms when the loss
+    returns a dict ``{sub_term: weighted scalar}`` (so the distiller can log each sub-term)."""
+    return paddle.add_n(list(value.values())) if isinstance(value, dict) else value
+
+
 class FeatureLoss(nn.Layer):
     """Base class of a loss between one student and one teacher feature map.
 
@@ -31,7 +39,8 @@ class FeatureLoss(nn.Layer):
     channels (PyTorch's default init, as the references' ``nn.Conv2d``); otherwise ``self.align`` is
     ``None``.
 
-    Subclasses implement ``forward(student_feat, teacher_feat, inputs=None) -> Tensor`` (a scalar) where
+    Subclasses implement ``forward(student_feat, teacher_feat, inputs=None)`` returning a scalar Tensor, or
+    a dict ``{sub_term: weighted scalar}`` whose sum (:func:`loss_total`) is the loss, where
     ``student_feat`` is ``[N, Cs, H, W]`` (already resized to the teacher's ``H, W`` by the caller),
     ``teacher_feat`` is ``[N, Ct, H, W]`` (a constant) and ``inputs`` is ppdet's batch dict.
 

@@ -181,8 +181,10 @@ class FGDLoss(FeatureLoss):
                 the grid) and optionally ``'pad_gt_mask'``.
 
         Returns:
-            scalar Tensor. Images without boxes contribute only background, attention and relation
-            terms; every parameter takes part in every call.
+            ``{'fg', 'bg', 'mask', 'rela'}``: the weighted sub-terms (scalars) whose sum
+            (:func:`~ppdistill.losses.base.loss_total`) is the loss; the distiller logs each. Images
+            without boxes contribute only background, attention and relation terms; every parameter takes
+            part in every call.
         """
         if inputs is None or 'gt_bbox' not in inputs or 'image' not in inputs:
             raise ValueError("FGDLoss needs inputs with 'gt_bbox' and 'image'")
@@ -190,5 +192,5 @@ class FGDLoss(FeatureLoss):
         mask_fg, mask_bg = fgd_masks(inputs['gt_bbox'], inputs['image'].shape[2:4], h, w,
                                      inputs.get('pad_gt_mask'))
         terms = self.loss_terms(student_feat, teacher_feat, mask_fg, mask_bg)
-        return (self.alpha_fgd * terms['fg'] + self.beta_fgd * terms['bg'] +
-                self.gamma_fgd * terms['mask'] + self.lambda_fgd * terms['rela'])
+        return {'fg': self.alpha_fgd * terms['fg'], 'bg': self.beta_fgd * terms['bg'],
+                'mask': self.gamma_fgd * terms['mask'], 'rela': self.lambda_fgd * terms['rela']}

@@ -1,0 +1,361 @@
+"""What a distill step costs against its limit, and what the distill losses cost alone.
+
+In one process, on the same batches, interleaved step by step (so machine load hits every variant alike):
+
+- ``student[m]``: the plain student's train step (forward with loss, backward, optimizer step), on the
+  student inside method ``m``'s distiller (same weights; all optimizers use learning rate 0, so the
+  weights never change and every variant sees the same model);
+- ``teacher[m]``: method ``m``'s teacher forward up to its last tap, without gradient;
+- ``distill[m]``: the distiller's train step (teacher + student + distill losses, backward, step);
+- ``loss[m]``: the method's distill losses alone, forward + backward on detached recorded features;
+- ``fgd_ours`` / ``fgd_ppdet``: for FGD terms, our ``FGDLoss`` and ppdet 2.6's ``FGDFeatureLoss`` forward
+  on the same tensors.
+
+Per method: ``limit = student + teacher``, ``ratio = distill / limit`` and the framework overhead
+``distill / (limit + loss)`` (1.0 = the distiller adds nothing beyond the work it must do), each from the
+medians over the timed steps (after warm-up). Peak memory of student-only, teacher-only and distill runs
+is measured in one subprocess each (``ru_maxrss`` on CPU, ``max_memory_allocated`` on GPU).
+"""
+import json
+import os
+import resource
+import sys
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+import paddle
+
+__all__ = ['speed_benchmark']
+
+_MEMORY_TAG = 'PPDISTILL_MEMORY '
+
+
+def _sync() -> None:
+    if paddle.device.get_device().startswith('gpu'):
+        paddle.device.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def _teacher_settings(args, teacher_cfg: str) -> dict:
+    """The distill-config keys that point at the benchmark's teacher (random unless weights are given)."""
+    if args.teacher_weights:
+        return {'teacher_config': teacher_cfg, 'teacher_weights': args.teacher_weights}
+    return {'teacher_config': teacher_cfg, 'teacher_weights': None, 'allow_random_teacher': True}
+
+
+class _Setup:
+    """Student config, batches, a plain student and one distiller per method (random or given teacher)."""
+
+    def __init__(self, args, methods: Dict[str, str], teacher_cfg: str, student_cfg: str,
+                 build_student: bool = True):
+        from ppdet.core.workspace import create, load_config, merge_config
+        from ppdet.utils.cli import ArgsParser
+        from ppdistill.build import build_distiller, load_distill_config
+        from ppdistill.config_scope import config_scope, create_fresh
+
+        self.cfg = load_config(student_cfg)
+        opts = ArgsParser()._parse_opt(args.opt) if args.opt else {}
+        merge_config(opts)
+        dataset = self.cfg['TrainDataset'] = create('TrainDataset')()
+        loader = create('TrainReader')(dataset, self.cfg.worker_num)
+        need = args.warmup + args.steps
+        self.batches = []
+        while len(self.batches) < need:  # cycle through a small dataset
+            for batch in loader:
+                batch['epoch_id'] = 0  # as ppdet's trainer sets it (PicoDet's assigner depends on it)
+                self.batches.append(batch)
+                if len(self.batches) == need:
+                    break
+        self.student = create_fresh(self.cfg.architecture) if build_student else None
+        self.distillers = {}
+        for name, path in methods.items():
+            with config_scope():
+                load_distill_config(path)
+                merge_config(dict(_teacher_settings(args, teacher_cfg), **opts))
+                self.distillers[name] = build_distiller(self.cfg)
+
+    def optimizer(self, model) -> paddle.optimizer.Optimizer:
+        # The same optimizer for every variant (its step is part of each train step); learning rate 0 keeps
+        # the weights, so every variant and step sees the same model (the update still runs in full).
+        return paddle.optimizer.AdamW(learning_rate=0.0, parameters=model.parameters())
+
+
+def _train_step(model, opt, batch) -> None:
+    model.train()
+    loss = model(batch)['loss']
+    loss.backward()
+    opt.step()
+    opt.clear_grad()
+
+
+def _teacher_forward(d, batch) -> None:
+    d._teacher_forward(batch)
+    d.teacher_taps.clear()
+
+
+def _recorded_features(d, batch) -> list:
+    """Detached ``(student, teacher)`` per term, recorded as in a distill step."""
+    d.train()
+    with paddle.no_grad():
+        d._teacher_forward(batch)
+        with d.student_taps.record():
+            d.student_model(batch)
+        pairs = d.term_inputs()
+    d.student_taps.clear()
+    d.teacher_taps.clear()
+    out = []
+    for s, t in pairs:
+        s = s.detach()
+        s.stop_gradient = False
+        out.append((s, t))
+    return out
+
+
+def _loss_step(d, pairs, batch) -> None:
+    from ppdistill.losses.base import loss_total
+    total = paddle.add_n([loss_total(loss(s, t, batch)) * term.weight
+                          for term, loss, (s, t) in zip(d._terms, d.distill_losses, pairs)])
+    total.backward()
+    d.distill_losses.clear_gradients()
+
+
+def _valid_boxes(batch) -> dict:
+    """The batch with ``gt_bbox`` as a list of each image's real boxes (what ppdet's FGD loss iterates)."""
+    from ppdistill.masks import pad_boxes
+    boxes, valid = pad_boxes(batch['gt_bbox'], batch.get('pad_gt_mask'))
+    keep = valid.numpy()
+    per_image = [paddle.to_tensor(boxes.numpy()[i][keep[i]].reshape([-1, 4])) for i in range(len(keep))]
+    return {'gt_bbox': per_image, 'im_shape': batch['im_shape'], 'image': batch['image']}
+
+
+def _fgd_pairs(d) -> list:
+    """``(term index, our FGDLoss, ppdet FGDFeatureLoss)`` with the same settings, for each FGD term."""
+    from ppdet.slim.distill_loss import FGDFeatureLoss
+    from ppdistill.losses import FGDLoss
+    found = []
+    for i, loss in enumerate(d.distill_losses):
+        if isinstance(loss, FGDLoss):
+            theirs = FGDFeatureLoss(loss.student_channels, loss.teacher_channels, temp=loss.temp,
+                                    alpha_fgd=loss.alpha_fgd, beta_fgd=loss.beta_fgd,
+                                    gamma_fgd=loss.gamma_fgd, lambda_fgd=loss.lambda_fgd)
+            found.append((i, loss, theirs))
+    return found
+
+
+def measure_times(setup: _Setup, warmup: int) -> Dict[str, List[float]]:
+    """Seconds per variant per step, all variants interleaved on each batch."""
+    from ppdistill.losses.base import loss_total
+    times: Dict[str, List[float]] = {}
+    # The plain student step runs on each distiller's own student: same weights as its distill step.
+    s_opts = {m: setup.optimizer(d.student_model) for m, d in setup.distillers.items()}
+    d_opts = {m: setup.optimizer(d) for m, d in setup.distillers.items()}
+    fgd = {m: _fgd_pairs(d) for m, d in setup.distillers.items()}
+    for step, batch in enumerate(setup.batches):
+        sample = {}
+        for m, d in setup.distillers.items():
+            sample[f'student[{m}]'] = _timed(lambda: _train_step(d.student_model, s_opts[m], batch))
+            sample[f'teacher[{m}]'] = _timed(lambda: _teacher_forward(d, batch))
+            sample[f'distill[{m}]'] = _timed(lambda: _train_step(d, d_opts[m], batch))
+            pairs = _recorded_features(d, batch)
+            sample[f'loss[{m}]'] = _timed(lambda: _loss_step(d, pairs, batch))
+            if fgd[m]:
+                listed = _valid_boxes(batch)
+                for i, ours, theirs in fgd[m]:
+                    s, t = pairs[i]
+                    sample[f'fgd_ours[{m}/l{i}]'] = _timed(lambda: loss_total(ours(s, t, listed)))
+                    sample[f'fgd_ppdet[{m}/l{i}]'] = _timed(lambda: theirs(s, t, listed))
+        if step >= warmup:
+            for key, value in sample.items():
+                times.setdefault(key, []).append(value)
+    return times
+
+
+def summarise(times: Dict[str, List[float]], methods) -> dict:
+    """Medians (ms) per variant and, per method, limit / ratio / loss compute / overhead."""
+    med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    rows = {}
+    for m in methods:
+        limit = med[f'student[{m}]'] + med[f'teacher[{m}]']
+        distill, loss = med[f'distill[{m}]'], med[f'loss[{m}]']
+        row = {'student_ms': med[f'student[{m}]'], 'teacher_ms': med[f'teacher[{m}]'], 'limit_ms': limit,
+               'distill_ms': distill, 'ratio': distill / limit, 'loss_ms': loss,
+               'overhead': distill / (limit + loss)}
+        ours = sorted(k for k in med if k.startswith(f'fgd_ours[{m}/'))
+        if ours:
+            row['fgd_forward'] = [{'term': k[len('fgd_ours['):-1], 'ours_ms': med[k],
+                                   'ppdet_ms': med[k.replace('fgd_ours', 'fgd_ppdet')],
+                                   'speedup': med[k.replace('fgd_ours', 'fgd_ppdet')] / med[k]}
+                                  for k in ours]
+        rows[m] = row
+    steps = min((len(v) for v in times.values()), default=0)
+    return {'median_ms': med, 'steps': steps, 'methods': rows}
+
+
+# -- peak memory: one subprocess per role --------------------------------------------------------------
+def _current_rss_mb() -> float:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+class _RssSampler:
+    """Peak of the process's current RSS, sampled every ``interval`` s in a thread (Linux ``/proc``).
+
+    ``ru_maxrss`` cannot be reset, so it would report the import-time peak of paddle for small models;
+    sampling the current RSS measures what building and running the models add on top of the imports.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+        self.peak = _current_rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, _current_rss_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _current_rss_mb())
+
+
+def memory_role(args, methods: Dict[str, str], teacher_cfg: str, student_cfg: str) -> None:
+    """Child process: build and run ``args.memory_role`` (student | teacher | <method>) over the batches
+    and print its memory: ``above_import_mb`` = peak RSS (sampled) minus the RSS after the imports, so
+    model build, data and steps count and the interpreter and libraries do not. ``teacher`` is the teacher
+    alone, inference under ``no_grad``."""
+    from ppdistill.build import build_teacher
+    role = args.memory_role
+    baseline = _current_rss_mb()
+    sampler = _RssSampler()
+    setup = _Setup(args, {role: methods[role]} if role in methods else {}, teacher_cfg, student_cfg,
+                   build_student=role == 'student')
+    if role == 'student':
+        opt = setup.optimizer(setup.student)
+        step = lambda b: _train_step(setup.student, opt, b)  # noqa: E731
+    elif role == 'teacher':
+        settings = _teacher_settings(args, teacher_cfg)
+        teacher, _ = build_teacher(teacher_cfg, settings['teacher_weights'],
+                                   settings.get('allow_random_teacher', False))
+
+        def step(b):
+            with paddle.no_grad():
+                teacher(b)
+    else:
+        d = setup.distillers[role]
+        opt = setup.optimizer(d)
+        step = lambda b: _train_step(d, opt, b)  # noqa: E731
+    for batch in setup.batches:
+        step(batch)
+    peak = sampler.stop()
+    out = {'rss_after_import_mb': baseline, 'rss_peak_mb': peak, 'above_import_mb': peak - baseline,
+           'ru_maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if paddle.device.get_device().startswith('gpu'):
+        out['gpu_max_allocated_mb'] = paddle.device.cuda.max_memory_allocated() / 2 ** 20
+    print(_MEMORY_TAG + json.dumps(out), flush=True)
+
+
+def measure_memory(argv: List[str], roles: List[str], log_dir: str) -> Dict[str, dict]:
+    """Peak memory per role, each in a fresh ``tools/benchmark.py speed --memory_role`` subprocess."""
+    from ppdistill.runs import RunFailed, run_tool
+    out = {}
+    for role in roles:
+        log = os.path.join(log_dir, f'memory_{role}.log')
+        try:
+            run_tool(f'memory {role}', argv + ['--memory_role', role], log, os.getcwd(), '[bench]')
+        except RunFailed as err:
+            sys.stdout.write(err.log_tail)
+            sys.exit(f'[bench] {err}')
+        with open(log) as f:
+            line = [ln for ln in f if ln.startswith(_MEMORY_TAG)][-1]
+        out[role] = json.loads(line[len(_MEMORY_TAG):])
+    return out
+
+
+def memory_checks(memory: Dict[str, dict], methods) -> Dict[str, dict]:
+    """Per method: distill peak against student peak + teacher peak (+10% allowed)."""
+    key = 'gpu_max_allocated_mb' if 'gpu_max_allocated_mb' in memory['student'] else 'above_import_mb'
+    budget = memory['student'][key] + memory['teacher'][key]
+    return {m: {'metric': key, 'distill_mb': memory[m][key], 'student_plus_teacher_mb': budget,
+                'ratio': memory[m][key] / budget, 'within_110pct': memory[m][key] <= 1.1 * budget}
+            for m in methods}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Speed benchmark: {result['arch']}", '', f"- date: {result['date']}",
+             f"- command: `{result['command']}`", f"- device: {result['device']}, OMP_NUM_THREADS="
+             f"{os.environ.get('OMP_NUM_THREADS', '?')}; medians over {result['timing']['steps']} steps "
+             f"after {result['warmup']} warm-up steps, all variants interleaved on the same batches"
+             + (' (FEWER THAN 8 STEPS: a smoke run, not a measurement)'
+                if result['timing']['steps'] < 8 else ''),
+             '',
+             '| method | student step ms | teacher fwd ms | limit ms | distill step ms | ratio (distill/limit) '
+             '| loss fwd+bwd ms | overhead distill/(limit+loss) |', '|---|---|---|---|---|---|---|---|']
+    for m, r in result['timing']['methods'].items():
+        lines.append(f"| {m} | {r['student_ms']:.1f} | {r['teacher_ms']:.1f} | {r['limit_ms']:.1f} | "
+                     f"{r['distill_ms']:.1f} | {r['ratio']:.3f} | {r['loss_ms']:.1f} | {r['overhead']:.3f} |")
+    fgd = [(m, f) for m, r in result['timing']['methods'].items() for f in r.get('fgd_forward', [])]
+    if fgd:
+        lines += ['', '## FGD loss forward, same tensors: ppdistill FGDLoss vs ppdet 2.6 FGDFeatureLoss', '',
+                  '| term | ours ms | ppdet ms | speedup (ppdet/ours) |', '|---|---|---|---|']
+        lines += [f"| {f['term']} | {f['ours_ms']:.2f} | {f['ppdet_ms']:.2f} | {f['speedup']:.2f}x |"
+                  for _, f in fgd]
+    if result.get('memory'):
+        mem = result['memory']
+        gpu = 'gpu_max_allocated_mb' in mem['student']
+        lines += ['', '## Peak memory (one subprocess each, the same batches)', '',
+                  'RSS sampled every 2 ms; "above imports" = peak RSS minus the RSS once paddle/ppdet are '
+                  'imported (model build, data and steps).', '',
+                  '| run | peak RSS above imports MB | peak RSS MB |'
+                  + (' GPU max allocated MB |' if gpu else ''),
+                  '|---|---|---|' + ('---|' if gpu else '')]
+        for role, v in mem.items():
+            extra = f" {v['gpu_max_allocated_mb']:.0f} |" if gpu else ''
+            lines.append(f"| {role} | {v['above_import_mb']:.0f} | {v['rss_peak_mb']:.0f} |{extra}")
+        lines += ['', '| method | distill / (student + teacher) | within +10% |', '|---|---|---|']
+        lines += [f"| {m} | {c['ratio']:.3f} | {'yes' if c['within_110pct'] else 'no'} |"
+                  for m, c in result['memory_check'].items()]
+    return '\n'.join(lines) + '\n'
+
+
+def speed_benchmark(args, arch: str, methods: Dict[str, str], teacher_cfg: str, student_cfg: str,
+                    out: str) -> dict:
+    """``tools/benchmark.py speed``: timing in this process, memory in subprocesses; writes md + json."""
+    import shlex
+    from ppdistill.runs import now_utc
+
+    if args.memory_role:
+        return memory_role(args, methods, teacher_cfg, student_cfg)
+    print(f"[bench] speed {arch}: methods {', '.join(methods)}; {args.warmup} warm-up + "
+          f'{args.steps} timed steps, interleaved', flush=True)
+    setup = _Setup(args, methods, teacher_cfg, student_cfg, build_student=False)
+    times = measure_times(setup, args.warmup)
+    timing = summarise(times, methods)
+    command = 'python tools/benchmark.py ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+    result = {'date': now_utc(), 'command': command, 'arch': arch, 'device': paddle.device.get_device(),
+              'warmup': args.warmup, 'timing': timing, 'raw_seconds': times}
+    os.makedirs(out, exist_ok=True)
+    if not args.no_memory:
+        argv = [os.path.abspath(sys.argv[0])] + sys.argv[1:]
+        memory = measure_memory(argv, ['student', 'teacher'] + list(methods),
+                                os.path.join(out, f'speed_{arch}_logs'))
+        result['memory'] = memory
+        result['memory_check'] = memory_checks(memory, methods)
+    md = markdown(result)
+    base = os.path.join(out, f'speed_{arch}')
+    with open(base + '.md', 'w') as f:
+        f.write(md)
+    with open(base + '.json', 'w') as f:
+        json.dump(result, f, indent=1)
+    print('\n' + md + f'[bench] wrote {base}.md/.json', flush=True)
+    return result

@@ -1,0 +1,154 @@
+"""Running the tools as subprocesses, with progress, and reading what they log.
+
+Shared by ``tools/demo.py`` and ``tools/benchmark.py``: one run = one tool invocation whose output goes
+to a log file; while it runs, the ETA that ppdet's training log prints (``eta: 0:01:23``) is echoed on one
+progress line; a failing run prints its log tail and stops the caller. Also: a stamp (hash) of the files
+and settings that decide a run's result, so finished runs can be reused, and a parser for ppdet's
+training log lines.
+"""
+import datetime
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Dict, Iterable, List, Optional, Sequence
+
+__all__ = ['RunFailed', 'run_tool', 'stamp', 'config_files', 'param_count', 'last_eta',
+           'parse_train_log', 'format_duration']
+
+PY = sys.executable
+
+# ppdet's LogPrinter: "Epoch: [0] [ 20/125] learning_rate: 0.04 loss: 1.23 ... eta: 0:01:23 batch_cost: ..."
+_TRAIN_LINE = re.compile(r'Epoch: \[(\d+)\]\s*\[\s*(\d+)/\s*(\d+)\]\s*learning_rate: (\S+)\s+(.*?)\s*eta: ')
+_METER = re.compile(r'(\w+): (-?(?:\d+\.?\d*(?:e[-+]?\d+)?|nan|inf))')
+_ETA = re.compile(r'eta: ((?:\d+ days?, )?\d+:\d\d:\d\d)')
+
+
+class RunFailed(RuntimeError):
+    """A tool run exited non-zero; ``log_tail`` holds the end of its log."""
+
+    def __init__(self, name: str, code: int, log: str, log_tail: str):
+        super().__init__(f'{name} failed (exit {code}); full log: {log}')
+        self.log_tail = log_tail
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return '?'
+    seconds = int(round(max(0.0, seconds)))
+    return f'{seconds // 60}m{seconds % 60:02d}s' if seconds >= 60 else f'{seconds}s'
+
+
+def _parse_eta(text: str) -> float:
+    days = 0
+    if 'day' in text:
+        head, text = text.split(',', 1)
+        days = int(head.split()[0])
+    h, m, s = (int(v) for v in text.strip().split(':'))
+    return days * 86400 + h * 3600 + m * 60 + s
+
+
+def last_eta(log: str, tail_bytes: int = 16384) -> Optional[float]:
+    """Seconds left according to the last ``eta:`` in a (growing) training log, or None."""
+    try:
+        with open(log, 'rb') as f:
+            f.seek(max(0, os.path.getsize(log) - tail_bytes))
+            text = f.read().decode('utf-8', 'replace')
+    except OSError:
+        return None
+    found = _ETA.findall(text)
+    return _parse_eta(found[-1]) if found else None
+
+
+def run_tool(name: str, args: Sequence[str], log: str, cwd: str, prefix: str = '[run]',
+             expected: Optional[float] = None, poll: float = 2.0, env: Optional[dict] = None) -> float:
+    """Run ``python <args>`` in ``cwd`` with its output in ``log``; return the seconds it took.
+
+    Prints one progress line for the run: its start with ``expected`` seconds (e.g. from earlier runs),
+    refreshed in place on a terminal with the ETA the training log reports (on a pipe: when the first ETA
+    appears, then at most every 2 minutes), then its duration. Raises :class:`RunFailed` (with the log
+    tail) on a non-zero exit.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(log)) or '.', exist_ok=True)
+    tty = sys.stdout.isatty()
+    head = f'{prefix} {name}'
+    print(f'{head}: started{", ETA " + format_duration(expected) if expected else ""} '
+          f'(log: {os.path.relpath(log, cwd)})', end='' if tty else '\n', flush=True)
+    start = time.time()
+    last_print = None
+    with open(log, 'w') as f:
+        proc = subprocess.Popen([PY] + list(args), cwd=cwd, stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, **(env or {})))
+        while proc.poll() is None:
+            time.sleep(poll)
+            eta = last_eta(log)
+            now = time.time()
+            if eta is not None and (tty or last_print is None or now - last_print >= 120):
+                msg = f'{head}: running {format_duration(now - start)}, ETA {format_duration(eta)}'
+                print(('\r' + msg.ljust(78)) if tty else msg, end='' if tty else '\n', flush=True)
+                last_print = now
+    took = time.time() - start
+    if tty:
+        print('\r', end='')
+    if proc.returncode != 0:
+        with open(log, errors='replace') as f:
+            tail = ''.join(f.readlines()[-40:])
+        print(f'{head}: FAILED after {format_duration(took)}'.ljust(78), flush=True)
+        raise RunFailed(name, proc.returncode, log, tail)
+    print(f'{head}: done in {format_duration(took)}'.ljust(78 if tty else 0), flush=True)
+    return took
+
+
+def stamp(paths: Iterable[str], extra: Iterable[str] = ()) -> str:
+    """Hash of the files (e.g. configs, dataset meta) and settings (overrides, seed) that decide a run."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, 'rb') as f:
+            digest.update(f.read())
+    for item in extra:
+        digest.update(b'\0' + str(item).encode())
+    return digest.hexdigest()[:16]
+
+
+def config_files(config: str) -> List[str]:
+    """A ppdet config and its ``_BASE_`` files, recursively (paths as given, joined with the bases)."""
+    import yaml
+    files, todo = [], [config]
+    while todo:
+        path = todo.pop()
+        files.append(path)
+        with open(path) as f:
+            text = yaml.load(f, Loader=yaml.BaseLoader) or {}
+        for base in text.get('_BASE_', []) if isinstance(text, dict) else []:
+            todo.append(os.path.normpath(os.path.join(os.path.dirname(path), base)))
+    return sorted(files)
+
+
+def param_count(weights: str) -> int:
+    """Parameters in a checkpoint (``<weights>.pdparams``), BatchNorm running statistics excluded."""
+    import numpy as np
+    import paddle
+    state = paddle.load(weights + '.pdparams')
+    return int(sum(np.prod(v.shape) for k, v in state.items() if not k.endswith(('_mean', '_variance'))))
+
+
+def parse_train_log(text: str) -> List[Dict[str, float]]:
+    """Every ppdet training log line as ``{'epoch', 'step', 'steps_per_epoch', 'iter', 'lr', <meters>}``.
+
+    ``iter`` is the global step ``epoch * steps_per_epoch + step``; meters are ppdet's logged values
+    (medians over the last ``log_iter`` steps): ``loss``, the detector's terms, ``distill_*`` terms.
+    """
+    rows = []
+    for m in _TRAIN_LINE.finditer(text):
+        epoch, step, per_epoch = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        row = {'epoch': epoch, 'step': step, 'steps_per_epoch': per_epoch,
+               'iter': epoch * per_epoch + step, 'lr': float(m.group(4))}
+        row.update({k: float(v) for k, v in _METER.findall(m.group(5))})
+        rows.append(row)
+    return rows
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')

@@ -1,0 +1,333 @@
+"""Benchmark: seed statistics against hand-computed and scipy references, no host synchronisation inside
+the losses (static and at run time), and ``tools/benchmark.py accuracy``/``speed`` on the tiny configs."""
+import ppdistill  # noqa: F401  (import order: ppdet before paddle)
+import ast
+import glob
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import pytest
+from scipy import stats as sps
+
+from ppdistill.bench.stats import aggregate, beyond_noise, gap_closed, markdown_table, mean_std, welch_t_test
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'configs', 'demo', 'tiny')
+
+
+# -- statistics --------------------------------------------------------------------------------------
+def test_mean_and_sample_std_by_hand():
+    mean, std = mean_std([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2)
+    assert std == pytest.approx(0.1)  # sqrt(((-0.1)^2 + 0 + 0.1^2) / (3 - 1))
+    assert mean_std([0.25]) == (0.25, None)
+
+
+def test_gap_closed_by_hand():
+    assert gap_closed(0.25, 0.2, 0.3) == pytest.approx(0.5)
+    assert gap_closed(0.15, 0.2, 0.3) == pytest.approx(-0.5)
+    assert gap_closed(0.3, 0.2, 0.2) is None
+
+
+def test_welch_matches_hand_computation_and_scipy():
+    a, b = [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]
+    t, df, p = welch_t_test(a, b)
+    # means 2 and 5, variances 1 and 1: se^2 = 1/3 + 1/3, t = -3 / sqrt(2/3); df = (2/3)^2 / (2 (1/3)^2 / 2) = 4
+    assert t == pytest.approx(-3 / math.sqrt(2 / 3))
+    assert df == pytest.approx(4.0)
+    ref = sps.ttest_ind(a, b, equal_var=False)
+    assert p == pytest.approx(ref.pvalue) and t == pytest.approx(ref.statistic)
+    a, b = [0.11, 0.15, 0.12, 0.19], [0.10, 0.101, 0.148]
+    assert welch_t_test(a, b)[2] == pytest.approx(sps.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def test_noise_verdict():
+    assert beyond_noise([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) is True      # p = 0.021
+    assert beyond_noise([1.0, 2.0, 3.0], [1.5, 2.5, 3.5]) is False     # p = 0.57
+    assert beyond_noise([0.2, 0.2], [0.3, 0.3]) is True                # no spread at all: any gap counts
+    assert beyond_noise([0.2, 0.2], [0.2, 0.2]) is False
+    assert beyond_noise([0.2], [0.3, 0.31]) is None                    # one seed: no noise estimate
+
+
+def test_aggregate_rows():
+    row = lambda ap: {'AP': ap, 'AP50': 2 * ap, 'APs': ap / 2, 'APm': ap, 'APl': -1.0}  # noqa: E731
+    runs = {'teacher': [row(0.40)], 'student': [row(0.10), row(0.14), row(0.12)],
+            'mgd': [row(0.20), row(0.22), row(0.24)], 'fgd': [row(0.11)]}
+    summary = {e['row']: e for e in aggregate(runs)}
+    assert list(summary) == ['teacher', 'student', 'mgd', 'fgd']
+    assert summary['teacher']['n'] == 1 and summary['teacher']['std']['AP'] is None
+    assert 'gap_closed' not in summary['teacher'] and 'gap_closed' not in summary['student']
+    mgd = summary['mgd']
+    assert mgd['mean']['AP'] == pytest.approx(0.22) and mgd['std']['AP'] == pytest.approx(0.02)
+    assert mgd['mean']['AP50'] == pytest.approx(0.44)
+    assert mgd['delta_ap'] == pytest.approx(0.10)
+    assert mgd['gap_closed'] == pytest.approx(0.10 / 0.28)       # (0.22 - 0.12) / (0.40 - 0.12)
+    assert mgd['welch_p'] == pytest.approx(sps.ttest_ind([0.20, 0.22, 0.24], [0.10, 0.14, 0.12],
+                                                         equal_var=False).pvalue)
+    assert mgd['beyond_noise'] is True
+    assert summary['fgd']['beyond_noise'] is None and summary['fgd']['welch_p'] is None
+    table = markdown_table(list(summary.values()))
+    assert '| mgd | 3 | 0.220 ± 0.020 |' in table and 'n/a' in table
+    assert f"yes (p = {mgd['welch_p']:.3f})" in table and 'n/a (< 2 seeds)' in table
+
+
+# -- no host synchronisation inside the losses ---------------------------------------------------------
+LOSS_FILES = sorted(glob.glob(os.path.join(ROOT, 'ppdistill', 'losses', '*.py'))) + \
+    [os.path.join(ROOT, 'ppdistill', 'masks.py')]
+SYNC_METHODS = {'numpy', 'item', 'tolist'}
+SCALAR_CASTS = {'float', 'int', 'bool'}
+
+
+def _shape_names(func: ast.AST) -> set:
+    """Names bound (directly or through arithmetic) from ``.shape``, Python constants, ``self.<attr>`` or
+    parameters annotated as Python numbers (``height: int``, ``shape: Sequence[int]``)."""
+    host_annotation = re.compile(r'^(int|float|bool|(Sequence|List|Tuple)\[int.*\])$')
+    names = {a.arg for a in func.args.args + func.args.kwonlyargs
+             if a.annotation is not None and host_annotation.match(ast.unparse(a.annotation))}
+
+    def is_host(node) -> bool:
+        if any(isinstance(n, ast.Attribute) and n.attr == 'shape' for n in ast.walk(node)):
+            return True
+        return all(isinstance(n, (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop,
+                                  ast.Load, ast.expr_context)) or (isinstance(n, ast.Name) and n.id in names)
+                   or (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == 'self')
+                   or (isinstance(n, ast.Name) and n.id == 'self')
+                   for n in ast.walk(node))
+
+    def targets(node):
+        return [n.id for n in ast.walk(node) if isinstance(n, ast.Name)]
+
+    for _ in range(3):  # to a fixpoint through chains of assignments
+        for node in ast.walk(func):
+            if isinstance(node, ast.Assign) and is_host(node.value):
+                for target in node.targets:
+                    names.update(targets(target))
+            elif isinstance(node, ast.comprehension) and is_host(node.iter):
+                names.update(targets(node.target))
+    return names, is_host
+
+
+def host_sync_calls(path: str) -> list:
+    """``.numpy()``/``.item()``/``.tolist()`` anywhere, and ``float/int/bool(x)`` outside ``__init__`` where
+    ``x`` is not built from shapes, constants or ``self`` attributes (i.e. may be a tensor)."""
+    tree = ast.parse(open(path).read())
+    found = []
+    for func in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+        if func.name == '__init__':
+            continue
+        names, is_host = _shape_names(func)
+        for node in ast.walk(func):
+            if not isinstance(node, ast.Call):
+                continue
+            if isinstance(node.func, ast.Attribute) and node.func.attr in SYNC_METHODS:
+                found.append(f'{os.path.basename(path)}:{node.lineno} .{node.func.attr}()')
+            elif isinstance(node.func, ast.Name) and node.func.id in SCALAR_CASTS and node.args \
+                    and not is_host(node.args[0]):
+                found.append(f'{os.path.basename(path)}:{node.lineno} {node.func.id}({ast.unparse(node.args[0])})')
+    return found
+
+
+def test_static_check_flags_host_syncs_in_a_sample():
+    sample = ('def f(self, x, t):\n    n = int(x.shape[0])\n    a = float(n * 2) + float(self.w)\n'
+              '    b = x.numpy()\n    c = float(t.sum())\n    d = t.item()\n    if bool(t > 0):\n        pass\n')
+    path = os.path.join(os.path.dirname(__file__), '_host_sync_sample.py')
+    try:
+        with open(path, 'w') as f:
+            f.write(sample)
+        found = [s.split(' ', 1)[1] for s in host_sync_calls(path)]
+    finally:
+        os.remove(path)
+    assert sorted(found) == sorted(['.numpy()', 'float(t.sum())', '.item()', 'bool(t > 0)'])
+
+
+@pytest.mark.parametrize('path', LOSS_FILES, ids=os.path.basename)
+def test_no_host_sync_in_loss_code(path):
+    assert host_sync_calls(path) == []
+
+
+def _spy_host_conversions(monkeypatch) -> list:
+    """Patch paddle.Tensor's host conversions to record their names (and still work)."""
+    calls = []
+    for name in ('numpy', 'item', 'tolist', '__float__', '__int__', '__bool__', '__index__'):
+        original = getattr(paddle.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(paddle.Tensor, name, spy)
+    return calls
+
+
+def test_no_host_sync_at_run_time(monkeypatch):
+    """Every distill loss, forward + backward, with the tensor→host conversions recorded."""
+    from ppdistill.losses import FGDLoss, MGDLoss
+    from ppdistill.losses.base import loss_total
+    paddle.seed(0)
+    s = paddle.randn([2, 6, 12, 12])
+    s.stop_gradient = False
+    t = paddle.randn([2, 8, 12, 12])
+    inputs = {'gt_bbox': paddle.to_tensor([[[4., 4., 30., 40.], [0., 0., 0., 0.]],
+                                           [[10., 2., 44., 20.], [1., 1., 9., 9.]]]),
+              'pad_gt_mask': paddle.to_tensor([[[1.], [0.]], [[1.], [1.]]]),
+              'im_shape': paddle.to_tensor([[48., 48.], [48., 48.]])}
+    losses = [FGDLoss(6, 8), MGDLoss(6, 8)]
+    calls = _spy_host_conversions(monkeypatch)
+    for loss in losses:
+        loss_total(loss(s, t, inputs)).backward()
+    assert calls == []
+    # the spies see a conversion when there is one
+    float(t.sum())
+    t.numpy()
+    assert calls[0] == '__float__' and calls[-1] == 'numpy'
+
+
+# -- the tool, on the tiny configs ---------------------------------------------------------------------
+def run(args, cwd):
+    cmd = [sys.executable, os.path.join(ROOT, 'tools', args[0])] + list(args[1:])
+    proc = subprocess.run(cmd, cwd=str(cwd), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=1200)
+    if proc.returncode != 0:
+        pytest.fail(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}')
+    return proc.stdout
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    wd = tmp_path_factory.mktemp('bench')
+    run(['make_demo_data.py', '--out', 'dataset/digits_tiny', '--num_train', '6', '--num_val', '4'], wd)
+    return wd
+
+
+@pytest.mark.integration
+def test_accuracy_benchmark_on_tiny_configs_and_resume(work):
+    args = ['benchmark.py', 'accuracy', '--config_dir', TINY, '--methods', 'fgd', '--seeds', '2',
+            '-o', 'log_iter=1']
+    out = run(args, work)
+    assert out.count('train: done') == 5 and out.count('eval: done') == 5  # teacher + 2 x (student, fgd)
+    bench = work / 'output' / 'benchmark'
+    for name in ('accuracy_picodet.md', 'accuracy_picodet.json', 'accuracy_picodet.png', 'losses_picodet.png'):
+        assert (bench / name).stat().st_size > 0, name
+    result = json.loads((bench / 'accuracy_picodet.json').read_text())
+    assert result['seeds'] == [0, 1] and 'Welch' in result['criterion']
+    rows = {r['row']: r for r in result['rows']}
+    assert list(rows) == ['teacher', 'student', 'fgd']
+    assert rows['teacher']['n'] == 1 and rows['student']['n'] == 2 and rows['fgd']['n'] == 2
+    for row in rows.values():
+        for run_ in row['runs']:
+            metrics = json.loads(open(os.path.join(run_['run_dir'], 'metrics.json')).read())['bbox']
+            assert run_['AP'] == pytest.approx(metrics[0]) and run_['APl'] == pytest.approx(metrics[5])
+        assert row['mean']['AP'] == pytest.approx(np.mean([r['AP'] for r in row['runs']]))
+    assert {'delta_ap', 'gap_closed', 'beyond_noise'} <= set(rows['fgd'])
+    balance = rows['fgd']['runs'][0]['balance']['terms']
+    assert {'distill_loss', 'distill_fgd_l0', 'distill_fgd_l0_fg', 'distill_fgd_l0_rela'} <= set(balance)
+    assert balance['distill_loss']['start'] > 0 and balance['distill_loss']['end'] > 0
+    md = (bench / 'accuracy_picodet.md').read_text()
+    assert 'seeds: [0, 1]' in md and 'benchmark.py accuracy' in md and '| fgd | 2 |' in md
+    # a second call reuses every finished run
+    again = run(args, work)
+    assert 'reusing 5 finished runs' in again and 'train: done' not in again
+
+
+def _benchmark_module():
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    try:
+        import benchmark
+    finally:
+        sys.path.pop(0)
+    return benchmark
+
+
+def test_methods_are_discovered_by_config_name(tmp_path):
+    benchmark = _benchmark_module()
+    found = benchmark.discover_methods(os.path.join(ROOT, 'configs', 'slim', 'distill'), 'picodet')
+    assert {'mgd', 'fgd'} <= set(found) and 'generic_example' not in found
+    (tmp_path / 'newkd_picodet_teacher_to_student.yml').write_text('slim: Distiller\n')
+    (tmp_path / 'newkd_retinanet_teacher_to_student.yml').write_text('slim: Distiller\n')
+    assert list(benchmark.discover_methods(str(tmp_path), 'picodet')) == ['newkd']
+    assert benchmark.parse_seeds('3') == [0, 1, 2] and benchmark.parse_seeds('4,7') == [4, 7]
+
+
+def test_run_stamps_follow_what_decides_each_run():
+    benchmark = _benchmark_module()
+
+    def plan(*extra):
+        return benchmark.Plan(benchmark.parse_args(['accuracy', '--config_dir', TINY, '--methods', 'fgd']
+                                                   + list(extra)))
+    base, other_opt, other_teacher = plan('-o', 'epoch=1'), plan('-o', 'epoch=2'), \
+        plan('-o', 'epoch=1', '--teacher_opt', 'epoch=3')
+    assert base.stamp('student', 0) == plan('-o', 'epoch=1').stamp('student', 0)  # deterministic
+    assert base.stamp('student', 0) != base.stamp('student', 1)                   # seed
+    assert base.stamp('student', 0) != base.stamp('fgd', 0)                       # row
+    assert base.stamp('student', 0) != other_opt.stamp('student', 0)              # student overrides
+    assert base.stamp('teacher', 0) == other_opt.stamp('teacher', 0)              # ... not the teacher's
+    assert base.stamp('teacher', 0) != other_teacher.stamp('teacher', 0)          # teacher overrides
+    assert base.stamp('fgd', 0) != other_teacher.stamp('fgd', 0)                  # a new teacher: new fgd
+    assert base.stamp('student', 0) == other_teacher.stamp('student', 0)          # ... same plain student
+
+
+@pytest.mark.integration
+def test_speed_benchmark_on_tiny_configs(work):
+    out = run(['benchmark.py', 'speed', '--config_dir', TINY, '--methods', 'mgd,fgd', '--steps', '2',
+               '--warmup', '1', '--out', 'speed_out'], work)
+    assert 'smoke run' in out
+    result = json.loads((work / 'speed_out' / 'speed_picodet.json').read_text())
+    methods = result['timing']['methods']
+    assert set(methods) == {'mgd', 'fgd'} and result['timing']['steps'] == 2
+    for m, r in methods.items():
+        assert r['limit_ms'] == pytest.approx(r['student_ms'] + r['teacher_ms'])
+        assert r['ratio'] == pytest.approx(r['distill_ms'] / r['limit_ms'])
+        assert r['overhead'] == pytest.approx(r['distill_ms'] / (r['limit_ms'] + r['loss_ms']))
+    assert [f['term'] for f in methods['fgd']['fgd_forward']] == ['fgd/l0', 'fgd/l1', 'fgd/l2']
+    assert 'fgd_forward' not in methods['mgd']
+    assert set(result['memory']) == {'student', 'teacher', 'mgd', 'fgd'}
+    assert all(v['above_import_mb'] > 0 for v in result['memory'].values())
+    assert set(result['memory_check']) == {'mgd', 'fgd'}
+    md = (work / 'speed_out' / 'speed_picodet.md').read_text()
+    assert 'ppdet 2.6 FGDFeatureLoss' in md and '| mgd |' in md
+
+
+def test_unknown_method_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'benchmark.py'), 'accuracy',
+                           '--methods', 'mgd,nope'], cwd=str(tmp_path), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+    assert proc.returncode == 2
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith('ppdistill: error:')]
+    assert len(err) == 1 and "['nope']" in err[0] and 'mgd' in err[0] and 'Traceback' not in proc.stderr
+
+
+# -- runs: progress and log parsing --------------------------------------------------------------------
+LOG_LINE = ('[12/02 00:43:22] ppdet.engine INFO: Epoch: [1] [ 3/10] learning_rate: 0.040000 loss: 2.500000 '
+            'loss_vfl: 1.000000 distill_fgd_l0: 0.250000 distill_loss: 0.500000 eta: 0:01:05 '
+            'batch_cost: 0.5000 data_cost: 0.0100 ips: 8.0000 images/s')
+
+
+def test_parse_train_log_and_eta():
+    from ppdistill.runs import parse_train_log
+    rows = parse_train_log('noise\n' + LOG_LINE + '\n' + LOG_LINE.replace('[ 3/10]', '[ 4/10]')
+                           .replace('eta: 0:01:05', 'eta: 1 day, 2:00:01'))
+    assert rows[0] == {'epoch': 1, 'step': 3, 'steps_per_epoch': 10, 'iter': 13, 'lr': 0.04, 'loss': 2.5,
+                       'loss_vfl': 1.0, 'distill_fgd_l0': 0.25, 'distill_loss': 0.5}
+    assert rows[1]['iter'] == 14
+
+
+def test_run_tool_reports_eta_and_fails_with_the_log_tail(tmp_path, capsys):
+    from ppdistill.runs import RunFailed, last_eta, run_tool
+    script = tmp_path / 'job.py'
+    script.write_text('import sys, time\n'
+                      f'print({LOG_LINE!r}, flush=True)\n'
+                      'time.sleep(1.5)\n'
+                      'print("last words"); sys.exit(3)\n')
+    with pytest.raises(RunFailed) as err:
+        run_tool('job', [str(script)], str(tmp_path / 'job.log'), str(tmp_path), '[t]', poll=0.2)
+    assert 'last words' in err.value.log_tail and 'exit 3' in str(err.value)
+    out = capsys.readouterr().out
+    assert '[t] job: running' in out and 'ETA 1m05s' in out and '[t] job: FAILED' in out
+    assert last_eta(str(tmp_path / 'job.log')) == 65
+    (tmp_path / 'day.log').write_text('eta: 1 day, 2:00:01 x')
+    assert last_eta(str(tmp_path / 'day.log')) == 86400 + 7201

@@ -1,0 +1,352 @@
+"""Does distillation pay, and what does it cost? Accuracy over seeds and step cost against its limit.
+
+    python tools/benchmark.py accuracy [--arch picodet] [--methods mgd,fgd] [--seeds 3] [-o epoch=...]
+    python tools/benchmark.py speed [--arch picodet] [--methods mgd,fgd] [--steps 8]
+
+``accuracy`` trains (or reuses) the teacher once, then for every seed the plain student and the student
+distilled with each method (same config, schedule and data; ``tools/train.py``), evaluates every run with
+``tools/eval.py`` (COCO), and writes ``<out>/accuracy_<arch>.{md,json,png}`` and
+``<out>/losses_<arch>.png``: AP, AP50, APs/m/l as mean ± std over seeds, the teacher row, the gap closed
+``(AP_method - AP_student) / (AP_teacher - AP_student)`` and whether the difference to the plain student
+exceeds the seed noise (Welch's two-sided t-test on the per-seed APs, p < 0.05; see
+:mod:`ppdistill.bench.stats`), plus each run's loss balance (distill terms relative to the detection loss
+at the first and last log point, and the warnings). A run whose stamp (hash of its configs, overrides,
+seed, the teacher's stamp and, for distilled rows, ppdistill's loss code) matches a finished run under
+``<out>/runs/`` is reused, so an interrupted benchmark resumes. Dataset files are not hashed: after
+changing the data, use a new ``--out``.
+
+Methods: every ``<distill_dir>/<method>_<arch>_teacher_to_student.yml`` (so new methods appear by adding
+their config); ``--config_dir`` holds ``<arch>_teacher.yml`` and ``<arch>_student.yml``.
+
+``speed`` measures in one process on the same batches (see :mod:`ppdistill.bench.speed`).
+"""
+import _path  # noqa: F401  (repo root on sys.path)
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+from ppdistill._env import apply_cpu_defaults
+from ppdistill.errors import PPDistillError
+from ppdistill.runs import RunFailed, config_files, format_duration, now_utc, run_tool, stamp
+
+ROOT = _path.ROOT
+TOOLS = os.path.join(ROOT, 'tools')
+
+
+def _resolve(path: str) -> str:
+    """A path as given if it exists from the CWD, else relative to the repository root."""
+    return os.path.abspath(path if os.path.exists(path) else os.path.join(ROOT, path))
+
+
+def discover_methods(distill_dir: str, arch: str) -> Dict[str, str]:
+    """``{method: config}`` for every ``<method>_<arch>_teacher_to_student.yml`` in ``distill_dir``."""
+    suffix = f'_{arch}_teacher_to_student.yml'
+    found = sorted(glob.glob(os.path.join(distill_dir, '*' + suffix)))
+    return {os.path.basename(p)[:-len(suffix)]: p for p in found}
+
+
+def select_methods(requested: Optional[str], available: Dict[str, str], arch: str,
+                   distill_dir: str) -> Dict[str, str]:
+    if not requested:
+        if not available:
+            raise PPDistillError(f'no distill configs *_{arch}_teacher_to_student.yml in {distill_dir}')
+        return available
+    names = [m.strip() for m in requested.split(',') if m.strip()]
+    missing = [m for m in names if m not in available]
+    if missing:
+        raise PPDistillError(f'no distill config for {missing} with --arch {arch} in {distill_dir} '
+                             f'(expected <method>_{arch}_teacher_to_student.yml); available: '
+                             f"{', '.join(available) or 'none'}")
+    return {m: available[m] for m in names}
+
+
+def parse_seeds(text: str) -> List[int]:
+    """``'3'`` -> seeds 0, 1, 2; ``'0,4,7'`` -> those seeds."""
+    try:
+        if ',' in text:
+            seeds = [int(s) for s in text.split(',') if s.strip()]
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise PPDistillError(f'--seeds {text!r}: give a count (3) or a comma list (0,1,2)') from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise PPDistillError(f'--seeds {text!r}: need at least one seed, no repeats')
+    return seeds
+
+
+def _source_files() -> List[str]:
+    """ppdistill's code that decides a distilled run (losses, distiller, build), for the stamp."""
+    pkg = os.path.join(ROOT, 'ppdistill')
+    return sorted(glob.glob(os.path.join(pkg, '*.py')) + glob.glob(os.path.join(pkg, 'losses', '*.py')))
+
+
+def resolve_pair(args) -> Tuple[str, str, Dict[str, str]]:
+    """``(teacher config, student config, {method: distill config})`` from the command line."""
+    teacher_cfg = _resolve(os.path.join(args.config_dir, f'{args.arch}_teacher.yml'))
+    student_cfg = _resolve(os.path.join(args.config_dir, f'{args.arch}_student.yml'))
+    for cfg in (teacher_cfg, student_cfg):
+        if not os.path.isfile(cfg):
+            raise PPDistillError(f'config not found: {cfg} (--config_dir holds <arch>_teacher.yml and '
+                                 '<arch>_student.yml)')
+    distill_dir = _resolve(args.distill_dir)
+    methods = select_methods(args.methods, discover_methods(distill_dir, args.arch), args.arch, distill_dir)
+    return teacher_cfg, student_cfg, methods
+
+
+class Plan:
+    """The runs of an accuracy benchmark and where each lives (``<out>/runs/<arch>/<row>/seed<k>``)."""
+
+    def __init__(self, args):
+        self.arch = args.arch
+        self.out = os.path.abspath(args.out)
+        self.teacher_cfg, self.student_cfg, self.methods = resolve_pair(args)
+        self.seeds = parse_seeds(args.seeds)
+        self.opt = list(args.opt or [])
+        self.teacher_opt = list(args.teacher_opt or [])
+        self.teacher_seed = args.teacher_seed
+        self.teacher_stamp = stamp(config_files(self.teacher_cfg), ['teacher', self.teacher_seed]
+                                   + self.teacher_opt)
+        self.rows = ['teacher', 'student'] + list(self.methods)
+
+    def run_dir(self, row: str, seed: int) -> str:
+        return os.path.join(self.out, 'runs', self.arch, row, f'seed{seed}')
+
+    def runs(self) -> List[tuple]:
+        """``(row, seed)`` in execution order: the teacher, then all rows seed by seed."""
+        return [('teacher', self.teacher_seed)] + [(row, s) for s in self.seeds for row in self.rows[1:]]
+
+    def stamp(self, row: str, seed: int) -> str:
+        if row == 'teacher':
+            return self.teacher_stamp
+        files = config_files(self.student_cfg)
+        extra = [row, seed] + self.opt
+        if row != 'student':
+            files += [self.methods[row]] + _source_files()
+            extra += [self.teacher_stamp]
+        return stamp(files, extra)
+
+    def weights(self, row: str, seed: int) -> str:
+        name = os.path.splitext(os.path.basename(
+            self.methods[row] if row in self.methods else (self.teacher_cfg if row == 'teacher'
+                                                           else self.student_cfg)))[0]
+        return os.path.join(self.run_dir(row, seed), name, 'model_final')
+
+    def train_args(self, row: str, seed: int) -> List[str]:
+        cfg = self.teacher_cfg if row == 'teacher' else self.student_cfg
+        args = [os.path.join(TOOLS, 'train.py'), '-c', cfg, '--seed', str(seed)]
+        opt = self.teacher_opt if row == 'teacher' else self.opt
+        if row in self.methods:
+            args += ['--slim_config', self.methods[row]]
+            opt = [f'teacher_config={self.teacher_cfg}',
+                   f'teacher_weights={self.weights("teacher", self.teacher_seed)}'] + opt
+        return args + ['-o', f'save_dir={self.run_dir(row, seed)}'] + opt
+
+    def eval_args(self, row: str, seed: int) -> List[str]:
+        cfg = self.teacher_cfg if row == 'teacher' else self.student_cfg
+        opt = self.teacher_opt if row == 'teacher' else self.opt
+        return [os.path.join(TOOLS, 'eval.py'), '-c', cfg, '--save_metrics',
+                os.path.join(self.run_dir(row, seed), 'metrics.json'),
+                '-o', f'weights={self.weights(row, seed)}'] + opt
+
+
+def _load_record(path: str, want_stamp: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if record.get('stamp') == want_stamp else None
+
+
+def _expected(records: Dict[tuple, dict], row: str, key: str = 'seconds') -> Optional[float]:
+    """Expected seconds (``key``: the whole run, ``train_seconds`` or ``eval_seconds``): the mean of
+    finished runs of the same row, else of any student row."""
+    same = [r[key] for (name, _), r in records.items() if name == row and key in r]
+    other = [r[key] for (name, _), r in records.items() if name != 'teacher' and key in r]
+    pool = same or other
+    return sum(pool) / len(pool) if pool else None
+
+
+def run_accuracy(args) -> dict:
+    from ppdistill.balance import balance_summary
+    from ppdistill.bench.stats import aggregate, coco_row
+    from ppdistill.runs import param_count, parse_train_log
+
+    plan = Plan(args)
+    runs = plan.runs()
+    print(f"[bench] accuracy {plan.arch}: rows {', '.join(plan.rows)}; seeds {plan.seeds}; "
+          f'{len(runs)} runs under {os.path.relpath(plan.out)}', flush=True)
+    records: Dict[tuple, dict] = {}
+    todo = []
+    for row, seed in runs:
+        record = _load_record(os.path.join(plan.run_dir(row, seed), 'run.json'), plan.stamp(row, seed))
+        if record is not None:
+            records[(row, seed)] = record
+        else:
+            todo.append((row, seed))
+    if len(records):
+        print(f'[bench] reusing {len(records)} finished runs (same configs, overrides and seed)', flush=True)
+    for i, (row, seed) in enumerate(todo, 1):
+        run_dir = plan.run_dir(row, seed)
+        os.makedirs(run_dir, exist_ok=True)
+        left = sum(_expected(records, r) or 0.0 for r, _ in todo[i - 1:])
+        total = f', all ~{format_duration(left)}' if left else ''
+        prefix = f'[bench] ({i}/{len(todo)}{total}) {row} seed {seed}'
+        start = time.time()
+        try:
+            train_s = run_tool('train', plan.train_args(row, seed), os.path.join(run_dir, 'train.log'),
+                               os.getcwd(), prefix, _expected(records, row, 'train_seconds'))
+            eval_s = run_tool('eval', plan.eval_args(row, seed), os.path.join(run_dir, 'eval.log'),
+                              os.getcwd(), prefix, _expected(records, row, 'eval_seconds'))
+        except RunFailed as err:
+            sys.stdout.write(err.log_tail)
+            sys.exit(f'[bench] {row} seed {seed}: {err}')
+        with open(os.path.join(run_dir, 'metrics.json')) as f:
+            bbox = json.load(f)['bbox']
+        record = {'stamp': plan.stamp(row, seed), 'row': row, 'seed': seed, 'seconds': time.time() - start,
+                  'train_seconds': train_s, 'eval_seconds': eval_s,
+                  'bbox': bbox, 'params': param_count(plan.weights(row, seed))}
+        with open(os.path.join(run_dir, 'run.json'), 'w') as f:
+            json.dump(record, f, indent=1)
+        records[(row, seed)] = record
+
+    per_row: Dict[str, list] = {row: [] for row in plan.rows}
+    details: Dict[str, list] = {row: [] for row in plan.rows}
+    curves: Dict[str, dict] = {row: {} for row in plan.rows}
+    for row, seed in runs:
+        record = records[(row, seed)]
+        per_row[row].append(coco_row(record['bbox']))
+        with open(os.path.join(plan.run_dir(row, seed), 'train.log'), errors='replace') as f:
+            log = f.read()
+        curves[row][seed] = parse_train_log(log)
+        detail = {'seed': seed, **coco_row(record['bbox']), 'params': record['params'],
+                  'seconds': round(record['seconds'], 1), 'run_dir': plan.run_dir(row, seed)}
+        if row in plan.methods:
+            detail['balance'] = balance_summary(log)
+        details[row].append(detail)
+    summary = aggregate(per_row)
+    for entry in summary:
+        entry['runs'] = details[entry['row']]
+    return write_accuracy_report(plan, summary, curves)
+
+
+def _balance_lines(summary: List[dict]) -> List[str]:
+    """Per distilled row and term: mean ratio to the detection loss at the start and the end, with its
+    sub-terms (e.g. FGD's fg/bg/mask/rela) in brackets."""
+    import numpy as np
+    lines = []
+    for entry in summary:
+        runs = [r['balance'] for r in entry['runs'] if r.get('balance', {}).get('terms')]
+        if not runs:
+            continue
+
+        def ratio(term):
+            start = np.mean([r['terms'][term]['start'] for r in runs if term in r['terms']])
+            ends = [r['terms'][term]['end'] for r in runs if r['terms'].get(term, {}).get('end') is not None]
+            return f'{start:.3g} → {np.mean(ends):.3g}' if ends else f'{start:.3g} → ?'
+
+        names = list(runs[0]['terms'])
+        cells = []
+        for term in names:
+            if any(term != other and term.startswith(other + '_') for other in names):
+                continue  # a sub-term: shown with its term
+            subs = [n for n in names if n.startswith(term + '_')]
+            inner = ', '.join(f'{n[len(term) + 1:]} {ratio(n)}' for n in subs)
+            cells.append(f'`{term}` {ratio(term)}' + (f' ({inner})' if inner else ''))
+        warned = sorted({f"{w['term']} {w['kind']}" for r in runs for w in r['warnings']})
+        lines.append(f"- **{entry['row']}**: " + '; '.join(cells)
+                     + (f". Warnings: {', '.join(warned)}" if warned else ''))
+    return lines
+
+
+def _show(path: str) -> str:
+    """A path relative to the repository if inside it, else absolute."""
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith('..') else rel
+
+
+def write_accuracy_report(plan: Plan, summary: List[dict], curves: dict) -> dict:
+    from ppdistill.bench.plots import plot_accuracy, plot_losses
+    from ppdistill.bench.stats import ALPHA, markdown_table
+    os.makedirs(plan.out, exist_ok=True)
+    command = 'python tools/benchmark.py ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+    header = [f'# Accuracy benchmark: {plan.arch}', '',
+              f'- date: {now_utc()}', f'- command: `{command}`', f'- seeds: {plan.seeds} '
+              f'(teacher: one run, seed {plan.teacher_seed})',
+              f'- student config: `{_show(plan.student_cfg)}`; teacher: `{_show(plan.teacher_cfg)}`; methods: '
+              + ', '.join(f'{m} (`{_show(p)}`)' for m, p in plan.methods.items()), '', '']
+    notes = ['', f'Mean ± sample std (ddof=1) over seeds. Gap closed = (AP_method − AP_student) / '
+             '(AP_teacher − AP_student) on mean AP. "Beyond seed noise": Welch\'s two-sided t-test of the '
+             f'row\'s per-seed AP against the plain student\'s, p < {ALPHA} (needs ≥ 2 seeds per row).', '',
+             '## Loss balance (distill term / detection loss, first → last log point, mean over seeds)', '']
+    md = '\n'.join(header) + markdown_table(summary) + '\n' + '\n'.join(notes) + '\n' + \
+        ('\n'.join(_balance_lines(summary)) or '(no balance lines in the logs)') + '\n'
+    base = os.path.join(plan.out, f'accuracy_{plan.arch}')
+    result = {'date': now_utc(), 'command': command, 'arch': plan.arch, 'seeds': plan.seeds,
+              'teacher_seed': plan.teacher_seed, 'overrides': plan.opt, 'teacher_overrides': plan.teacher_opt,
+              'student_config': plan.student_cfg, 'teacher_config': plan.teacher_cfg,
+              'methods': plan.methods, 'criterion': f'Welch two-sided t-test on per-seed AP, p < {ALPHA}',
+              'rows': summary}
+    with open(base + '.md', 'w') as f:
+        f.write(md)
+    with open(base + '.json', 'w') as f:
+        json.dump(result, f, indent=1)
+    plot_accuracy(summary, base + '.png', f'{plan.arch}, seeds {plan.seeds}')
+    plot_losses(curves, os.path.join(plan.out, f'losses_{plan.arch}.png'))
+    print('\n' + md, flush=True)
+    print(f'[bench] wrote {base}.md/.json/.png and losses_{plan.arch}.png', flush=True)
+    return result
+
+
+def run_speed(args) -> dict:
+    from ppdistill.bench.speed import speed_benchmark
+    if args.steps < 1 or args.warmup < 0:
+        raise PPDistillError('--steps must be >= 1 (>= 8 for a measurement) and --warmup >= 0')
+    teacher_cfg, student_cfg, methods = resolve_pair(args)
+    return speed_benchmark(args, args.arch, methods, teacher_cfg, student_cfg, os.path.abspath(args.out))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    for name in ('accuracy', 'speed'):
+        p = sub.add_parser(name, help=f'{name} benchmark')
+        p.add_argument('--arch', default='picodet', help='pair: <config_dir>/<arch>_{teacher,student}.yml')
+        p.add_argument('--methods', default=None,
+                       help='comma list (default: every <method>_<arch>_teacher_to_student.yml)')
+        p.add_argument('--config_dir', default='configs/demo', help='holds <arch>_teacher/student.yml')
+        p.add_argument('--distill_dir', default='configs/slim/distill', help='the distill configs')
+        p.add_argument('--out', default='output/benchmark', help='reports (and, for accuracy, runs)')
+        p.add_argument('-o', '--opt', nargs='*', default=[], help='overrides for the student runs (k=v)')
+        p.add_argument('--teacher_opt', nargs='*', default=[], help='overrides for the teacher (k=v)')
+        p.add_argument('--teacher_seed', type=int, default=0)
+        if name == 'accuracy':
+            p.add_argument('--seeds', default='3', help='a count N (seeds 0..N-1) or a comma list')
+        else:
+            p.add_argument('--steps', type=int, default=8, help='timed steps after warm-up (>= 8)')
+            p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
+            p.add_argument('--teacher_weights', default=None,
+                           help='teacher checkpoint (default: random teacher; timing does not need weights)')
+            p.add_argument('--no_memory', action='store_true', help='skip the peak-memory subprocesses')
+            p.add_argument('--memory_role', default=None, help=argparse.SUPPRESS)  # internal: one role
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    apply_cpu_defaults()
+    if args.command == 'accuracy':
+        run_accuracy(args)
+    else:
+        run_speed(args)
+
+
+if __name__ == '__main__':
+    from ppdistill.cli import run_main  # noqa: E402 (imports ppdet)
+    run_main(main)
