@@ -7,7 +7,9 @@ and settings that decide a run's result, so finished runs can be reused, and a p
 training log lines.
 """
 import datetime
+import glob
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -16,7 +18,8 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 __all__ = ['RunFailed', 'run_tool', 'stamp', 'config_files', 'param_count', 'last_eta',
-           'parse_train_log', 'format_duration']
+           'parse_train_log', 'format_duration', 'teacher_stamp', 'shipped_teacher', 'ship_teacher',
+           'WEIGHTS_DIR', 'discover_methods', 'discover_archs']
 
 PY = sys.executable
 
@@ -152,3 +155,53 @@ def parse_train_log(text: str) -> List[Dict[str, float]]:
 
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+
+
+# -- shipped demo teachers ----------------------------------------------------------------------------
+# A demo teacher is trained once and shipped as ``configs/demo/weights/<arch>_teacher.pdparams`` (a plain
+# ppdet checkpoint) with ``<arch>_teacher.json``: the stamp of the run that made it, the command, date and
+# its COCO metrics. The demo and the benchmark use it while the stamp still matches the teacher's configs.
+WEIGHTS_DIR = os.path.join('configs', 'demo', 'weights')
+
+
+def teacher_stamp(teacher_cfg: str, seed: int, opt: Sequence[str] = ()) -> str:
+    """Stamp of a teacher run: its config chain (contents), its seed and overrides."""
+    return stamp(config_files(teacher_cfg), ['teacher', seed] + list(opt))
+
+
+def shipped_teacher(weights_dir: str, arch: str, want_stamp: str) -> Optional[str]:
+    """``<weights_dir>/<arch>_teacher`` (no suffix) if shipped for exactly this stamp, else ``None``."""
+    base = os.path.join(weights_dir, f'{arch}_teacher')
+    try:
+        with open(base + '.json') as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return base if record.get('stamp') == want_stamp and os.path.isfile(base + '.pdparams') else None
+
+
+def ship_teacher(weights: str, weights_dir: str, arch: str, record: dict) -> str:
+    """Copy ``<weights>.pdparams`` to ``<weights_dir>/<arch>_teacher.pdparams`` and write its record."""
+    import shutil
+    os.makedirs(weights_dir, exist_ok=True)
+    base = os.path.join(weights_dir, f'{arch}_teacher')
+    shutil.copyfile(weights + '.pdparams', base + '.pdparams.tmp')
+    os.replace(base + '.pdparams.tmp', base + '.pdparams')
+    with open(base + '.json', 'w') as f:
+        json.dump(record, f, indent=1)
+        f.write('\n')
+    return base
+
+
+def discover_methods(distill_dir: str, arch: str) -> Dict[str, str]:
+    """``{method: config}`` for every ``<method>_<arch>_teacher_to_student.yml`` in ``distill_dir``."""
+    suffix = f'_{arch}_teacher_to_student.yml'
+    found = sorted(glob.glob(os.path.join(distill_dir, '*' + suffix)))
+    return {os.path.basename(p)[:-len(suffix)]: p for p in found}
+
+
+def discover_archs(config_dir: str) -> List[str]:
+    """Every ``<arch>`` with both ``<arch>_teacher.yml`` and ``<arch>_student.yml`` in ``config_dir``."""
+    teachers = glob.glob(os.path.join(config_dir, '*_teacher.yml'))
+    archs = [os.path.basename(p)[:-len('_teacher.yml')] for p in teachers]
+    return sorted(a for a in archs if os.path.isfile(os.path.join(config_dir, f'{a}_student.yml')))

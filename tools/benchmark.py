@@ -2,6 +2,12 @@
 
     python tools/benchmark.py accuracy [--arch picodet] [--methods mgd,fgd] [--seeds 3] [-o epoch=...]
     python tools/benchmark.py speed [--arch picodet] [--methods mgd,fgd] [--steps 8]
+    python tools/benchmark.py teacher [--arch picodet] [--ship]
+
+``teacher`` trains (or reuses) the teacher run alone and evaluates it; ``--ship`` copies it to
+``configs/demo/weights/<arch>_teacher.pdparams`` with a record (stamp, command, date, metrics), which the
+demo and ``accuracy`` then use instead of training a teacher while the teacher's configs are unchanged
+(``--retrain_teacher`` ignores it).
 
 ``accuracy`` trains (or reuses) the teacher once, then for every seed the plain student and the student
 distilled with each method (same config, schedule and data; ``tools/train.py``), evaluates every run with
@@ -33,7 +39,8 @@ from typing import Dict, List, Optional, Tuple
 
 from ppdistill._env import apply_cpu_defaults
 from ppdistill.errors import PPDistillError
-from ppdistill.runs import RunFailed, config_files, format_duration, now_utc, run_tool, stamp
+from ppdistill.runs import (WEIGHTS_DIR, RunFailed, config_files, discover_methods, format_duration, now_utc, run_tool,
+                            ship_teacher, shipped_teacher, stamp, teacher_stamp)
 
 ROOT = _path.ROOT
 TOOLS = os.path.join(ROOT, 'tools')
@@ -44,15 +51,10 @@ def _resolve(path: str) -> str:
     return os.path.abspath(path if os.path.exists(path) else os.path.join(ROOT, path))
 
 
-def discover_methods(distill_dir: str, arch: str) -> Dict[str, str]:
-    """``{method: config}`` for every ``<method>_<arch>_teacher_to_student.yml`` in ``distill_dir``."""
-    suffix = f'_{arch}_teacher_to_student.yml'
-    found = sorted(glob.glob(os.path.join(distill_dir, '*' + suffix)))
-    return {os.path.basename(p)[:-len(suffix)]: p for p in found}
-
-
 def select_methods(requested: Optional[str], available: Dict[str, str], arch: str,
                    distill_dir: str) -> Dict[str, str]:
+    if requested == 'none':  # teacher and plain student only (e.g. to measure the seed noise)
+        return {}
     if not requested:
         if not available:
             raise PPDistillError(f'no distill configs *_{arch}_teacher_to_student.yml in {distill_dir}')
@@ -110,8 +112,9 @@ class Plan:
         self.opt = list(args.opt or [])
         self.teacher_opt = list(args.teacher_opt or [])
         self.teacher_seed = args.teacher_seed
-        self.teacher_stamp = stamp(config_files(self.teacher_cfg), ['teacher', self.teacher_seed]
-                                   + self.teacher_opt)
+        self.teacher_stamp = teacher_stamp(self.teacher_cfg, self.teacher_seed, self.teacher_opt)
+        self.shipped = None if args.retrain_teacher else shipped_teacher(
+            os.path.join(ROOT, WEIGHTS_DIR), self.arch, self.teacher_stamp)
         self.rows = ['teacher', 'student'] + list(self.methods)
 
     def run_dir(self, row: str, seed: int) -> str:
@@ -132,6 +135,8 @@ class Plan:
         return stamp(files, extra)
 
     def weights(self, row: str, seed: int) -> str:
+        if row == 'teacher' and self.shipped:
+            return self.shipped
         name = os.path.splitext(os.path.basename(
             self.methods[row] if row in self.methods else (self.teacher_cfg if row == 'teacher'
                                                            else self.student_cfg)))[0]
@@ -173,10 +178,58 @@ def _expected(records: Dict[tuple, dict], row: str, key: str = 'seconds') -> Opt
     return sum(pool) / len(pool) if pool else None
 
 
+def _run_one(plan: 'Plan', row: str, seed: int, records: Dict[tuple, dict], prefix: str) -> dict:
+    """Train (a shipped teacher: skip) and evaluate one run; write and return its ``run.json`` record."""
+    from ppdistill.runs import param_count
+    run_dir = plan.run_dir(row, seed)
+    os.makedirs(run_dir, exist_ok=True)
+    start = time.time()
+    try:
+        train_s = 0.0
+        if not (row == 'teacher' and plan.shipped):
+            train_s = run_tool('train', plan.train_args(row, seed), os.path.join(run_dir, 'train.log'),
+                               os.getcwd(), prefix, _expected(records, row, 'train_seconds'))
+        eval_s = run_tool('eval', plan.eval_args(row, seed), os.path.join(run_dir, 'eval.log'),
+                          os.getcwd(), prefix, _expected(records, row, 'eval_seconds'))
+    except RunFailed as err:
+        sys.stdout.write(err.log_tail)
+        sys.exit(f'[bench] {row} seed {seed}: {err}')
+    with open(os.path.join(run_dir, 'metrics.json')) as f:
+        bbox = json.load(f)['bbox']
+    record = {'stamp': plan.stamp(row, seed), 'row': row, 'seed': seed, 'seconds': time.time() - start,
+              'train_seconds': train_s, 'eval_seconds': eval_s, 'shipped': bool(row == 'teacher' and plan.shipped),
+              'bbox': bbox, 'params': param_count(plan.weights(row, seed))}
+    with open(os.path.join(run_dir, 'run.json'), 'w') as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def run_teacher(args) -> dict:
+    """Train (or reuse) and evaluate the teacher alone; ``--ship`` copies it to the shipped weights."""
+    args.methods, args.seeds = 'none', '0'
+    plan = Plan(args)
+    want = plan.stamp('teacher', plan.teacher_seed)
+    record = _load_record(os.path.join(plan.run_dir('teacher', plan.teacher_seed), 'run.json'), want)
+    if record is None:
+        record = _run_one(plan, 'teacher', plan.teacher_seed, {}, f'[bench] teacher seed {plan.teacher_seed}')
+    print(f"[bench] teacher {plan.arch}: AP {record['bbox'][0]:.3f}, AP50 {record['bbox'][1]:.3f}", flush=True)
+    if args.ship and not record.get('shipped'):
+        shipped = ship_teacher(plan.weights('teacher', plan.teacher_seed), os.path.join(ROOT, WEIGHTS_DIR),
+                               plan.arch, {
+                                   'stamp': want, 'arch': plan.arch, 'config': _show(plan.teacher_cfg),
+                                   'seed': plan.teacher_seed, 'overrides': plan.teacher_opt,
+                                   'trained_by': 'python ' + ' '.join(shlex.quote(_show(a) if os.path.isabs(a) else a)
+                                                                     for a in plan.train_args('teacher', plan.teacher_seed)),
+                                   'regenerate': f'python tools/benchmark.py teacher --arch {plan.arch} --ship',
+                                   'date': now_utc(), 'bbox': record['bbox'], 'params': record['params']})
+        print(f'[bench] shipped {os.path.relpath(shipped)}.pdparams (+ .json)', flush=True)
+    return record
+
+
 def run_accuracy(args) -> dict:
     from ppdistill.balance import balance_summary
     from ppdistill.bench.stats import aggregate, coco_row
-    from ppdistill.runs import param_count, parse_train_log
+    from ppdistill.runs import parse_train_log
 
     plan = Plan(args)
     runs = plan.runs()
@@ -192,29 +245,13 @@ def run_accuracy(args) -> dict:
             todo.append((row, seed))
     if len(records):
         print(f'[bench] reusing {len(records)} finished runs (same configs, overrides and seed)', flush=True)
+    if plan.shipped:
+        print(f'[bench] teacher: shipped {os.path.relpath(plan.shipped)}.pdparams (its configs are unchanged; '
+              '--retrain_teacher trains it)', flush=True)
     for i, (row, seed) in enumerate(todo, 1):
-        run_dir = plan.run_dir(row, seed)
-        os.makedirs(run_dir, exist_ok=True)
         left = sum(_expected(records, r) or 0.0 for r, _ in todo[i - 1:])
         total = f', all ~{format_duration(left)}' if left else ''
-        prefix = f'[bench] ({i}/{len(todo)}{total}) {row} seed {seed}'
-        start = time.time()
-        try:
-            train_s = run_tool('train', plan.train_args(row, seed), os.path.join(run_dir, 'train.log'),
-                               os.getcwd(), prefix, _expected(records, row, 'train_seconds'))
-            eval_s = run_tool('eval', plan.eval_args(row, seed), os.path.join(run_dir, 'eval.log'),
-                              os.getcwd(), prefix, _expected(records, row, 'eval_seconds'))
-        except RunFailed as err:
-            sys.stdout.write(err.log_tail)
-            sys.exit(f'[bench] {row} seed {seed}: {err}')
-        with open(os.path.join(run_dir, 'metrics.json')) as f:
-            bbox = json.load(f)['bbox']
-        record = {'stamp': plan.stamp(row, seed), 'row': row, 'seed': seed, 'seconds': time.time() - start,
-                  'train_seconds': train_s, 'eval_seconds': eval_s,
-                  'bbox': bbox, 'params': param_count(plan.weights(row, seed))}
-        with open(os.path.join(run_dir, 'run.json'), 'w') as f:
-            json.dump(record, f, indent=1)
-        records[(row, seed)] = record
+        records[(row, seed)] = _run_one(plan, row, seed, records, f'[bench] ({i}/{len(todo)}{total}) {row} seed {seed}')
 
     per_row: Dict[str, list] = {row: [] for row in plan.rows}
     details: Dict[str, list] = {row: [] for row in plan.rows}
@@ -222,8 +259,11 @@ def run_accuracy(args) -> dict:
     for row, seed in runs:
         record = records[(row, seed)]
         per_row[row].append(coco_row(record['bbox']))
-        with open(os.path.join(plan.run_dir(row, seed), 'train.log'), errors='replace') as f:
-            log = f.read()
+        log_file = os.path.join(plan.run_dir(row, seed), 'train.log')
+        log = ''
+        if os.path.isfile(log_file):  # a shipped teacher has no training log here
+            with open(log_file, errors='replace') as f:
+                log = f.read()
         curves[row][seed] = parse_train_log(log)
         detail = {'seed': seed, **coco_row(record['bbox']), 'params': record['params'],
                   'seconds': round(record['seconds'], 1), 'run_dir': plan.run_dir(row, seed)}
@@ -315,18 +355,24 @@ def run_speed(args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
-    for name in ('accuracy', 'speed'):
-        p = sub.add_parser(name, help=f'{name} benchmark')
+    for name in ('accuracy', 'speed', 'teacher'):
+        p = sub.add_parser(name, help=f'{name} benchmark' if name != 'teacher' else 'train/ship the teacher')
         p.add_argument('--arch', default='picodet', help='pair: <config_dir>/<arch>_{teacher,student}.yml')
         p.add_argument('--methods', default=None,
-                       help='comma list (default: every <method>_<arch>_teacher_to_student.yml)')
+                       help='comma list (default: every <method>_<arch>_teacher_to_student.yml; none: '
+                            'teacher and student only)')
         p.add_argument('--config_dir', default='configs/demo', help='holds <arch>_teacher/student.yml')
         p.add_argument('--distill_dir', default='configs/slim/distill', help='the distill configs')
         p.add_argument('--out', default='output/benchmark', help='reports (and, for accuracy, runs)')
         p.add_argument('-o', '--opt', nargs='*', default=[], help='overrides for the student runs (k=v)')
         p.add_argument('--teacher_opt', nargs='*', default=[], help='overrides for the teacher (k=v)')
         p.add_argument('--teacher_seed', type=int, default=0)
-        if name == 'accuracy':
+        if name != 'speed':
+            p.add_argument('--retrain_teacher', action='store_true',
+                           help='train the teacher even when shipped weights match its configs')
+        if name == 'teacher':
+            p.add_argument('--ship', action='store_true', help=f'copy it to {WEIGHTS_DIR}/<arch>_teacher.*')
+        elif name == 'accuracy':
             p.add_argument('--seeds', default='3', help='a count N (seeds 0..N-1) or a comma list')
         else:
             p.add_argument('--steps', type=int, default=8, help='timed steps after warm-up (>= 8)')
@@ -341,10 +387,7 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     apply_cpu_defaults()
-    if args.command == 'accuracy':
-        run_accuracy(args)
-    else:
-        run_speed(args)
+    {'accuracy': run_accuracy, 'speed': run_speed, 'teacher': run_teacher}[args.command](args)
 
 
 if __name__ == '__main__':

@@ -1,12 +1,14 @@
 """End-to-end demo on the embedded digits dataset: teacher, plain student, distilled student.
 
-    python tools/demo.py                 # PicoDet, MGD
-    python tools/demo.py --method fgd    # FGD instead
-    python tools/demo.py --arch retinanet
+    python tools/demo.py                   # PicoDet, MGD
+    python tools/demo.py --method fgd      # any <method>_<arch>_teacher_to_student.yml in configs/slim/distill
+    python tools/demo.py --arch retinanet  # any <arch>_{teacher,student}.yml pair in configs/demo
 
 Steps, each the command a user would type (logs in output/demo_logs/):
 1. ``tools/make_demo_data.py`` writes the dataset (skipped when it already exists);
-2. ``tools/train.py`` trains the teacher (reused when its checkpoint matches the current configs);
+2. the teacher: the shipped ``configs/demo/weights/<arch>_teacher.pdparams`` while its configs are
+   unchanged, else a cached ``output/<arch>_teacher`` run, else ``tools/train.py`` trains it (seed 0;
+   ``--retrain_teacher`` forces training);
 3. ``tools/train.py`` trains the plain student; 4. ``tools/train.py --slim_config`` distills it, same
    schedule and seed;
 5. ``tools/eval.py`` scores all three with the COCO metric; a table is printed and saved.
@@ -23,7 +25,8 @@ import sys
 import time
 
 from ppdistill._env import apply_cpu_defaults
-from ppdistill.runs import RunFailed, config_files, param_count, run_tool, stamp
+from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_archs, discover_methods, param_count,
+                            run_tool, shipped_teacher, teacher_stamp)
 
 ROOT = _path.ROOT
 
@@ -37,35 +40,54 @@ def _run(name: str, args: list, log_dir: str) -> float:
         sys.exit(f'[demo] {err}')
 
 
+TEACHER_SEED = 0  # one teacher for every student seed (the shipped one is seed 0)
+
+
+def _teacher(arch: str, teacher_cfg: str, retrain: bool, logs: str) -> str:
+    """The teacher's weights (no suffix): shipped, cached from an earlier demo, or trained now."""
+    want = teacher_stamp(os.path.join(ROOT, teacher_cfg), TEACHER_SEED)
+    shipped = None if retrain else shipped_teacher(os.path.join(ROOT, WEIGHTS_DIR), arch, want)
+    if shipped:
+        print(f'[demo] teacher: shipped {os.path.relpath(shipped, ROOT)}.pdparams (--retrain_teacher to '
+              'train it)', flush=True)
+        return shipped
+    weights = f'output/{arch}_teacher/model_final'
+    stamp_file = os.path.join(ROOT, f'output/{arch}_teacher/demo_stamp.txt')
+    cached = (not retrain and os.path.isfile(os.path.join(ROOT, weights + '.pdparams'))
+              and os.path.isfile(stamp_file) and open(stamp_file).read().strip() == want)
+    if cached:
+        print(f'[demo] teacher: reusing {weights}.pdparams (configs unchanged; --retrain_teacher to redo)')
+    else:
+        _run('train_teacher', ['tools/train.py', '-c', teacher_cfg, '--seed', str(TEACHER_SEED)], logs)
+        with open(stamp_file, 'w') as f:
+            f.write(want + '\n')
+    return weights
+
+
 def main():
+    archs = discover_archs(os.path.join(ROOT, 'configs', 'demo'))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arch', choices=['picodet', 'retinanet'], default='picodet')
-    parser.add_argument('--method', choices=['mgd', 'fgd'], default='mgd')
-    parser.add_argument('--retrain_teacher', action='store_true', help='ignore a cached teacher')
-    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--arch', choices=archs, default='picodet')
+    parser.add_argument('--method', default='mgd',
+                        help='a distill config <method>_<arch>_teacher_to_student.yml in configs/slim/distill')
+    parser.add_argument('--retrain_teacher', action='store_true', help='ignore a shipped or cached teacher')
+    parser.add_argument('--seed', type=int, default=0, help='the students\' seed')
     args = parser.parse_args()
+    methods = discover_methods(os.path.join(ROOT, 'configs', 'slim', 'distill'), args.arch)
+    if args.method not in methods:
+        parser.error(f"no distill config for --method {args.method} with --arch {args.arch}; "
+                     f"available: {', '.join(methods)}")
     apply_cpu_defaults()
     logs = os.path.join(ROOT, 'output', 'demo_logs')
     teacher_cfg = f'configs/demo/{args.arch}_teacher.yml'
     student_cfg = f'configs/demo/{args.arch}_student.yml'
     distill_name = f'{args.method}_{args.arch}_teacher_to_student'
-    distill_cfg = f'configs/slim/distill/{distill_name}.yml'
+    distill_cfg = os.path.relpath(methods[args.method], ROOT)
     seed = ['--seed', str(args.seed)]
     total = time.time()
 
     _run('data', ['tools/make_demo_data.py', '--out', 'dataset/digits'], logs)
-
-    teacher_w = f'output/{args.arch}_teacher/model_final'
-    stamp_file = os.path.join(ROOT, f'output/{args.arch}_teacher/demo_stamp.txt')
-    stamp_now = stamp(config_files(os.path.join(ROOT, teacher_cfg)) + [os.path.join(ROOT, 'dataset/digits/meta.json')])
-    cached = (not args.retrain_teacher and os.path.isfile(os.path.join(ROOT, teacher_w + '.pdparams'))
-              and os.path.isfile(stamp_file) and open(stamp_file).read().strip() == stamp_now)
-    if cached:
-        print(f'[demo] teacher: reusing {teacher_w}.pdparams (configs unchanged; --retrain_teacher to redo)')
-    else:
-        _run('train_teacher', ['tools/train.py', '-c', teacher_cfg] + seed, logs)
-        with open(stamp_file, 'w') as f:
-            f.write(stamp_now + '\n')
+    teacher_w = _teacher(args.arch, teacher_cfg, args.retrain_teacher, logs)
 
     _run('train_student', ['tools/train.py', '-c', student_cfg] + seed, logs)
     _run(f'train_{args.method}', ['tools/train.py', '-c', student_cfg, '--slim_config', distill_cfg,
