@@ -26,7 +26,7 @@ from ppdet.utils.logger import setup_logger
 
 from .errors import PPDistillError
 from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
-from .presets import PRESETS, init_prefixes, resolve_tap
+from .presets import LOGIT_ROLES, PRESETS, init_prefixes, resolve_tap
 from .taps import TapSet
 
 logger = setup_logger(__name__)
@@ -71,7 +71,19 @@ def _make_loss(cls: type, pair: LevelPair, args: dict, what: str) -> nn.Layer:
     if unknown:
         accepted = [p for p in params if p not in ('student_channels', 'teacher_channels', 'self')]
         raise DistillConfigError(f"{what}: {cls.__name__} has no argument(s) {unknown}; it accepts {accepted}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a bad argument value: one line naming the loss entry
+        raise DistillConfigError(f'{what}: {err}') from None
+
+
+def _check_equal_channels(pair: LevelPair, what: str) -> None:
+    """Logits are compared class by class (no align conv): a level pair must have equal channels."""
+    if pair.student_channels != pair.teacher_channels:
+        raise DistillConfigError(
+            f"{what}: logits are compared class by class (no align conv), but student level "
+            f"{pair.student_level} {pair.student_shape} and teacher level {pair.teacher_level} "
+            f"{pair.teacher_shape} differ in channels (anchors x classes)")
 
 
 @register
@@ -125,8 +137,11 @@ class Distiller(nn.Layer):
                                     e['levels'], what)
             except PairingError as err:
                 raise DistillConfigError(str(err)) from None
+            cls = loss_class(e['type'])
             for pair in pairs:
-                modules.append(_make_loss(loss_class(e['type']), pair, e['args'], what))
+                if e['logits'] or getattr(cls, 'equal_channels', False):
+                    _check_equal_channels(pair, what)
+                modules.append(_make_loss(cls, pair, e['args'], what))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight']))
         self.distill_losses = nn.LayerList(modules)
@@ -163,6 +178,7 @@ class Distiller(nn.Layer):
             'weight': float(entry.get('weight', 1.0)),
             'args': dict(entry.get('args') or {}),
             'name': entry.get('name') or entry['type'].lower().replace('loss', '') or 'kd',
+            'logits': student in LOGIT_ROLES or entry.get('teacher', student) in LOGIT_ROLES,
         }
 
     def _init_student_from_teacher(self, prefixes: Sequence[str]) -> None:
