@@ -7,8 +7,6 @@ import ppdistill  # noqa: F401  (import order: ppdet before paddle)
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import paddle
@@ -16,22 +14,10 @@ import pytest
 import yaml
 
 from ppdet.core.workspace import load_config
-from ppdistill.config_scope import config_scope, create_fresh
+from ppdistill.config_scope import config_scope
+from conftest import ROOT, TINY, run, student_keys  # the session-wide `work` fixture (tiny data + teachers) lives there too
 
 pytestmark = pytest.mark.integration
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, 'configs', 'demo', 'tiny')
-
-
-def run(args, cwd, env=None, ok=True, module=False):
-    tool = [sys.executable, '-m'] if module else [sys.executable, os.path.join(ROOT, 'tools', args.pop(0))]
-    cmd = tool + list(args)
-    proc = subprocess.run(cmd, cwd=str(cwd), env=dict(os.environ, **(env or {})), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=900)
-    if ok and proc.returncode != 0:
-        pytest.fail(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}')
-    return proc
 
 
 def write_distill(path, slim, teacher, weights, section=None):
@@ -41,24 +27,6 @@ def write_distill(path, slim, teacher, weights, section=None):
         cfg[slim] = section
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
-
-
-@pytest.fixture(scope='module')
-def work(tmp_path_factory):
-    """A working directory with the tiny dataset and trained tiny teachers (plain tools/train.py runs)."""
-    wd = tmp_path_factory.mktemp('work')
-    run(['make_demo_data.py', '--out', 'dataset/digits_tiny', '--num_train', '8', '--num_val', '4'], wd)
-    for arch in ('picodet', 'retinanet'):
-        proc = run(['train.py', '-c', os.path.join(TINY, f'{arch}_teacher.yml'), '--seed', '0'], wd)
-        assert os.path.isfile(wd / 'output' / f'{arch}_teacher' / 'model_final.pdparams'), proc.stderr[-2000:]
-    return wd
-
-
-def student_keys(arch):
-    with config_scope():
-        load_config(os.path.join(TINY, f'{arch}_student.yml'))
-        model = create_fresh('PicoDet' if arch == 'picodet' else 'RetinaNet')
-    return set(model.state_dict())
 
 
 def test_mgd_picodet_train_eval_infer_export(work):

@@ -1,0 +1,42 @@
+"""Shared integration fixtures: run a tool as a subprocess; a working directory with the tiny dataset and
+tiny trained teachers (built once per test session, shared by every integration test file)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'configs', 'demo', 'tiny')
+
+
+def run(args, cwd, env=None, ok=True, module=False):
+    """Run ``tools/<args[0]> args[1:]`` (or ``python -m args`` with ``module``) in ``cwd``."""
+    tool = [sys.executable, '-m'] if module else [sys.executable, os.path.join(ROOT, 'tools', args.pop(0))]
+    cmd = tool + list(args)
+    proc = subprocess.run(cmd, cwd=str(cwd), env=dict(os.environ, **(env or {})), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=900)
+    if ok and proc.returncode != 0:
+        pytest.fail(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}')
+    return proc
+
+
+@pytest.fixture(scope='session')
+def work(tmp_path_factory):
+    """A working directory with the tiny dataset and trained tiny teachers (plain tools/train.py runs)."""
+    wd = tmp_path_factory.mktemp('work')
+    run(['make_demo_data.py', '--out', 'dataset/digits_tiny', '--num_train', '8', '--num_val', '4'], wd)
+    for arch in ('picodet', 'retinanet'):
+        proc = run(['train.py', '-c', os.path.join(TINY, f'{arch}_teacher.yml'), '--seed', '0'], wd)
+        assert os.path.isfile(wd / 'output' / f'{arch}_teacher' / 'model_final.pdparams'), proc.stderr[-2000:]
+    return wd
+
+
+def student_keys(arch: str) -> set:
+    """State-dict keys of a freshly built tiny ``arch`` student (what a plain ppdet checkpoint holds)."""
+    from ppdet.core.workspace import load_config
+    from ppdistill.config_scope import config_scope, create_fresh
+    with config_scope():
+        cfg = load_config(os.path.join(TINY, f'{arch}_student.yml'))
+        model = create_fresh(cfg['architecture'])
+    return set(model.state_dict())
