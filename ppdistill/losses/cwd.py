@@ -6,10 +6,10 @@ Shu, Liu, Gao, Yan, Shen, "Channel-wise Knowledge Distillation for Dense Predict
 from typing import Optional
 
 import paddle
-import paddle.nn.functional as F
 from ppdet.core.workspace import register
 
 from .base import FeatureLoss
+from .kd import softmax_kl
 
 __all__ = ['CWDLoss']
 
@@ -52,6 +52,5 @@ class CWDLoss(FeatureLoss):
         n, c, h, w = [int(v) for v in teacher_feat.shape]
         student = self.align_student(student_feat).reshape([n * c, h * w]) / self.tau
         teacher = teacher_feat.detach().reshape([n * c, h * w]) / self.tau
-        log_p_t = F.log_softmax(teacher, axis=1)
-        kl = paddle.exp(log_p_t) * (log_p_t - F.log_softmax(student, axis=1))
+        kl = softmax_kl(student, teacher, axis=1)  # per channel: KL over the H*W positions
         return self.loss_weight * self.tau ** 2 * kl.sum() / (n * c)

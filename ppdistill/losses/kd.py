@@ -14,10 +14,17 @@ from ppdet.core.workspace import register
 
 from .base import FeatureLoss
 
-__all__ = ['LogitKDLoss']
+__all__ = ['LogitKDLoss', 'softmax_kl']
 
 _ACTIVATIONS = ('sigmoid', 'softmax')
 _NORMALIZE = ('all', 'positive')
+
+
+def softmax_kl(student: paddle.Tensor, teacher: paddle.Tensor, axis: int) -> paddle.Tensor:
+    """Elementwise ``p_T * (log p_T - log p_S)`` with ``p = softmax(logits, axis)``; summed over ``axis``
+    it is ``KL(p_T || p_S)`` (computed from log-softmax for stability)."""
+    log_p_t = F.log_softmax(teacher, axis=axis)
+    return paddle.exp(log_p_t) * (log_p_t - F.log_softmax(student, axis=axis))
 
 
 def _anchors_and_classes(channels: int, num_classes: Optional[int], num_anchors: Optional[int]):
@@ -115,8 +122,7 @@ class LogitKDLoss(FeatureLoss):
         """``[N, A, C, H, W]`` logits → ``[N, A, H, W]`` KD term of every anchor/position (times ``T**2``)."""
         s, t = student / self.temperature, teacher / self.temperature
         if self.activation == 'softmax':
-            log_p_t = F.log_softmax(t, axis=2)
-            kl = paddle.exp(log_p_t) * (log_p_t - F.log_softmax(s, axis=2))
+            kl = softmax_kl(s, t, axis=2)
         else:
             p_t = F.sigmoid(t)
             kl = (p_t * (F.log_sigmoid(t) - F.log_sigmoid(s))
