@@ -137,11 +137,10 @@ class Distiller(nn.Layer):
                                     e['levels'], what)
             except PairingError as err:
                 raise DistillConfigError(str(err)) from None
-            cls = loss_class(e['type'])
             for pair in pairs:
-                if e['logits'] or getattr(cls, 'equal_channels', False):
+                if e['logits'] or getattr(loss_class(e['type']), 'equal_channels', False):
                     _check_equal_channels(pair, what)
-                modules.append(_make_loss(cls, pair, e['args'], what))
+                modules.append(_make_loss(loss_class(e['type']), pair, e['args'], what))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight']))
         self.distill_losses = nn.LayerList(modules)

@@ -1,5 +1,8 @@
-"""Shared integration fixtures: run a tool as a subprocess; a working directory with the tiny dataset and
-tiny trained teachers (built once per test session, shared by every integration test file)."""
+"""Shared fixtures: ``work``, a working directory with the tiny demo dataset and trained tiny teachers, and
+``run``, which runs a tool as a subprocess the way a user types it (datasets and outputs are relative to
+the CWD, as in ppdet).
+"""
+import ppdistill  # noqa: F401  (import order: ppdet before paddle)
 import os
 import subprocess
 import sys
@@ -11,7 +14,6 @@ TINY = os.path.join(ROOT, 'configs', 'demo', 'tiny')
 
 
 def run(args, cwd, env=None, ok=True, module=False):
-    """Run ``tools/<args[0]> args[1:]`` (or ``python -m args`` with ``module``) in ``cwd``."""
     tool = [sys.executable, '-m'] if module else [sys.executable, os.path.join(ROOT, 'tools', args.pop(0))]
     cmd = tool + list(args)
     proc = subprocess.run(cmd, cwd=str(cwd), env=dict(os.environ, **(env or {})), text=True,
@@ -23,20 +25,13 @@ def run(args, cwd, env=None, ok=True, module=False):
 
 @pytest.fixture(scope='session')
 def work(tmp_path_factory):
-    """A working directory with the tiny dataset and trained tiny teachers (plain tools/train.py runs)."""
+    """A working directory with the tiny dataset and trained tiny teachers (plain tools/train.py runs).
+
+    One per session: every integration module reuses the teachers; tests write their own output names.
+    """
     wd = tmp_path_factory.mktemp('work')
     run(['make_demo_data.py', '--out', 'dataset/digits_tiny', '--num_train', '8', '--num_val', '4'], wd)
     for arch in ('picodet', 'retinanet'):
         proc = run(['train.py', '-c', os.path.join(TINY, f'{arch}_teacher.yml'), '--seed', '0'], wd)
         assert os.path.isfile(wd / 'output' / f'{arch}_teacher' / 'model_final.pdparams'), proc.stderr[-2000:]
     return wd
-
-
-def student_keys(arch: str) -> set:
-    """State-dict keys of a freshly built tiny ``arch`` student (what a plain ppdet checkpoint holds)."""
-    from ppdet.core.workspace import load_config
-    from ppdistill.config_scope import config_scope, create_fresh
-    with config_scope():
-        cfg = load_config(os.path.join(TINY, f'{arch}_student.yml'))
-        model = create_fresh(cfg['architecture'])
-    return set(model.state_dict())

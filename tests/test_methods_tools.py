@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from ppdet.core.workspace import load_config
-from ppdistill.config_scope import config_scope
-from conftest import ROOT, TINY, run, student_keys
+from ppdistill.config_scope import config_scope, create_fresh
+from conftest import ROOT, TINY, run
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +41,14 @@ def pair_of(name):
     return m.group(1), m.group(2) or m.group(1)
 
 
-def student_levels(arch):
-    """Neck levels of the tiny student, from its config (LCPAN num_features; FPN inputs + extra stages)."""
+def tiny_student(arch):
+    """The tiny student's state-dict keys and neck levels (LCPAN num_features; FPN inputs + extra stages)."""
     with config_scope():  # load_config fills the global config, which the scope restores on exit
         cfg = load_config(os.path.join(TINY, f'{arch}_student.yml'))
+        keys = set(create_fresh(cfg['architecture']).state_dict())
         if arch == 'picodet':
-            return cfg['LCPAN']['num_features']
-        return len(cfg['FPN']['spatial_scales']) + cfg['FPN']['extra_stage']
+            return keys, cfg['LCPAN']['num_features']
+        return keys, len(cfg['FPN']['spatial_scales']) + cfg['FPN']['extra_stage']
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -64,7 +65,7 @@ def test_distill_config_trains_the_tiny_student(work, name, tmp_path):
     log = proc.stdout + proc.stderr
     steps = '\n'.join(line for line in log.splitlines() if 'Epoch: [' in line)  # ppdet's per-step lines
     # every loss entry, every student level (all pair by stride: strides 8.. are shared), finite values
-    levels = student_levels(student)
+    keys, levels = tiny_student(student)
     for entry in raw['losses']:
         for i in range(levels):
             values = re.findall(rf"distill_{entry['name']}_l{i}: (\S+)", steps)
@@ -73,7 +74,7 @@ def test_distill_config_trains_the_tiny_student(work, name, tmp_path):
     assert 'distill_loss:' in steps
 
     out = work / 'output' / name
-    assert set(paddle.load(str(out / 'model_final.pdparams'))) == student_keys(student)
+    assert set(paddle.load(str(out / 'model_final.pdparams'))) == keys
     if name in EVALUATED:
         metrics = tmp_path / 'metrics.json'
         run(['eval.py', '-c', cfg, '--save_metrics', str(metrics), '-o', f'weights={out}/model_final'], work)

@@ -14,11 +14,10 @@ import pytest
 import yaml
 
 from ppdet.core.workspace import load_config
-from ppdistill.config_scope import config_scope
-from conftest import ROOT, TINY, run, student_keys  # the session-wide `work` fixture (tiny data + teachers) lives there too
+from ppdistill.config_scope import config_scope, create_fresh
+from conftest import ROOT, TINY, run  # the `work` fixture is in conftest.py too
 
 pytestmark = pytest.mark.integration
-
 
 def write_distill(path, slim, teacher, weights, section=None):
     cfg = {'slim': slim, 'teacher_config': os.path.join(TINY, f'{teacher}.yml'),
@@ -27,6 +26,13 @@ def write_distill(path, slim, teacher, weights, section=None):
         cfg[slim] = section
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
+
+
+def student_keys(arch):
+    with config_scope():
+        load_config(os.path.join(TINY, f'{arch}_student.yml'))
+        model = create_fresh('PicoDet' if arch == 'picodet' else 'RetinaNet')
+    return set(model.state_dict())
 
 
 def test_mgd_picodet_train_eval_infer_export(work):
