@@ -35,7 +35,7 @@ from ppdet.utils.logger import setup_logger
 
 from .errors import PPDistillError
 from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
-from .presets import PRESETS, init_prefixes, resolve_tap
+from .presets import LOGIT_ROLES, PRESETS, init_prefixes, resolve_tap
 from .losses.base import loss_total
 from .taps import TapSet
 
@@ -185,6 +185,15 @@ def _resize_to(s: paddle.Tensor, t: paddle.Tensor) -> paddle.Tensor:
     return s
 
 
+def _check_equal_channels(pair: LevelPair, what: str) -> None:
+    """Logits are compared class by class (no align conv): a level pair must have equal channels."""
+    if pair.student_channels != pair.teacher_channels:
+        raise DistillConfigError(
+            f"{what}: logits are compared class by class (no align conv), but student level "
+            f"{pair.student_level} {pair.student_shape} and teacher level {pair.teacher_level} "
+            f"{pair.teacher_shape} differ in channels (anchors x classes)")
+
+
 @register
 class Distiller(nn.Layer):
     """Arch-agnostic teacher→student distillation layer.
@@ -251,6 +260,8 @@ class Distiller(nn.Layer):
                 raise DistillConfigError(str(err)) from None
             for pair in pairs:
                 multi = isinstance(e['student'], dict)
+                if not multi and (e['logits'] or getattr(loss_class(e['type']), 'equal_channels', False)):
+                    _check_equal_channels(pair, what)
                 channels = _multi_channels(e, pair, s_shapes, t_shapes) if multi else None
                 modules.append(_make_loss(loss_class(e['type']), pair, e['args'], what,
                                           len(s_shapes[_first_spec(e['student'])]), channels))
@@ -291,6 +302,7 @@ class Distiller(nn.Layer):
             'weight': float(entry.get('weight', 1.0)),
             'args': dict(entry.get('args') or {}),
             'name': entry.get('name') or entry['type'].lower().replace('loss', '') or 'kd',
+            'logits': any(isinstance(v, str) and v in LOGIT_ROLES for v in (student, entry.get('teacher', student))),
         }
 
     def _init_student_from_teacher(self, prefixes: Sequence[str]) -> None:

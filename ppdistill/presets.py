@@ -7,13 +7,22 @@ Roles resolve to a list of per-level tensors (see :mod:`ppdistill.taps`).
 """
 from typing import Dict, List
 
-__all__ = ['PRESETS', 'resolve_tap', 'init_prefixes']
+__all__ = ['PRESETS', 'LOGIT_ROLES', 'resolve_tap', 'init_prefixes']
+
+# Roles whose tensors are raw class logits, one tensor per level: a loss on them gets no align conv (a
+# conv would remix classes), so student and teacher need equal channels (anchors x classes).
+LOGIT_ROLES = frozenset({'cls_logits'})
 
 PRESETS: Dict[str, dict] = {
-    # ppdet FPN forward returns [P3..P7] (5 levels, strides 8..128).
-    'RetinaNet': {'taps': {'fpn': 'neck'}, 'init_student': ['neck', 'head']},
-    # ppdet LCPAN forward returns 3 or 4 levels (strides 8..64).
-    'PicoDet': {'taps': {'fpn': 'neck'}, 'init_student': ['neck', 'head']},
+    # ppdet FPN forward returns [P3..P7] (5 levels, strides 8..128). RetinaHead.retina_cls is one conv
+    # shared by all levels (called once per level): logits [N, A*C, H, W], channel a*C + c.
+    'RetinaNet': {'taps': {'fpn': 'neck', 'cls_logits': 'head.retina_cls'},
+                  'init_student': ['neck', 'head']},
+    # ppdet LCPAN forward returns 3 or 4 levels (strides 8..64). PicoHeadV2 has one 1x1 class conv per
+    # level, head.head_cls_list.<i>: logits [N, C, H, W] (before the sigmoid and the cls_align quality;
+    # PicoHead v1 with share_cls_reg puts box outputs in the same conv: name its taps explicitly).
+    'PicoDet': {'taps': {'fpn': 'neck', 'cls_logits': 'head.head_cls_list.*'},
+                'init_student': ['neck', 'head']},
     # ppdet SSD: the backbone's multi-scale maps feed SSDHead directly (no neck); per level i the head has
     # `scores{i}` -> [N, A*(C+1), H, W] confidence logits (background included) and `boxes{i}` ->
     # [N, A*4, H, W] prior-box offsets.

@@ -87,15 +87,21 @@ SCALAR_CASTS = {'float', 'int', 'bool'}
 def _shape_names(func: ast.AST) -> set:
     """Names bound (directly or through arithmetic) from ``.shape``, Python constants, ``self.<attr>`` or
     parameters annotated as Python numbers (``height: int``, ``shape: Sequence[int]``)."""
-    host_annotation = re.compile(r'^(int|float|bool|(Sequence|List|Tuple)\[int.*\])$')
+    host_types = {'int', 'float', 'bool', 'str', 'Optional', 'Union', 'Sequence', 'List', 'Tuple', 'Dict',
+                  'Channels'}  # Channels: ppdistill.losses.outputs' Union[int, Dict[str, int]]
+
+    def host_annotation(annotation) -> bool:  # built only from Python number/container types
+        ids = [n.id for n in ast.walk(annotation) if isinstance(n, ast.Name)]
+        return bool(ids) and set(ids) <= host_types and 'str' != ast.unparse(annotation)
+
     names = {a.arg for a in func.args.args + func.args.kwonlyargs
-             if a.annotation is not None and host_annotation.match(ast.unparse(a.annotation))}
+             if a.annotation is not None and host_annotation(a.annotation)}
 
     def is_host(node) -> bool:
         if any(isinstance(n, ast.Attribute) and n.attr == 'shape' for n in ast.walk(node)):
             return True
         return all(isinstance(n, (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop,
-                                  ast.Load, ast.expr_context)) or (isinstance(n, ast.Name) and n.id in names)
+                                  ast.Load, ast.expr_context, ast.Subscript)) or (isinstance(n, ast.Name) and n.id in names)
                    or (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == 'self')
                    or (isinstance(n, ast.Name) and n.id == 'self')
                    for n in ast.walk(node))
@@ -166,7 +172,7 @@ def _spy_host_conversions(monkeypatch) -> list:
 
 def test_no_host_sync_at_run_time(monkeypatch):
     """Every distill loss, forward + backward, with the tensor→host conversions recorded."""
-    from ppdistill.losses import FGDLoss, MGDLoss
+    from ppdistill.losses import CWDLoss, FGDLoss, FGFILoss, LogitKDLoss, MGDLoss, PKDLoss
     from ppdistill.losses.base import loss_total
     paddle.seed(0)
     s = paddle.randn([2, 6, 12, 12])
@@ -175,11 +181,16 @@ def test_no_host_sync_at_run_time(monkeypatch):
     inputs = {'gt_bbox': paddle.to_tensor([[[4., 4., 30., 40.], [0., 0., 0., 0.]],
                                            [[10., 2., 44., 20.], [1., 1., 9., 9.]]]),
               'pad_gt_mask': paddle.to_tensor([[[1.], [0.]], [[1.], [1.]]]),
-              'im_shape': paddle.to_tensor([[48., 48.], [48., 48.]])}
-    losses = [FGDLoss(6, 8), MGDLoss(6, 8)]
+              'im_shape': paddle.to_tensor([[48., 48.], [48., 48.]]), 'image': paddle.zeros([2, 3, 48, 48])}
+    losses = [FGDLoss(6, 8), MGDLoss(6, 8), CWDLoss(6, 8), PKDLoss(6, 8),
+              FGFILoss(6, 8, anchors={'virtual_anchor_scale': 5.0}, level=0, num_levels=1)]
     calls = _spy_host_conversions(monkeypatch)
-    for loss in losses:
-        loss_total(loss(s, t, inputs)).backward()
+    logits_s = paddle.randn([2, 8, 12, 12])
+    logits_s.stop_gradient = False
+    pairs = [(s, t)] * len(losses) + [(logits_s, t)] * 2
+    losses += [LogitKDLoss(8, 8, normalize='all'), LogitKDLoss(8, 8, normalize='positive')]
+    for loss, (x, y) in zip(losses, pairs):
+        loss_total(loss(x, y, inputs)).backward()
     assert calls == []
     # the spies see a conversion when there is one
     float(t.sum())

@@ -12,7 +12,7 @@ import yaml
 
 from ppdet.core.workspace import load_config
 from ppdistill.config_scope import config_scope, create_fresh
-from test_tools import ROOT, TINY, run, work  # noqa: F401  (work: the tiny dataset fixture)
+from conftest import ROOT, TINY, run  # the `work` fixture (tiny dataset + teachers) is in conftest.py
 
 pytestmark = pytest.mark.integration
 

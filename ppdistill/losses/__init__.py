@@ -6,6 +6,9 @@ from .fgfi import FGFILoss
 from .mse import FeatureMSELoss
 from .ssd_kd import SSDOutputLoss
 from .yolo_kd import YOLOv3OutputLoss
+from .cwd import CWDLoss
+from .pkd import PKDLoss
+from .kd import LogitKDLoss
 
 __all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss', 'FeatureMSELoss', 'SSDOutputLoss',
-           'YOLOv3OutputLoss']
+           'YOLOv3OutputLoss', 'CWDLoss', 'PKDLoss', 'LogitKDLoss']
