@@ -64,7 +64,8 @@ def quiet_third_party_imports() -> Iterator[None]:
     everything else is passed through unchanged. Also ignores paddle's ccache ``UserWarning`` for good."""
     warnings.filterwarnings('ignore', message=_CCACHE_WARNING, category=UserWarning)
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _DropLines(sys.stdout, IMPORT_NOISE), _DropLines(sys.stderr, IMPORT_NOISE)
+    # a stream may be None (no console): nothing to filter there
+    sys.stdout, sys.stderr = (s if s is None else _DropLines(s, IMPORT_NOISE) for s in saved)
     try:
         yield
     finally:

@@ -42,7 +42,8 @@ def test_training_output_goes_to_save_dir_slash_config_name(tmp_path, monkeypatc
 def test_import_noise_filter_drops_exact_lines_and_passes_everything_else():
     out = io.StringIO()
     noisy = f'{IMPORT_NOISE[0]}, please install numba'
-    lines = ['keep me', noisy, f'  {noisy} (indented: not the library line, kept)', 'PLEASE USE OMP_NUM_THREADS']
+    lines = ['keep me', noisy, f'  {noisy} (indented: not the library line, kept)',
+             'PLEASE USE OMP_NUM_THREADS']
     saved = sys.stdout
     sys.stdout = out  # the filter wraps whatever stream is current when the block starts
     try:
