@@ -4,11 +4,12 @@ Importing the package applies CPU thread defaults (before paddle loads, never ov
 environment) and registers every ppdistill class with ppdet's ``@register``/``create`` so configs can
 name them: ``Distiller``, ``MGDDistillModel``, ``FocalGlobalDistillModel``, ``MGDLoss``, ``FGDLoss``.
 """
-from ._env import apply_cpu_defaults
+from ._env import apply_cpu_defaults, quiet_third_party_imports
 
 apply_cpu_defaults()
 
-import ppdet  # noqa: E402  (before paddle/pycocotools: import order matters with numpy 1.23)
+with quiet_third_party_imports():  # drops only the import-time lines listed in _env.IMPORT_NOISE
+    import ppdet  # noqa: E402,F401  (before paddle/pycocotools: import order matters with numpy 1.23)
 
 from . import losses  # noqa: E402,F401
 from .distiller import Distiller, DistillConfigError  # noqa: E402,F401

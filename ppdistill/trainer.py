@@ -20,11 +20,21 @@ from .ema import ema_from_config
 logger = setup_logger(__name__)
 
 __all__ = ['DistillTrainer', 'DistillCheckpointer', 'RankConsistencyCheck', 'MetricsSaver',
-           'param_fingerprints']
+           'param_fingerprints', 'run_output_dir']
+
+
+def run_output_dir(cfg) -> str:
+    """``<save_dir>/<config name>``: the distill config's name when distilling, else the model config's."""
+    return os.path.join(cfg.save_dir, cfg.filename)
 
 
 class DistillCheckpointer(Checkpointer):
     """ppdet's snapshot/best-model policy, saved through :func:`ppdistill.checkpoint.save_checkpoint`."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        # ppdet 2.6 appends the config name to save_dir, PaddleDetection develop does not: decide it here.
+        self.save_dir = run_output_dir(trainer.cfg)
 
     def _best_ap(self) -> Optional[float]:
         for metric in self.model._metrics:
