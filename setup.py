@@ -35,4 +35,12 @@ setup(
     python_requires='>=3.8',
     install_requires=REQUIRES,
     extras_require={'test': ['pytest']},
+    # The tools as commands, for use from any directory (e.g. a PaddleDetection checkout's root).
+    entry_points={'console_scripts': [
+        'ppdistill-train = ppdistill.tools.train:run',
+        'ppdistill-eval = ppdistill.tools.eval:run',
+        'ppdistill-infer = ppdistill.tools.infer:run',
+        'ppdistill-export = ppdistill.tools.export_model:run',
+        'ppdistill-visualize = ppdistill.tools.visualize:run',
+    ]},
 )

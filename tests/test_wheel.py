@@ -1,0 +1,65 @@
+"""Integration: ppdistill installed from a wheel (no checkout on the path) distills from another project's
+root, the way a user with a PaddleDetection clone does: ``python -m ppdistill.tools.train`` and the
+``ppdistill-*`` commands, with that project's configs and data relative to its root.
+
+The venv sees the already installed stack (``--system-site-packages``: paddle, ppdet) so the test installs
+only the wheel; its own site-packages come first, so ``import ppdistill`` must resolve to the wheel.
+"""
+import ppdistill  # noqa: F401  (import order: ppdet before paddle)
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def _check(cmd, cwd, env=None):
+    proc = subprocess.run(cmd, cwd=str(cwd), env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=900)
+    assert proc.returncode == 0, f'{" ".join(map(str, cmd))} failed:\n{proc.stdout[-4000:]}'
+    return proc.stdout
+
+
+@pytest.fixture(scope='module')
+def wheel_venv(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('wheel')
+    _check([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '-q', '-w', str(tmp / 'dist'), ROOT], tmp)
+    wheels = glob.glob(str(tmp / 'dist' / 'ppdistill-*.whl'))
+    assert len(wheels) == 1, wheels
+    _check([sys.executable, '-m', 'venv', '--system-site-packages', str(tmp / 'venv')], tmp)
+    bin_dir = tmp / 'venv' / 'bin'
+    _check([str(bin_dir / 'python'), '-m', 'pip', 'install', '--no-deps', '-q', wheels[0]], tmp)
+    return bin_dir
+
+
+def test_installed_tools_distill_from_another_projects_root(wheel_venv, work, tmp_path):
+    # A "PaddleDetection checkout": its own configs and dataset, no ppdistill sources anywhere near.
+    project = tmp_path / 'PaddleDetection'
+    shutil.copytree(os.path.join(ROOT, 'configs', 'demo'), project / 'configs' / 'demo',
+                    ignore=shutil.ignore_patterns('weights'))
+    (project / 'dataset').mkdir()
+    os.symlink(work / 'dataset' / 'digits_tiny', project / 'dataset' / 'digits_tiny')
+    (project / 'my_mgd.yml').write_text(yaml.safe_dump({
+        'slim': 'MGDDistillModel', 'teacher_config': 'configs/demo/tiny/picodet_teacher.yml',
+        'teacher_weights': str(work / 'output' / 'picodet_teacher' / 'model_final')}))
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    python = str(wheel_venv / 'python')
+
+    where = _check([python, '-c', 'import ppdistill, ppdistill.tools.train as t; print(t.__file__)'],
+                   project, env)
+    assert str(wheel_venv.parent) in where.strip().splitlines()[-1], where  # the wheel, not the checkout
+
+    student = 'configs/demo/tiny/picodet_student.yml'
+    _check([python, '-m', 'ppdistill.tools.train', '-c', student, '--slim_config', 'my_mgd.yml'], project, env)
+    final = project / 'output' / 'my_mgd' / 'model_final.pdparams'
+    assert final.is_file()
+    out = _check([str(wheel_venv / 'ppdistill-eval'), '-c', student,
+                  '-o', f'weights={final.with_suffix("")}'], project, env)
+    assert 'Average Precision' in out
