@@ -8,6 +8,7 @@ its init and the loss in ``trainval_net_sup.py``.
 The student imitates the teacher only near objects: at the cells whose anchors overlap a GT box with an
 IoU above ``psi`` times that box's best anchor IoU (:func:`ppdistill.masks.fgfi_masks`).
 """
+import inspect
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -118,6 +119,17 @@ class LevelAnchors:
                                 [float(a) for a in self.retina['aspect_ratios']])
 
 
+def _truncated_normal(std: float) -> nn.initializer.Initializer:
+    """Normal(0, std) truncated at 2 std (PyTorch's ``trunc_normal_``-style init of the reference).
+
+    Paddle 2.6's ``TruncatedNormal`` always cuts at 2 std; paddle 3 takes absolute bounds ``a``/``b``
+    (default +-2.0, i.e. no truncation at a small std), so they are passed where supported.
+    """
+    if 'a' in inspect.signature(nn.initializer.TruncatedNormal).parameters:
+        return nn.initializer.TruncatedNormal(0.0, std, a=-2.0 * std, b=2.0 * std)
+    return nn.initializer.TruncatedNormal(0.0, std)
+
+
 def _adaptation(student_channels: int, teacher_channels: int, relu: bool) -> nn.Sequential:
     """3x3 conv (+ ReLU) from the student's to the teacher's channels, as the reference's
     ``stu_feature_adap``, weight truncated normal (std 1e-4, cut at 2 std) as its
@@ -130,7 +142,7 @@ def _adaptation(student_channels: int, teacher_channels: int, relu: bool) -> nn.
     """
     zero = paddle.ParamAttr(initializer=nn.initializer.Constant(0.0))
     conv = nn.Conv2D(student_channels, teacher_channels, kernel_size=3, padding=1,
-                     weight_attr=paddle.ParamAttr(initializer=nn.initializer.TruncatedNormal(0.0, 1e-4)),
+                     weight_attr=paddle.ParamAttr(initializer=_truncated_normal(1e-4)),
                      bias_attr=zero)
     layers: List[nn.Layer] = [conv] + ([nn.ReLU()] if relu else [])
     return nn.Sequential(*layers)

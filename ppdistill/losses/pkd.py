@@ -21,8 +21,10 @@ def standardize_channels(x: paddle.Tensor, eps: float = 1e-6) -> paddle.Tensor:
     n, c, h, w = [int(v) for v in x.shape]
     flat = x.transpose([1, 0, 2, 3]).reshape([c, n * h * w])
     mean = flat.mean(axis=1, keepdim=True)
-    std = flat.std(axis=1, unbiased=True, keepdim=True)
-    return ((flat - mean) / (std + eps)).reshape([c, n, h, w]).transpose([1, 0, 2, 3])
+    # unbiased std written out: paddle 3's Tensor.std checks its degrees of freedom on the host (a sync)
+    centred = flat - mean
+    std = paddle.sqrt(paddle.sum(centred * centred, axis=1, keepdim=True) / max(n * h * w - 1, 1))
+    return (centred / (std + eps)).reshape([c, n, h, w]).transpose([1, 0, 2, 3])
 
 
 @register
