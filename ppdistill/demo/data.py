@@ -42,7 +42,7 @@ CLASS_NAMES = [str(i) for i in range(10)]
 
 DEFAULT_PARAMS = dict(
     num_train=2000,
-    num_val=160,
+    num_val=500,  # ~3000 objects: a steadier COCO AP than 160 images (the train split is unchanged)
     image_size=128,
     min_objects=6,
     max_objects=10,
