@@ -204,10 +204,23 @@ def _run_one(plan: 'Plan', row: str, seed: int, records: Dict[tuple, dict], pref
     return record
 
 
+def _demo_data(args) -> None:
+    """The demo configs read ``dataset/digits`` (relative to the CWD): make it if missing (idempotent)."""
+    if os.path.abspath(_resolve(args.config_dir)) == os.path.join(ROOT, 'configs', 'demo'):
+        data = os.path.join(os.getcwd(), 'dataset', 'digits')
+        try:
+            run_tool('data', [os.path.join(TOOLS, 'make_demo_data.py'), '--out', data],
+                     os.path.join(os.path.abspath(args.out), 'make_demo_data.log'), os.getcwd(), '[bench]')
+        except RunFailed as err:
+            sys.stdout.write(err.log_tail)
+            sys.exit(f'[bench] {err}')
+
+
 def run_teacher(args) -> dict:
     """Train (or reuse) and evaluate the teacher alone; ``--ship`` copies it to the shipped weights."""
     args.methods, args.seeds = 'none', '0'
     plan = Plan(args)
+    _demo_data(args)
     want = plan.stamp('teacher', plan.teacher_seed)
     record = _load_record(os.path.join(plan.run_dir('teacher', plan.teacher_seed), 'run.json'), want)
     if record is None:
@@ -232,6 +245,7 @@ def run_accuracy(args) -> dict:
     from ppdistill.runs import parse_train_log
 
     plan = Plan(args)
+    _demo_data(args)
     runs = plan.runs()
     print(f"[bench] accuracy {plan.arch}: rows {', '.join(plan.rows)}; seeds {plan.seeds}; "
           f'{len(runs)} runs under {os.path.relpath(plan.out)}', flush=True)
