@@ -258,13 +258,14 @@ class Distiller(nn.Layer):
                                     probe_size, e['levels'], what)
             except PairingError as err:
                 raise DistillConfigError(str(err)) from None
+            cls, multi = loss_class(e['type']), isinstance(e['student'], dict)
+            equal_channels = not multi and (e['logits'] or getattr(cls, 'equal_channels', False))
+            num_levels = len(s_shapes[_first_spec(e['student'])])
             for pair in pairs:
-                multi = isinstance(e['student'], dict)
-                if not multi and (e['logits'] or getattr(loss_class(e['type']), 'equal_channels', False)):
+                if equal_channels:
                     _check_equal_channels(pair, what)
                 channels = _multi_channels(e, pair, s_shapes, t_shapes) if multi else None
-                modules.append(_make_loss(loss_class(e['type']), pair, e['args'], what,
-                                          len(s_shapes[_first_spec(e['student'])]), channels))
+                modules.append(_make_loss(cls, pair, e['args'], what, num_levels, channels))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight']))
         self.distill_losses = nn.LayerList(modules)
