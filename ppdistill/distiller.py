@@ -209,8 +209,17 @@ class Distiller(nn.Layer):
             ``{conf: cls_logits, loc: box_reg}``: it gets ``{name: tensor}`` per side and its channels as
             ``{name: C}``; levels pair by stride on the first name, every name must have as many levels.
         probe_size: side of the blank image used at build time to read tap shapes and strides.
-        init_student: copy the teacher's neck/head tensors into the student where names and shapes match
-            (MGD's ``init_student``).
+        init_student: copy the teacher's neck/head tensors into the student (MGD's ``init_student``). All
+            or nothing: the student's neck/head must have the teacher's names and shapes (the references'
+            precondition); otherwise it is a build error, because copying only the tensors whose shapes
+            happen to match leaves layers half teacher, half student (e.g. a BN's teacher statistics
+            after the student's own convolution).
+        distill_lr_mult: learning-rate multiplier for the distill modules' own parameters (align convs,
+            MGD generators, FGD context blocks), applied by every paddle optimizer through the parameter's
+            ``optimize_attr``. These layers have no normalisation after them, so they are not scale
+            invariant like the student's conv+BN layers: a peak LR tuned for the student (AdamW 0.04 in
+            the demo) moves them by a large fraction of their size every step. The references train them
+            with the detector's SGD at 0.01.
         nonfinite: what a step whose distill loss is inf/NaN does: ``'error'`` (default) stops training
             naming the term; ``'skip'`` logs a warning and drops that step's distill loss (the student
             still trains on its own loss; every distill parameter gets a zero gradient).
@@ -218,8 +227,11 @@ class Distiller(nn.Layer):
 
     def __init__(self, student_model: nn.Layer = None, teacher_model: nn.Layer = None,
                  student_arch: str = None, teacher_arch: str = None, losses: Optional[list] = None,
-                 probe_size: int = 320, init_student: bool = False, nonfinite: str = 'error'):
+                 probe_size: int = 320, init_student: bool = False, nonfinite: str = 'error',
+                 distill_lr_mult: float = 1.0):
         super().__init__()
+        if not float(distill_lr_mult) > 0:
+            raise DistillConfigError(f'distill_lr_mult must be > 0, got {distill_lr_mult!r}')
         if nonfinite not in _NONFINITE_MODES:
             raise DistillConfigError(f'nonfinite: {nonfinite!r} is not one of {list(_NONFINITE_MODES)}')
         self.nonfinite = nonfinite
@@ -270,6 +282,8 @@ class Distiller(nn.Layer):
                                          e['teacher'], pair, e['weight']))
         self.distill_losses = nn.LayerList(modules)
         _keep_float32(self.distill_losses)
+        for param in self.distill_losses.parameters():
+            param.optimize_attr['learning_rate'] = float(distill_lr_mult)
         logger.info('Distiller: ' + '; '.join(
             f"{t.key}: student {list(t.pair.student_shape[1:])} <- teacher {list(t.pair.teacher_shape[1:])}"
             for t in self._terms) + f' (shapes at probe size {probe_size})')
@@ -310,11 +324,19 @@ class Distiller(nn.Layer):
         student_state = self.student_model.state_dict()
         teacher_state = self.teacher_model.state_dict()
         candidates = [k for k in student_state if any(k.startswith(p + '.') for p in prefixes)]
-        copied = {k: teacher_state[k] for k in candidates
-                  if k in teacher_state and list(teacher_state[k].shape) == list(student_state[k].shape)}
-        self.student_model.set_state_dict(copied)
-        logger.info(f"init_student: copied {len(copied)}/{len(candidates)} {'/'.join(prefixes)} tensors "
-                    'from the teacher (names and shapes match)')
+        differ = [k for k in candidates
+                  if k not in teacher_state or list(teacher_state[k].shape) != list(student_state[k].shape)]
+        if not candidates or differ:
+            k = differ[0] if differ else None
+            example = ('' if k is None else f"; e.g. {k}: student {list(student_state[k].shape)}, teacher "
+                       + (str(list(teacher_state[k].shape)) if k in teacher_state else 'has no such tensor'))
+            raise DistillConfigError(
+                f"init_student: true needs the student's {'/'.join(prefixes)} to equal the teacher's, but "
+                f'{len(differ)} of {len(candidates)} tensors differ in name or shape{example}. Copying only '
+                'the matching ones would mix teacher and student layers: set init_student: false')
+        for k in candidates:
+            student_state[k].set_value(teacher_state[k])
+        logger.info(f"init_student: copied all {len(candidates)} {'/'.join(prefixes)} tensors from the teacher")
 
     # -- parameters: never the teacher's ------------------------------------------------------------
     def named_parameters(self, prefix: str = '', include_sublayers: bool = True, **kwargs):

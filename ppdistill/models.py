@@ -19,12 +19,13 @@ class MGDDistillModel(Distiller):
     def __init__(self, student_model=None, teacher_model=None, student_arch: str = None,
                  teacher_arch: str = None, feature: str = 'fpn', levels: Optional[Sequence[int]] = None,
                  alpha_mgd: float = 2e-5, lambda_mgd: float = 0.65, mask_mode: str = 'spatial',
-                 probe_size: int = 320, init_student: bool = False, nonfinite: str = 'error'):
+                 probe_size: int = 320, init_student: bool = False, nonfinite: str = 'error',
+                 distill_lr_mult: float = 1.0):
         losses = [{'type': 'MGDLoss', 'student': feature, 'teacher': feature, 'levels': levels,
                    'name': 'mgd', 'args': {'alpha_mgd': alpha_mgd, 'lambda_mgd': lambda_mgd,
                                            'mask_mode': mask_mode}}]
         super().__init__(student_model, teacher_model, student_arch, teacher_arch, losses, probe_size,
-                         init_student, nonfinite)
+                         init_student, nonfinite, distill_lr_mult)
 
 
 @register
@@ -38,12 +39,12 @@ class FocalGlobalDistillModel(Distiller):
                  teacher_arch: str = None, feature: str = 'fpn', levels: Optional[Sequence[int]] = None,
                  temp: float = 0.5, alpha_fgd: float = 1e-3, beta_fgd: float = 5e-4,
                  gamma_fgd: float = 1e-3, lambda_fgd: float = 5e-6, probe_size: int = 320,
-                 init_student: bool = False, nonfinite: str = 'error'):
+                 init_student: bool = False, nonfinite: str = 'error', distill_lr_mult: float = 1.0):
         losses = [{'type': 'FGDLoss', 'student': feature, 'teacher': feature, 'levels': levels,
                    'name': 'fgd', 'args': {'temp': temp, 'alpha_fgd': alpha_fgd, 'beta_fgd': beta_fgd,
                                            'gamma_fgd': gamma_fgd, 'lambda_fgd': lambda_fgd}}]
         super().__init__(student_model, teacher_model, student_arch, teacher_arch, losses, probe_size,
-                         init_student, nonfinite)
+                         init_student, nonfinite, distill_lr_mult)
 
 
 @register
@@ -58,9 +59,9 @@ class FGFIDistillModel(Distiller):
                  teacher_arch: str = None, feature: str = 'fpn', levels: Optional[Sequence[int]] = None,
                  psi: float = 0.5, anchors: Optional[dict] = None, loss_weight: float = 0.01,
                  adapt_relu: bool = True, probe_size: int = 320, init_student: bool = False,
-                 nonfinite: str = 'error'):
+                 nonfinite: str = 'error', distill_lr_mult: float = 1.0):
         losses = [{'type': 'FGFILoss', 'student': feature, 'teacher': feature, 'levels': levels,
                    'name': 'fgfi', 'args': {'psi': psi, 'anchors': anchors, 'loss_weight': loss_weight,
                                             'adapt_relu': adapt_relu}}]
         super().__init__(student_model, teacher_model, student_arch, teacher_arch, losses, probe_size,
-                         init_student, nonfinite)
+                         init_student, nonfinite, distill_lr_mult)

@@ -255,9 +255,10 @@ REFERENCE_CLASS_DEFAULTS = {'FGDLoss': {'temp': 0.5, 'alpha_fgd': 1e-3, 'beta_fg
                             'MGDLoss': {'alpha_mgd': 2e-5, 'lambda_mgd': 0.65}}
 # yzd-v/FGD configs/distillers/fgd/fgd_retina_*.py, fgd_gfl_*.py; yzd-v/MGD .../mgd/retina_*.py
 REFERENCE_ONE_STAGE_RECIPES = {
-    'fgd': {'temp': 0.5, 'alpha_fgd': 1e-3, 'beta_fgd': 5e-4, 'gamma_fgd': 5e-4, 'lambda_fgd': 5e-6,
-            'init_student': True},
-    'mgd': {'alpha_mgd': 2e-5, 'lambda_mgd': 0.65, 'init_student': True}}
+    'fgd': {'temp': 0.5, 'alpha_fgd': 1e-3, 'beta_fgd': 5e-4, 'gamma_fgd': 5e-4, 'lambda_fgd': 5e-6},
+    'mgd': {'alpha_mgd': 2e-5, 'lambda_mgd': 0.65}}
+# The references' init_student: true copies the teacher's neck/head into an equal student; the demo
+# students are narrower, where it is a build error (tests/test_distiller.py), so the shipped configs say false.
 
 
 def test_class_defaults_are_the_reference_class_defaults():
@@ -282,6 +283,7 @@ def test_shipped_distill_configs_follow_the_reference_one_stage_recipes(method, 
     section = cfg[cfg['slim']]
     assert {k: section.get(k) for k in REFERENCE_ONE_STAGE_RECIPES[method]} == REFERENCE_ONE_STAGE_RECIPES[method]
     assert section.get('levels') is None  # every FPN level, as the references
+    assert section.get('init_student') is False
 
 
 # -- reliability: slim typos, unreachable weight URLs, self-distillation -----------------------------

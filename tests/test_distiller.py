@@ -127,24 +127,87 @@ def test_level_without_teacher_stride_fails_naming_both_shapes():
     assert '(1, 4, 4, 4)' in str(err.value) and '(1, 8, 8, 8)' in str(err.value)
 
 
-def test_init_student_copies_matching_neck_and_head_tensors_only():
+@pytest.fixture
+def toy_init_preset():
     from ppdistill.presets import PRESETS
     PRESETS['ToyDet'] = {'taps': {'fpn': 'neck'}, 'init_student': ['neck', 'head']}
-    try:
-        paddle.seed(3)
-        student = ToyDet(width=8, neck_ch=8, levels=2)   # same neck/head shapes as the teacher's first levels
-        teacher = ToyDet(width=16, neck_ch=8, levels=3)  # neck lateral.0 takes 16 channels: shape differs
-        s_before = {k: v.numpy().copy() for k, v in student.state_dict().items()}
+    yield
+    del PRESETS['ToyDet']
+
+
+def test_init_student_copies_every_neck_and_head_tensor_of_an_equal_student(toy_init_preset):
+    paddle.seed(3)
+    student = ToyDet(width=16, neck_ch=8, levels=2)  # the teacher's neck/head, fewer levels taken
+    teacher = ToyDet(width=16, neck_ch=8, levels=2)
+    s_before = {k: v.numpy().copy() for k, v in student.state_dict().items()}
+    Distiller(student_model=student, teacher_model=teacher, losses=MGD_NO_MASK, probe_size=32,
+              init_student=True)
+    t = teacher.state_dict()
+    for k, v in student.state_dict().items():
+        expected = t[k].numpy() if k.startswith(('neck.', 'head.')) else s_before[k]
+        np.testing.assert_array_equal(v.numpy(), expected, err_msg=k)
+    assert any(not np.array_equal(s_before[k], t[k].numpy()) for k in t if k.startswith('neck.'))
+
+
+def test_init_student_with_a_different_neck_is_an_error_and_copies_nothing(toy_init_preset):
+    # Some neck/head tensors match (neck.lateral.1, head.*), one does not (neck.lateral.0 takes the
+    # backbone's 8 vs 16 channels): a partial copy would mix teacher and student layers.
+    paddle.seed(3)
+    student = ToyDet(width=8, neck_ch=8, levels=2)
+    teacher = ToyDet(width=16, neck_ch=8, levels=3)
+    s_before = {k: v.numpy().copy() for k, v in student.state_dict().items()}
+    with pytest.raises(DistillConfigError) as err:
         Distiller(student_model=student, teacher_model=teacher, losses=MGD_NO_MASK, probe_size=32,
                   init_student=True)
-        t = teacher.state_dict()
-        for k, v in student.state_dict().items():
-            copied = (k.startswith(('neck.', 'head.')) and k in t and list(t[k].shape) == list(v.shape))
-            np.testing.assert_array_equal(v.numpy(), t[k].numpy() if copied else s_before[k], err_msg=k)
-        assert 'head.cls.weight' in t and 'neck.lateral.1.bias' in t  # some tensors were copied
-        assert list(t['neck.lateral.0.weight'].shape) != list(s_before['neck.lateral.0.weight'].shape)
-    finally:
-        del PRESETS['ToyDet']
+    msg = str(err.value)
+    assert 'neck.lateral.0.weight' in msg and 'init_student: false' in msg and '\n' not in msg
+    for k, v in student.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), s_before[k], err_msg=k)
+
+
+def _one_step_updates(d, optimizer):
+    """Parameter change of one optimizer step, and each parameter's gradient before it."""
+    before = {id(p): p.numpy().copy() for p in d.parameters()}
+    d.train()
+    d(toy_inputs())['loss'].backward()
+    grads = {id(p): p.grad.numpy().copy() for p in d.parameters() if p.grad is not None}
+    optimizer.step()
+    return {id(p): p.numpy() - before[id(p)] for p in d.parameters()}, grads
+
+
+@pytest.mark.parametrize('mult', [1.0, 0.05])
+def test_distill_lr_mult_scales_the_sgd_step_of_distill_modules_only(mult):
+    d = make(dropout=0.0, distill_lr_mult=mult)
+    opt = paddle.optimizer.SGD(learning_rate=0.1, parameters=d.parameters())
+    delta, grads = _one_step_updates(d, opt)
+    distill = {id(p) for p in d.distill_losses.parameters()}
+    assert distill and all(i in grads for i in distill)
+    for p in d.parameters():
+        if id(p) in grads:
+            lr = 0.1 * (mult if id(p) in distill else 1.0)
+            np.testing.assert_allclose(delta[id(p)], -lr * grads[id(p)], rtol=1e-4, atol=1e-7)
+
+
+def test_distill_lr_mult_scales_ppdets_adamw_step():
+    # ppdet's OptimizerBuilder over the distiller's parameters, as the Trainer builds it. Adam's first
+    # step moves each element by lr * g / (|g| + eps) (no weight decay here).
+    from ppdet.optimizer import OptimizerBuilder
+    d = make(dropout=0.0, distill_lr_mult=0.025)
+    opt = OptimizerBuilder(regularizer=None, optimizer={'type': 'AdamW', 'weight_decay': 0.0})(
+        0.04, d)
+    delta, grads = _one_step_updates(d, opt)
+    distill = {id(p) for p in d.distill_losses.parameters()}
+    for p in d.parameters():
+        if id(p) in grads:
+            g = grads[id(p)].astype('float64')
+            lr = 0.04 * (0.025 if id(p) in distill else 1.0)
+            np.testing.assert_allclose(delta[id(p)], -lr * g / (np.abs(g) + 1e-8), rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize('bad', [0, -1.0])
+def test_distill_lr_mult_must_be_positive(bad):
+    with pytest.raises(DistillConfigError, match='distill_lr_mult must be > 0'):
+        make(distill_lr_mult=bad)
 
 
 # ----------------------------------------------------------------------------- teacher isolation
