@@ -342,3 +342,83 @@ def test_run_tool_reports_eta_and_fails_with_the_log_tail(tmp_path, capsys):
     assert last_eta(str(tmp_path / 'job.log')) == 65
     (tmp_path / 'day.log').write_text('eta: 1 day, 2:00:01 x')
     assert last_eta(str(tmp_path / 'day.log')) == 86400 + 7201
+
+
+# -- gradients report ---------------------------------------------------------------------------------
+def _student_grads(d, key, inputs):
+    """Gradient of one loss on the student's parameters by a plain backward pass (independent of paddle.grad)."""
+    for p in d.parameters():
+        p.clear_gradient()
+    d.train()
+    d._teacher_forward(inputs)
+    with d.student_taps.record():
+        out = dict(d.student_model(inputs))
+    terms = d.distill_terms(inputs)
+    d.student_taps.clear()
+    d.teacher_taps.clear()
+    (out['loss'] if key == 'det' else terms[key]).backward()
+    params = [p for p in d.student_model.parameters() if not p.stop_gradient]
+    g = np.concatenate([(p.grad.numpy() if p.grad is not None else np.zeros(p.shape)).ravel() for p in params])
+    return g.astype('float64'), float(out['loss']), float(terms.get(key, out['loss']))
+
+
+@pytest.mark.parametrize('weight', [1.0, 3.0])
+def test_term_gradients_match_backward_passes_and_scale_with_the_weight(weight):
+    from ppdistill import Distiller
+    from ppdistill.bench.gradients import term_gradients
+    from toy_models import ToyDet, toy_inputs
+    paddle.seed(7)
+    losses = [{'type': 'MGDLoss', 'student': 'neck', 'teacher': 'neck', 'weight': weight,
+               'args': {'lambda_mgd': 0.0, 'alpha_mgd': 0.01}}]
+    d = Distiller(student_model=ToyDet(width=8, neck_ch=4, levels=2, dropout=0.0),
+                  teacher_model=ToyDet(width=16, neck_ch=8, levels=2, dropout=0.0), losses=losses, probe_size=32)
+    inputs = toy_inputs()
+    got = term_gradients(d, inputs)
+    assert set(got) == {'distill_mgd_l0', 'distill_mgd_l1', 'distill_loss'}
+    g_det, det, _ = _student_grads(d, 'det', inputs)
+    for key in ('distill_mgd_l0', 'distill_mgd_l1'):
+        g, _, value = _student_grads(d, key, inputs)
+        assert got[key]['ratio'] == pytest.approx(value / det, rel=1e-5)
+        assert got[key]['grad_ratio'] == pytest.approx(np.linalg.norm(g) / np.linalg.norm(g_det), rel=1e-4)
+        cos = g @ g_det / (np.linalg.norm(g) * np.linalg.norm(g_det))
+        assert got[key]['cos'] == pytest.approx(cos, abs=1e-5)
+    if weight == 1.0:  # the weight scales value and gradient, never the direction
+        paddle.seed(7)
+        d3 = Distiller(student_model=ToyDet(width=8, neck_ch=4, levels=2, dropout=0.0),
+                       teacher_model=ToyDet(width=16, neck_ch=8, levels=2, dropout=0.0),
+                       losses=[dict(losses[0], weight=3.0)], probe_size=32)
+        got3 = term_gradients(d3, inputs)
+        for key in got:
+            assert got3[key]['grad_ratio'] == pytest.approx(3 * got[key]['grad_ratio'], rel=1e-4)
+            assert got3[key]['cos'] == pytest.approx(got[key]['cos'], abs=1e-5)
+
+
+def test_gradient_summary_takes_medians_and_counts_negative_cosines():
+    from ppdistill.bench.gradients import summarise
+    batches = [{'t': {'ratio': r, 'grad_ratio': g, 'cos': c}} for r, g, c in
+               [(1.0, 0.1, -0.5), (2.0, 0.3, 0.2), (4.0, 0.2, -0.1)]]
+    assert summarise(batches) == {'t': {'ratio': 2.0, 'grad_ratio': 0.2, 'cos': -0.1, 'cos_negative': 2 / 3}}
+
+
+@pytest.mark.integration
+def test_gradients_report_on_tiny_configs(work, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'benchmark.py'), 'gradients',
+                           '--config_dir', TINY, '--methods', 'mgd', '--steps', '1'], cwd=str(work), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    # no shipped teacher for the tiny pair: a one-line error saying what to pass
+    assert proc.returncode != 0 and 'pass --teacher_weights' in proc.stdout and 'Traceback' not in proc.stdout
+    teacher = tmp_path / 'teacher'
+    subprocess.run([sys.executable, '-c', 'import ppdistill, paddle; from ppdet.core.workspace import '
+                    f'load_config, create; cfg = load_config("{TINY}/picodet_teacher.yml"); '
+                    f'paddle.save(create(cfg.architecture).state_dict(), "{teacher}.pdparams")'],
+                   check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    run(['benchmark.py', 'gradients', '--config_dir', TINY, '--methods', 'mgd,fgd', '--steps', '2',
+         '--teacher_weights', str(teacher), '--out', 'grad_out'], work)
+    result = json.loads((work / 'grad_out' / 'gradients_picodet.json').read_text())
+    assert result['batches'] == 2 and set(result['methods']) == {'mgd', 'fgd'}
+    fgd = result['methods']['fgd']
+    assert {'distill_fgd_l0', 'distill_fgd_l0_fg', 'distill_fgd_l0_rela', 'distill_loss'} <= set(fgd)
+    for terms in result['methods'].values():
+        for v in terms.values():
+            assert -1.0 <= v['cos'] <= 1.0 and v['grad_ratio'] >= 0 and 0 <= v['cos_negative'] <= 1
+    assert '| `distill_fgd_l0_fg` |' in (work / 'grad_out' / 'gradients_picodet.md').read_text()

@@ -1,0 +1,114 @@
+"""Does a distill term pull the student with the detection loss or against it?
+
+For each method and batch (the student's train reader, same batches for every method), one distiller step
+without update: the teacher forward, the student forward with its detection loss, every distill term and
+sub-term (FGD's fg/bg/mask/rela), and each one's gradient with respect to the student's own parameters
+(the align convs, generators and context blocks are not the student and are left out). Per term it
+reports, as medians over the batches:
+
+- ``value / det``: the term's weighted value over the detection loss (what the loss-balance log shows);
+- ``|grad| / |grad det|``: how hard it pulls the student, relative to the detection loss;
+- ``cos``: the cosine between its gradient and the detection loss's (> 0: helps the task's own descent
+  direction on this batch; < 0: conflicts with it), and the fraction of batches where it is negative.
+
+A term can be small in value and still dominate the gradient (or the reverse); a persistently negative
+cosine with a large gradient ratio is a term that trains the student away from the task. The student is
+the config's fresh initialisation (the start of training) or ``--student_weights`` (e.g. the end).
+"""
+import json
+import os
+from typing import Dict, List
+
+import numpy as np
+import paddle
+
+__all__ = ['gradient_report', 'term_gradients']
+
+
+def _flat_grad(loss: paddle.Tensor, params: List[paddle.Tensor]) -> np.ndarray:
+    grads = paddle.grad([loss], params, retain_graph=True, allow_unused=True)
+    return np.concatenate([np.zeros(int(np.prod(p.shape)), 'float64') if g is None
+                           else g.numpy().astype('float64').ravel() for g, p in zip(grads, params)])
+
+
+def term_gradients(d, batch: dict) -> Dict[str, dict]:
+    """``{term: {'ratio', 'grad_ratio', 'cos'}}`` for one batch: every distill term and sub-term of
+    distiller ``d`` (and ``distill_loss``, their sum) against the student's detection loss."""
+    d.train()
+    try:
+        d._teacher_forward(batch)
+        with d.student_taps.record():
+            out = dict(d.student_model(batch))
+        terms = d.distill_terms(batch)
+    finally:
+        d.student_taps.clear()
+        d.teacher_taps.clear()
+    terms['distill_loss'] = paddle.add_n([terms[t.key] for t in d._terms])
+    params = [p for p in d.student_model.parameters() if not p.stop_gradient]
+    det = out['loss']
+    g_det = _flat_grad(det, params)
+    n_det, det_value = np.linalg.norm(g_det), float(det)
+    result = {}
+    for key, value in terms.items():
+        g = _flat_grad(value, params)
+        n = np.linalg.norm(g)
+        result[key] = {'ratio': float(value) / det_value, 'grad_ratio': float(n / n_det),
+                       'cos': float(g @ g_det / (n * n_det)) if n > 0 else 0.0}
+    return result
+
+
+def summarise(per_batch: List[Dict[str, dict]]) -> Dict[str, dict]:
+    """Medians over batches, plus the fraction of batches whose cosine is negative."""
+    out = {}
+    for key in per_batch[0]:
+        rows = [b[key] for b in per_batch]
+        out[key] = {k: float(np.median([r[k] for r in rows])) for k in ('ratio', 'grad_ratio', 'cos')}
+        out[key]['cos_negative'] = float(np.mean([r['cos'] < 0 for r in rows]))
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Distill-term gradients: {result['arch']}", '',
+             f"- date: {result['date']}", f"- command: `{result['command']}`",
+             f"- student: {result['student']}; teacher: {result['teacher']}; {result['batches']} batches", '',
+             'Medians over batches. `value/det`: the weighted term over the detection loss; `|∇|/|∇det|`: its '
+             "gradient norm on the student's parameters over the detection loss's; `cos`: cosine between the "
+             'two gradients (< 0: the term pulls against the task on that batch).', '']
+    for method, terms in result['methods'].items():
+        lines += [f'## {method}', '', '| term | value/det | abs grad / abs grad det | cos | batches with cos < 0 |',
+                  '|---|---|---|---|---|']
+        lines += [f"| `{k}` | {v['ratio']:.3g} | {v['grad_ratio']:.3g} | {v['cos']:+.3f} | "
+                  f"{v['cos_negative']:.0%} |" for k, v in terms.items()]
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def gradient_report(args, arch: str, methods: Dict[str, str], teacher_cfg: str, student_cfg: str,
+                    out_dir: str, command: str, date: str) -> dict:
+    """``tools/benchmark.py gradients``: writes ``<out>/gradients_<arch>.{md,json}``."""
+    from .speed import _Setup
+    args.warmup = 0
+    setup = _Setup(args, methods, teacher_cfg, student_cfg, build_student=False)
+    if args.student_weights:
+        from ppdistill.checkpoint import load_state_file
+        path = args.student_weights
+        state = load_state_file(path if path.endswith('.pdparams') else path + '.pdparams', 'student weights')
+    else:  # every method sees the same fresh student
+        state = next(iter(setup.distillers.values())).student_model.state_dict()
+    for d in setup.distillers.values():
+        d.student_model.set_state_dict(state)
+    result = {'arch': arch, 'date': date, 'command': command, 'batches': len(setup.batches),
+              'student': args.student_weights or 'fresh initialisation', 'teacher': args.teacher_weights,
+              'methods': {}}
+    for name, d in setup.distillers.items():
+        print(f'[bench] gradients {arch}: {name}', flush=True)
+        result['methods'][name] = summarise([term_gradients(d, b) for b in setup.batches])
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f'gradients_{arch}')
+    md = markdown(result)
+    with open(base + '.md', 'w') as f:
+        f.write(md)
+    with open(base + '.json', 'w') as f:
+        json.dump(result, f, indent=1)
+    print('\n' + md + f'\n[bench] wrote {base}.md/.json', flush=True)
+    return result
