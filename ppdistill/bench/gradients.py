@@ -15,12 +15,12 @@ A term can be small in value and still dominate the gradient (or the reverse); a
 cosine with a large gradient ratio is a term that trains the student away from the task. The student is
 the config's fresh initialisation (the start of training) or ``--student_weights`` (e.g. the end).
 """
-import json
-import os
 from typing import Dict, List
 
 import numpy as np
 import paddle
+
+from . import write_report
 
 __all__ = ['gradient_report', 'term_gradients']
 
@@ -103,12 +103,5 @@ def gradient_report(args, arch: str, methods: Dict[str, str], teacher_cfg: str, 
     for name, d in setup.distillers.items():
         print(f'[bench] gradients {arch}: {name}', flush=True)
         result['methods'][name] = summarise([term_gradients(d, b) for b in setup.batches])
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f'gradients_{arch}')
-    md = markdown(result)
-    with open(base + '.md', 'w') as f:
-        f.write(md)
-    with open(base + '.json', 'w') as f:
-        json.dump(result, f, indent=1)
-    print('\n' + md + f'\n[bench] wrote {base}.md/.json', flush=True)
+    write_report(out_dir, f'gradients_{arch}', markdown(result), result)
     return result

@@ -26,6 +26,8 @@ from typing import Callable, Dict, List
 import numpy as np
 import paddle
 
+from . import write_report
+
 __all__ = ['speed_benchmark']
 
 _MEMORY_TAG = 'PPDISTILL_MEMORY '
@@ -351,11 +353,5 @@ def speed_benchmark(args, arch: str, methods: Dict[str, str], teacher_cfg: str, 
                                 os.path.join(out, f'speed_{arch}_logs'))
         result['memory'] = memory
         result['memory_check'] = memory_checks(memory, methods)
-    md = markdown(result)
-    base = os.path.join(out, f'speed_{arch}')
-    with open(base + '.md', 'w') as f:
-        f.write(md)
-    with open(base + '.json', 'w') as f:
-        json.dump(result, f, indent=1)
-    print('\n' + md + f'[bench] wrote {base}.md/.json', flush=True)
+    write_report(out, f'speed_{arch}', markdown(result), result)
     return result
