@@ -413,7 +413,8 @@ def parse_args(argv=None):
         elif name == 'accuracy':
             p.add_argument('--seeds', default='3', help='a count N (seeds 0..N-1) or a comma list')
         elif name == 'gradients':
-            p.add_argument('--steps', type=int, default=8, help='batches')
+            p.add_argument('--steps', type=int, default=16, help='batches')
+            p.add_argument('--seed', type=int, default=0, help='batches and fresh student')
             p.add_argument('--student_weights', default=None,
                            help='student checkpoint (default: the fresh initialisation, i.e. step 0)')
             p.add_argument('--teacher_weights', default=None, help='default: the shipped teacher')

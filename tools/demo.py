@@ -9,9 +9,11 @@ Steps, each the command a user would type (logs in output/demo_logs/):
 2. the teacher: the shipped ``configs/demo/weights/<arch>_teacher.pdparams`` while its configs are
    unchanged, else a cached ``output/<arch>_teacher`` run, else ``tools/train.py`` trains it (seed 0;
    ``--retrain_teacher`` forces training);
-3. ``tools/train.py`` trains the plain student; 4. ``tools/train.py --slim_config`` distills it, same
-   schedule and seed;
-5. ``tools/eval.py`` scores all three with the COCO metric; a table is printed and saved.
+3. ``tools/train.py`` trains the plain student and 4. ``tools/train.py --slim_config`` distills it (same
+   schedule and seed), side by side, one thread each (two single-thread runs use 2 cores better than two
+   2-thread runs in a row);
+5. ``tools/eval.py`` scores both students (side by side) and a teacher trained here with the COCO metric
+   (a shipped teacher's metrics come from its record); a table is printed and saved.
 
 This is a smoke-scale run on a CPU: minutes of training on a toy dataset. Its numbers show that the
 pipeline works end to end; they are not a reproduction of the papers' COCO results.
@@ -23,6 +25,8 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional
 
 from ppdistill._env import apply_cpu_defaults
 from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_archs, discover_methods, param_count,
@@ -31,13 +35,23 @@ from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_archs, discover_met
 ROOT = _path.ROOT
 
 
-def _run(name: str, args: list, log_dir: str) -> float:
+def _run(name: str, args: list, log_dir: str, env: Optional[dict] = None) -> float:
     """Run one tool (one progress line with the ETA from its log); on failure print the log tail and exit."""
     try:
-        return run_tool(name, args, os.path.join(log_dir, f'{name}.log'), cwd=ROOT, prefix='[demo]')
+        return run_tool(name, args, os.path.join(log_dir, f'{name}.log'), cwd=ROOT, prefix='[demo]', env=env)
     except RunFailed as err:
         sys.stdout.write(err.log_tail)
         sys.exit(f'[demo] {err}')
+
+
+def _side_by_side(jobs: List[tuple], log_dir: str, split_cores: bool) -> None:
+    """Run ``(name, args)`` jobs at once, the cores split between them when ``split_cores`` (i.e. the user
+    did not set OMP_NUM_THREADS); the first failure stops the demo."""
+    threads = str(max(1, (os.cpu_count() or 1) // len(jobs)))
+    env = {'OMP_NUM_THREADS': threads} if split_cores else None
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for future in [pool.submit(_run, name, args, log_dir, env) for name, args in jobs]:
+            future.result()
 
 
 TEACHER_SEED = 0  # one teacher for every student seed (the shipped one is seed 0)
@@ -64,6 +78,15 @@ def _teacher(arch: str, teacher_cfg: str, retrain: bool, logs: str) -> str:
     return weights
 
 
+def _shipped_metrics(teacher_w: str) -> Optional[list]:
+    """The COCO metrics recorded next to a shipped teacher (measured on this val split when it was made)."""
+    record = os.path.join(ROOT, teacher_w + '.json')
+    if os.path.dirname(os.path.abspath(record)) != os.path.join(ROOT, WEIGHTS_DIR) or not os.path.isfile(record):
+        return None
+    with open(record) as f:
+        return json.load(f).get('bbox')
+
+
 def main():
     archs = discover_archs(os.path.join(ROOT, 'configs', 'demo'))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,7 +100,7 @@ def main():
     if args.method not in methods:
         parser.error(f"no distill config for --method {args.method} with --arch {args.arch}; "
                      f"available: {', '.join(methods)}")
-    apply_cpu_defaults()
+    split_cores = 'OMP_NUM_THREADS' in apply_cpu_defaults()  # never override the user's choice
     logs = os.path.join(ROOT, 'output', 'demo_logs')
     teacher_cfg = f'configs/demo/{args.arch}_teacher.yml'
     student_cfg = f'configs/demo/{args.arch}_student.yml'
@@ -89,20 +112,26 @@ def main():
     _run('data', ['tools/make_demo_data.py', '--out', 'dataset/digits'], logs)
     teacher_w = _teacher(args.arch, teacher_cfg, args.retrain_teacher, logs)
 
-    _run('train_student', ['tools/train.py', '-c', student_cfg] + seed, logs)
-    _run(f'train_{args.method}', ['tools/train.py', '-c', student_cfg, '--slim_config', distill_cfg,
-                                  '-o', f'teacher_weights={teacher_w}'] + seed, logs)
+    _side_by_side([('train_student', ['tools/train.py', '-c', student_cfg] + seed),
+                   (f'train_{args.method}', ['tools/train.py', '-c', student_cfg, '--slim_config', distill_cfg,
+                                             '-o', f'teacher_weights={teacher_w}'] + seed)], logs, split_cores)
 
+    models = [('teacher', teacher_cfg, teacher_w),
+              ('student', student_cfg, f'output/{args.arch}_student/model_final'),
+              (f'student + {args.method.upper()}', student_cfg, f'output/{distill_name}/model_final')]
+    tag = {label: label.replace(' ', '').replace('+', '_') for label, _, _ in models}
+    metrics = {label: os.path.join(logs, f'metrics_{tag[label]}.json') for label, _, _ in models}
+    recorded = _shipped_metrics(teacher_w)
+    _side_by_side([(f'eval_{tag[label]}', ['tools/eval.py', '-c', cfg, '-o', f'weights={weights}',
+                                           '--save_metrics', metrics[label]])
+                   for label, cfg, weights in models if not (label == 'teacher' and recorded)], logs, split_cores)
     rows = []
-    for label, cfg, weights in [('teacher', teacher_cfg, teacher_w),
-                                ('student', student_cfg, f'output/{args.arch}_student/model_final'),
-                                (f'student + {args.method.upper()}', student_cfg,
-                                 f'output/{distill_name}/model_final')]:
-        metrics = os.path.join(ROOT, 'output', 'demo_logs', f'metrics_{label.replace(" ", "").replace("+", "_")}.json')
-        _run(f'eval_{label.replace(" ", "").replace("+", "_")}',
-             ['tools/eval.py', '-c', cfg, '-o', f'weights={weights}', '--save_metrics', metrics], logs)
-        with open(metrics) as f:
-            bbox = json.load(f)['bbox']
+    for label, cfg, weights in models:
+        if label == 'teacher' and recorded:
+            bbox = recorded
+        else:
+            with open(metrics[label]) as f:
+                bbox = json.load(f)['bbox']
         rows.append({'model': label, 'params': param_count(os.path.join(ROOT, weights)),
                      'AP': bbox[0], 'AP50': bbox[1], 'APs': bbox[3], 'APm': bbox[4], 'APl': bbox[5]})
 

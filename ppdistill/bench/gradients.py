@@ -70,7 +70,8 @@ def summarise(per_batch: List[Dict[str, dict]]) -> Dict[str, dict]:
 def markdown(result: dict) -> str:
     lines = [f"# Distill-term gradients: {result['arch']}", '',
              f"- date: {result['date']}", f"- command: `{result['command']}`",
-             f"- student: {result['student']}; teacher: {result['teacher']}; {result['batches']} batches", '',
+             f"- student: {result['student']}; teacher: {result['teacher']}; {result['batches']} batches "
+             f"(seed {result['seed']})", '',
              'Medians over batches. `value/det`: the weighted term over the detection loss; `|∇|/|∇det|`: its '
              "gradient norm on the student's parameters over the detection loss's; `cos`: cosine between the "
              'two gradients (< 0: the term pulls against the task on that batch).', '']
@@ -86,8 +87,12 @@ def markdown(result: dict) -> str:
 def gradient_report(args, arch: str, methods: Dict[str, str], teacher_cfg: str, student_cfg: str,
                     out_dir: str, command: str, date: str) -> dict:
     """``tools/benchmark.py gradients``: writes ``<out>/gradients_<arch>.{md,json}``."""
+    import random
     from .speed import _Setup
     args.warmup = 0
+    random.seed(args.seed)  # the same batches and fresh student on every call
+    np.random.seed(args.seed)
+    paddle.seed(args.seed)
     setup = _Setup(args, methods, teacher_cfg, student_cfg, build_student=False)
     if args.student_weights:
         from ppdistill.checkpoint import load_state_file
@@ -97,7 +102,7 @@ def gradient_report(args, arch: str, methods: Dict[str, str], teacher_cfg: str, 
         state = next(iter(setup.distillers.values())).student_model.state_dict()
     for d in setup.distillers.values():
         d.student_model.set_state_dict(state)
-    result = {'arch': arch, 'date': date, 'command': command, 'batches': len(setup.batches),
+    result = {'arch': arch, 'date': date, 'command': command, 'batches': len(setup.batches), 'seed': args.seed,
               'student': args.student_weights or 'fresh initialisation', 'teacher': args.teacher_weights,
               'methods': {}}
     for name, d in setup.distillers.items():
