@@ -15,7 +15,8 @@ import paddle
 import pytest
 from scipy import stats as sps
 
-from ppdistill.bench.stats import aggregate, beyond_noise, gap_closed, markdown_table, mean_std, welch_t_test
+from ppdistill.bench.stats import (aggregate, beyond_noise, gap_closed, markdown_table, mean_std, paired_t_test,
+                                   welch_t_test)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'demo', 'tiny')
@@ -74,7 +75,54 @@ def test_aggregate_rows():
     assert summary['fgd']['beyond_noise'] is None and summary['fgd']['welch_p'] is None
     table = markdown_table(list(summary.values()))
     assert '| mgd | 3 | 0.220 ± 0.020 |' in table and 'n/a' in table
-    assert f"yes (p = {mgd['welch_p']:.3f})" in table and 'n/a (< 2 seeds)' in table
+    assert f"yes (Welch p = {mgd['welch_p']:.3f})" in table and 'n/a (< 2 seeds)' in table
+
+
+def test_paired_t_matches_hand_computation_and_scipy():
+    a, b = [0.162, 0.105, 0.120, 0.130], [0.166, 0.097, 0.108, 0.125]
+    t, df, p = paired_t_test(a, b)
+    d = np.subtract(a, b)  # -0.004, 0.008, 0.012, 0.005: mean 0.00525, std 0.00685
+    assert t == pytest.approx(d.mean() / (d.std(ddof=1) / 2)) and df == 3
+    ref = sps.ttest_rel(a, b)
+    assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+    assert paired_t_test([0.5, 0.75], [0.25, 0.5])[2] == 0.0      # identical non-zero differences
+    assert paired_t_test([0.2, 0.3], [0.2, 0.3])[2] == 1.0
+    with pytest.raises(ValueError):
+        paired_t_test([0.1, 0.2], [0.1])
+
+
+def test_paired_rows_use_the_per_seed_differences():
+    # A shared seed effect (0.10 / 0.16 / 0.12) with a steady +0.01 from the method: Welch cannot see it
+    # through the spread, the paired test can.
+    row = lambda ap: {'AP': ap, 'AP50': ap, 'APs': ap, 'APm': ap, 'APl': ap}  # noqa: E731
+    student, method = [0.10, 0.16, 0.12], [0.111, 0.169, 0.131]
+    runs = {'teacher': [row(0.5)], 'student': [row(v) for v in student], 'mgd': [row(v) for v in method]}
+    welch = {e['row']: e for e in aggregate(runs)}['mgd']
+    paired = {e['row']: e for e in aggregate(runs, paired={'mgd': True})}['mgd']
+    assert welch['test'] == 'welch' and welch['beyond_noise'] is False and welch['p'] == welch['welch_p']
+    assert paired['test'] == 'paired' and paired['beyond_noise'] is True
+    assert paired['p'] == pytest.approx(sps.ttest_rel(method, student).pvalue)
+    assert paired['delta_ap_std'] == pytest.approx(np.std(np.subtract(method, student), ddof=1))
+    table = markdown_table([{**e} for e in aggregate(runs, paired={'mgd': True})])
+    assert f"+0.010 ± {paired['delta_ap_std']:.3f}" in table and f"yes (paired t p = {paired['p']:.3f})" in table
+
+
+def test_runs_pair_when_their_first_detection_losses_match():
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    try:
+        from benchmark import same_start
+    finally:
+        sys.path.pop(0)
+    from ppdistill.runs import parse_train_log
+    line = ('Epoch: [0] [  0/250] learning_rate: 0.004000 loss_vfl: 1.009536 loss_bbox: 1.746961 {extra}'
+            'loss: {loss} eta: 0:07:15 batch_cost: 0.5808')
+    student = parse_train_log(line.format(extra='', loss='2.756497'))
+    same = parse_train_log(line.format(extra='distill_mgd_l0: 0.36 ', loss='3.116497'))
+    other = parse_train_log(line.replace('1.009536', '1.788019').format(extra='', loss='3.53498'))
+    later = parse_train_log(line.replace('[  0/250]', '[ 20/250]').format(extra='', loss='2.756497'))
+    assert same_start(student, same) is True
+    assert same_start(student, other) is False
+    assert same_start(student, later) is False and same_start(student, []) is False
 
 
 # -- no host synchronisation inside the losses ---------------------------------------------------------

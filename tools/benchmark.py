@@ -15,7 +15,8 @@ distilled with each method (same config, schedule and data; ``tools/train.py``),
 ``tools/eval.py`` (COCO), and writes ``<out>/accuracy_<arch>.{md,json,png}`` and
 ``<out>/losses_<arch>.png``: AP, AP50, APs/m/l as mean ± std over seeds, the teacher row, the gap closed
 ``(AP_method - AP_student) / (AP_teacher - AP_student)`` and whether the difference to the plain student
-exceeds the seed noise (Welch's two-sided t-test on the per-seed APs, p < 0.05; see
+exceeds the seed noise (a two-sided t-test on the per-seed APs, p < 0.05: paired by seed when both runs
+of every seed started from the same weights on the same batches, else Welch's; see
 :mod:`ppdistill.bench.stats`), plus each run's loss balance (distill terms relative to the detection loss
 at the first and last log point, and the warnings). A run whose stamp (hash of its configs, overrides,
 seed, the teacher's stamp and, for distilled rows, ppdistill's loss code) matches a finished run under
@@ -290,10 +291,24 @@ def run_accuracy(args) -> dict:
         if row in plan.methods:
             detail['balance'] = balance_summary(log)
         details[row].append(detail)
-    summary = aggregate(per_row)
+    paired = {row: all(same_start(curves['student'].get(s), curves[row].get(s)) for s in plan.seeds)
+              for row in plan.methods}
+    summary = aggregate(per_row, paired=paired)
     for entry in summary:
         entry['runs'] = details[entry['row']]
     return write_accuracy_report(plan, summary, curves)
+
+
+def same_start(student_log: Optional[list], method_log: Optional[list]) -> bool:
+    """True when two runs' first logged step (iteration 0) has the same detection-loss terms: the same
+    initial weights on the same first batch, i.e. the seed paired them. The total ``loss`` and the
+    ``distill_*`` terms are left out (the distilled run adds its own)."""
+    if not student_log or not method_log or student_log[0]['iter'] != 0 or method_log[0]['iter'] != 0:
+        return False
+    a, b = student_log[0], method_log[0]
+    keys = [k for k in a if k in b and k not in ('epoch', 'step', 'steps_per_epoch', 'iter', 'lr', 'loss')
+            and not k.startswith('distill')]
+    return bool(keys) and all(a[k] == b[k] for k in keys)
 
 
 def _balance_lines(summary: List[dict]) -> List[str]:
@@ -342,8 +357,11 @@ def write_accuracy_report(plan: Plan, summary: List[dict], curves: dict) -> dict
               f'- student config: `{_show(plan.student_cfg)}`; teacher: `{_show(plan.teacher_cfg)}`; methods: '
               + ', '.join(f'{m} (`{_show(p)}`)' for m, p in plan.methods.items()), '', '']
     notes = ['', f'Mean ± sample std (ddof=1) over seeds. Gap closed = (AP_method − AP_student) / '
-             '(AP_teacher − AP_student) on mean AP. "Beyond seed noise": Welch\'s two-sided t-test of the '
-             f'row\'s per-seed AP against the plain student\'s, p < {ALPHA} (needs ≥ 2 seeds per row).', '',
+             '(AP_teacher − AP_student) on mean AP. "Beyond seed noise": a two-sided t-test of the row\'s '
+             f'per-seed AP against the plain student\'s, p < {ALPHA} (needs ≥ 2 seeds per row): paired by seed '
+             '(ΔAP ± the std of the per-seed differences) when the plain and the distilled run of every seed '
+             'logged the same detection losses at step 0 (same initial weights, same first batch), else '
+             'Welch\'s unequal-variance test.', '',
              '## Loss balance (distill term / detection loss, first → last log point, mean over seeds)', '']
     md = '\n'.join(header) + markdown_table(summary) + '\n' + '\n'.join(notes) + '\n' + \
         ('\n'.join(_balance_lines(summary)) or '(no balance lines in the logs)') + '\n'
@@ -351,7 +369,8 @@ def write_accuracy_report(plan: Plan, summary: List[dict], curves: dict) -> dict
     result = {'date': now_utc(), 'command': command, 'arch': plan.arch, 'seeds': plan.seeds,
               'teacher_seed': plan.teacher_seed, 'overrides': plan.opt, 'teacher_overrides': plan.teacher_opt,
               'student_config': plan.student_cfg, 'teacher_config': plan.teacher_cfg,
-              'methods': plan.methods, 'criterion': f'Welch two-sided t-test on per-seed AP, p < {ALPHA}',
+              'methods': plan.methods, 'criterion': f'two-sided t-test on per-seed AP (paired by seed where the runs share their start, '
+                           f'else Welch), p < {ALPHA}',
               'rows': summary}
     with open(base + '.md', 'w') as f:
         f.write(md)

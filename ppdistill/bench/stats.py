@@ -1,18 +1,25 @@
 """Accuracy over seeds: mean ± std per row, gap closed, and whether a difference exceeds the seed noise.
 
 Noise criterion (documented in the tables): a row differs from the plain student *beyond seed noise* when
-Welch's two-sided t-test on the per-seed AP values gives ``p < 0.05``. Welch's test does not assume equal
-variances, uses the sample standard deviations (``ddof=1``) and its degrees of freedom shrink with the
-sample sizes, so with 3 seeds per row a difference must be about 2.8 standard errors (``t`` with ~4
-degrees of freedom) to count; it needs at least 2 seeds per row (else the verdict is ``None``, "n/a").
+a two-sided t-test on the per-seed AP values gives ``p < 0.05``:
+
+- **paired** (the default when it holds): a seed fixes the student's initialisation and the data order, so
+  the plain and the distilled run of one seed start from the same weights on the same batches (the
+  benchmark checks this from their first logged detection losses). Much of the seed-to-seed spread is then
+  shared by both runs, and the test is on the per-seed differences ``AP_method - AP_student``
+  (``t = mean / (std / sqrt(n))``, ``n - 1`` degrees of freedom, ``ddof=1``).
+- **Welch** otherwise (unequal variances, sample standard deviations, Welch–Satterthwaite degrees of
+  freedom): with 3 seeds per row a difference must be about 2.8 standard errors to count.
+
+Both need at least 2 seeds per row (else the verdict is ``None``, "n/a").
 """
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ['COCO_FIELDS', 'coco_row', 'mean_std', 'gap_closed', 'welch_t_test', 'beyond_noise',
-           'aggregate', 'markdown_table', 'ALPHA']
+__all__ = ['COCO_FIELDS', 'coco_row', 'mean_std', 'gap_closed', 'welch_t_test', 'paired_t_test',
+           'beyond_noise', 'aggregate', 'markdown_table', 'ALPHA']
 
 # Positions in the 12 numbers of pycocotools' COCOeval.stats (ppdet's bbox metric list).
 COCO_FIELDS = {'AP': 0, 'AP50': 1, 'APs': 3, 'APm': 4, 'APl': 5}
@@ -56,26 +63,50 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, 
     return float(t), float(df), float(2 * stats.t.sf(abs(t), df))
 
 
-def beyond_noise(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> Optional[bool]:
-    """True if ``a`` and ``b`` differ beyond seed noise (Welch two-sided ``p < alpha``); None if either
-    has fewer than 2 seeds."""
+def paired_t_test(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, float]:
+    """Paired t-test on ``a[i] - b[i]``: ``(t, degrees of freedom, two-sided p)``.
+
+    Needs >= 2 pairs of equal length. Identical differences: ``t = ±inf, p = 0`` if they are not zero,
+    else ``t = 0, p = 1``.
+    """
+    from scipy import stats
+    a, b = np.asarray(a, 'float64'), np.asarray(b, 'float64')
+    if a.size != b.size or a.size < 2:
+        raise ValueError('paired t-test needs two samples of equal length >= 2')
+    d = a - b
+    sd = d.std(ddof=1)
+    if sd == 0:
+        mean = d.mean()
+        return (math.copysign(math.inf, mean) if mean else 0.0), float(d.size - 1), (0.0 if mean else 1.0)
+    t = d.mean() / (sd / math.sqrt(d.size))
+    return float(t), float(d.size - 1), float(2 * stats.t.sf(abs(t), d.size - 1))
+
+
+def beyond_noise(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA,
+                 paired: bool = False) -> Optional[bool]:
+    """True if ``a`` and ``b`` differ beyond seed noise (paired or Welch two-sided ``p < alpha``); None
+    if either has fewer than 2 seeds."""
     if len(a) < 2 or len(b) < 2:
         return None
-    return welch_t_test(a, b)[2] < alpha
+    return (paired_t_test(a, b) if paired else welch_t_test(a, b))[2] < alpha
 
 
 def aggregate(runs: Dict[str, List[Dict[str, float]]], baseline: str = 'student',
-              teacher: str = 'teacher') -> List[dict]:
+              teacher: str = 'teacher', paired: Optional[Dict[str, bool]] = None) -> List[dict]:
     """One summary per row from per-seed metrics.
 
     Args:
         runs: row name -> list over seeds of ``{metric: value}`` (:data:`COCO_FIELDS` names), in row order.
         baseline, teacher: the plain student's and the teacher's row names.
+        paired: row -> True when its runs pair seed by seed with the baseline's (same seeds in the same
+            order, same initialisation and data order); those rows get the paired test.
 
     Returns:
         per row ``{'row', 'n', 'values': {metric: [...]}, 'mean': {...}, 'std': {...}}`` plus, for rows
         other than the teacher and the baseline, ``gap_closed`` (on mean AP), ``delta_ap``
-        (mean AP minus the baseline's), ``welch_p`` and ``beyond_noise`` on AP.
+        (mean AP minus the baseline's), ``test`` (``'paired'`` or ``'welch'``), ``p``, ``beyond_noise``
+        on AP and, for paired rows, ``delta_ap_std`` (std of the per-seed differences). ``welch_p`` is
+        always given.
     """
     out = []
     base_ap = [r['AP'] for r in runs.get(baseline, [])]
@@ -90,8 +121,14 @@ def aggregate(runs: Dict[str, List[Dict[str, float]]], baseline: str = 'student'
             entry['delta_ap'] = float(np.mean(ap) - np.mean(base_ap))
             entry['gap_closed'] = (gap_closed(float(np.mean(ap)), float(np.mean(base_ap)),
                                               float(np.mean(teacher_ap))) if teacher_ap else None)
-            entry['welch_p'] = welch_t_test(ap, base_ap)[2] if len(ap) > 1 and len(base_ap) > 1 else None
-            entry['beyond_noise'] = beyond_noise(ap, base_ap)
+            enough = len(ap) > 1 and len(base_ap) > 1
+            is_paired = bool((paired or {}).get(row)) and len(ap) == len(base_ap)
+            entry['welch_p'] = welch_t_test(ap, base_ap)[2] if enough else None
+            entry['test'] = 'paired' if is_paired else 'welch'
+            entry['p'] = (paired_t_test(ap, base_ap)[2] if is_paired else entry['welch_p']) if enough else None
+            entry['beyond_noise'] = beyond_noise(ap, base_ap, paired=is_paired)
+            if is_paired:
+                entry['delta_ap_std'] = mean_std(np.subtract(ap, base_ap))[1]
         out.append(entry)
     return out
 
@@ -103,17 +140,21 @@ def _pm(mean: float, std: Optional[float]) -> str:
 
 
 def markdown_table(summary: List[dict]) -> str:
-    """The accuracy table (mean ± std over seeds; gap closed; Welch verdict against the plain student)."""
+    """The accuracy table (mean ± std over seeds; gap closed; verdict against the plain student)."""
     head = ('| row | seeds | ' + ' | '.join(COCO_FIELDS) + ' | ΔAP vs student | gap closed | '
-            f'beyond seed noise (Welch p < {ALPHA}) |')
+            f'beyond seed noise (p < {ALPHA}) |')
     lines = [head, '|' + '---|' * (head.count('|') - 1)]
     for e in summary:
         cells = [e['row'], str(e['n'])] + [_pm(e['mean'][m], e['std'][m]) for m in COCO_FIELDS]
         if 'delta_ap' in e:
             gap = e['gap_closed']
+            test = 'paired t' if e.get('test') == 'paired' else 'Welch'
             verdict = 'n/a (< 2 seeds)' if e['beyond_noise'] is None else \
-                f"{'yes' if e['beyond_noise'] else 'no'} (p = {e['welch_p']:.3f})"
-            cells += [f"{e['delta_ap']:+.3f}", '—' if gap is None else f'{gap:+.0%}', verdict]
+                f"{'yes' if e['beyond_noise'] else 'no'} ({test} p = {e['p']:.3f})"
+            delta = f"{e['delta_ap']:+.3f}"
+            if e.get('delta_ap_std') is not None:
+                delta += f" ± {e['delta_ap_std']:.3f}"
+            cells += [delta, '—' if gap is None else f'{gap:+.0%}', verdict]
         else:
             cells += ['', '', '']
         lines.append('| ' + ' | '.join(cells) + ' |')
