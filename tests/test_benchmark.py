@@ -108,12 +108,8 @@ def test_paired_rows_use_the_per_seed_differences():
 
 
 def test_runs_pair_when_their_first_detection_losses_match():
-    sys.path.insert(0, os.path.join(ROOT, 'tools'))
-    try:
-        from benchmark import same_start
-    finally:
-        sys.path.pop(0)
     from ppdistill.runs import parse_train_log
+    same_start = _benchmark_module().same_start
     line = ('Epoch: [0] [  0/250] learning_rate: 0.004000 loss_vfl: 1.009536 loss_bbox: 1.746961 {extra}'
             'loss: {loss} eta: 0:07:15 batch_cost: 0.5808')
     student = parse_train_log(line.format(extra='', loss='2.756497'))
@@ -281,8 +277,13 @@ def test_accuracy_benchmark_on_tiny_configs_and_resume(work):
         for run_ in row['runs']:
             metrics = json.loads(open(os.path.join(run_['run_dir'], 'metrics.json')).read())['bbox']
             assert run_['AP'] == pytest.approx(metrics[0]) and run_['APl'] == pytest.approx(metrics[5])
+            # every evaluation writes its detections into its own run directory: two benchmark calls
+            # side by side (disjoint --seeds) once overwrote each other's output/bbox.json
+            assert os.path.getsize(os.path.join(run_['run_dir'], 'bbox.json')) > 0
         assert row['mean']['AP'] == pytest.approx(np.mean([r['AP'] for r in row['runs']]))
+    assert not (work / 'output' / 'bbox.json').exists()
     assert {'delta_ap', 'gap_closed', 'beyond_noise'} <= set(rows['fgd'])
+    assert rows['fgd']['test'] == 'paired'  # same seed: same initial weights and first batch
     balance = rows['fgd']['runs'][0]['balance']['terms']
     assert {'distill_loss', 'distill_fgd_l0', 'distill_fgd_l0_fg', 'distill_fgd_l0_rela'} <= set(balance)
     assert balance['distill_loss']['start'] > 0 and balance['distill_loss']['end'] > 0

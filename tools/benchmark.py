@@ -162,9 +162,11 @@ class Plan:
     def eval_args(self, row: str, seed: int) -> List[str]:
         cfg = self.teacher_cfg if row == 'teacher' else self.student_cfg
         opt = self.teacher_opt if row == 'teacher' else self.opt
+        # ppdet's COCO eval writes <output_eval>/bbox.json: one per run, or evaluations running side by
+        # side (two benchmark calls with disjoint --seeds) overwrite each other's detections.
         return [os.path.join(TOOLS, 'eval.py'), '-c', cfg, '--save_metrics',
                 os.path.join(self.run_dir(row, seed), 'metrics.json'),
-                '-o', f'weights={self.weights(row, seed)}'] + opt
+                '-o', f'weights={self.weights(row, seed)}'] + opt + [f'output_eval={self.run_dir(row, seed)}']
 
 
 def _load_record(path: str, want_stamp: str) -> Optional[dict]:

@@ -122,8 +122,9 @@ def main():
     tag = {label: label.replace(' ', '').replace('+', '_') for label, _, _ in models}
     metrics = {label: os.path.join(logs, f'metrics_{tag[label]}.json') for label, _, _ in models}
     recorded = _shipped_metrics(teacher_w)
-    _side_by_side([(f'eval_{tag[label]}', ['tools/eval.py', '-c', cfg, '-o', f'weights={weights}',
-                                           '--save_metrics', metrics[label]])
+    # each eval writes its own bbox.json (ppdet's output_eval), or the side-by-side evals overwrite it
+    _side_by_side([(f'eval_{tag[label]}', ['tools/eval.py', '-c', cfg, '--save_metrics', metrics[label],
+                                           '-o', f'weights={weights}', f'output_eval={logs}/{tag[label]}'])
                    for label, cfg, weights in models if not (label == 'teacher' and recorded)], logs, split_cores)
     rows = []
     for label, cfg, weights in models:
