@@ -24,7 +24,7 @@ modules', never the teacher's.
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Tuple, Dict, List, Optional, Sequence, Tuple, Union
 
 import paddle
 import paddle.nn as nn
@@ -422,9 +422,9 @@ class Distiller(nn.Layer):
         # DataParallel expects a gradient for every parameter on every rank: give them zeros.
         return paddle.add_n([p.sum() for p in params]) * 0.0 if params else paddle.zeros([])
 
-    def forward(self, inputs: dict):
-        if not self.training:
-            return self.student_model(inputs)
+    def step_terms(self, inputs: dict) -> Tuple[dict, Dict[str, paddle.Tensor]]:
+        """One training step's forward without the sum: the student's outputs (its own ``loss`` included)
+        and :meth:`distill_terms` (teacher forward to its taps, student forward with taps recorded)."""
         try:
             self._teacher_forward(inputs)
             with self.student_taps.record():
@@ -433,6 +433,12 @@ class Distiller(nn.Layer):
         finally:
             self.student_taps.clear()
             self.teacher_taps.clear()
+        return outputs, terms
+
+    def forward(self, inputs: dict):
+        if not self.training:
+            return self.student_model(inputs)
+        outputs, terms = self.step_terms(inputs)
         distill_loss = self._checked_sum({t.key: terms[t.key] for t in self._terms})  # sub-terms: logged only
         outputs.update(terms)
         outputs['distill_loss'] = distill_loss

@@ -35,14 +35,7 @@ def term_gradients(d, batch: dict) -> Dict[str, dict]:
     """``{term: {'ratio', 'grad_ratio', 'cos'}}`` for one batch: every distill term and sub-term of
     distiller ``d`` (and ``distill_loss``, their sum) against the student's detection loss."""
     d.train()
-    try:
-        d._teacher_forward(batch)
-        with d.student_taps.record():
-            out = dict(d.student_model(batch))
-        terms = d.distill_terms(batch)
-    finally:
-        d.student_taps.clear()
-        d.teacher_taps.clear()
+    out, terms = d.step_terms(batch)
     terms['distill_loss'] = paddle.add_n([terms[t.key] for t in d._terms])
     params = [p for p in d.student_model.parameters() if not p.stop_gradient]
     det = out['loss']
