@@ -24,7 +24,7 @@ modules', never the teacher's.
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Tuple, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import paddle
 import paddle.nn as nn

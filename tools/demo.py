@@ -28,10 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-# Read before ppdistill is imported: importing it applies its CPU defaults (OMP_NUM_THREADS = all cores).
+# Read before ppdistill is imported: importing it applies its CPU defaults (OMP_NUM_THREADS = all cores),
+# which the tools the demo runs inherit.
 USER_SET_THREADS = 'OMP_NUM_THREADS' in os.environ
 
-from ppdistill._env import apply_cpu_defaults  # noqa: E402
 from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_archs, discover_methods, param_count,  # noqa: E402
                             run_tool, shipped_teacher, teacher_stamp)
 
@@ -103,7 +103,6 @@ def main():
     if args.method not in methods:
         parser.error(f"no distill config for --method {args.method} with --arch {args.arch}; "
                      f"available: {', '.join(methods)}")
-    apply_cpu_defaults()
     split_cores = not USER_SET_THREADS  # never override the user's choice
     logs = os.path.join(ROOT, 'output', 'demo_logs')
     teacher_cfg = f'configs/demo/{args.arch}_teacher.yml'
