@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 # Read before ppdistill is imported: importing it applies its CPU defaults (OMP_NUM_THREADS = all cores),
 # which the tools the demo runs inherit.
@@ -60,14 +60,16 @@ def _side_by_side(jobs: List[tuple], log_dir: str, split_cores: bool) -> None:
 TEACHER_SEED = 0  # one teacher for every student seed (the shipped one is seed 0)
 
 
-def _teacher(arch: str, teacher_cfg: str, retrain: bool, logs: str) -> str:
-    """The teacher's weights (no suffix): shipped, cached from an earlier demo, or trained now."""
+def _teacher(arch: str, teacher_cfg: str, retrain: bool, logs: str) -> Tuple[str, Optional[list]]:
+    """The teacher's weights (no suffix): shipped, cached from an earlier demo, or trained now; and, for the
+    shipped one, the COCO metrics recorded next to it (measured on this val split when it was made)."""
     want = teacher_stamp(os.path.join(ROOT, teacher_cfg), TEACHER_SEED)
     shipped = None if retrain else shipped_teacher(os.path.join(ROOT, WEIGHTS_DIR), arch, want)
     if shipped:
         print(f'[demo] teacher: shipped {os.path.relpath(shipped, ROOT)}.pdparams (--retrain_teacher to '
               'train it)', flush=True)
-        return shipped
+        with open(shipped + '.json') as f:
+            return shipped, json.load(f).get('bbox')
     weights = f'output/{arch}_teacher/model_final'
     stamp_file = os.path.join(ROOT, f'output/{arch}_teacher/demo_stamp.txt')
     cached = (not retrain and os.path.isfile(os.path.join(ROOT, weights + '.pdparams'))
@@ -78,16 +80,7 @@ def _teacher(arch: str, teacher_cfg: str, retrain: bool, logs: str) -> str:
         _run('train_teacher', ['tools/train.py', '-c', teacher_cfg, '--seed', str(TEACHER_SEED)], logs)
         with open(stamp_file, 'w') as f:
             f.write(want + '\n')
-    return weights
-
-
-def _shipped_metrics(teacher_w: str) -> Optional[list]:
-    """The COCO metrics recorded next to a shipped teacher (measured on this val split when it was made)."""
-    record = os.path.join(ROOT, teacher_w + '.json')
-    if os.path.dirname(os.path.abspath(record)) != os.path.join(ROOT, WEIGHTS_DIR) or not os.path.isfile(record):
-        return None
-    with open(record) as f:
-        return json.load(f).get('bbox')
+    return weights, None
 
 
 def main():
@@ -113,7 +106,7 @@ def main():
     total = time.time()
 
     _run('data', ['tools/make_demo_data.py', '--out', 'dataset/digits'], logs)
-    teacher_w = _teacher(args.arch, teacher_cfg, args.retrain_teacher, logs)
+    teacher_w, recorded = _teacher(args.arch, teacher_cfg, args.retrain_teacher, logs)
 
     _side_by_side([('train_student', ['tools/train.py', '-c', student_cfg] + seed),
                    (f'train_{args.method}', ['tools/train.py', '-c', student_cfg, '--slim_config', distill_cfg,
@@ -124,7 +117,6 @@ def main():
               (f'student + {args.method.upper()}', student_cfg, f'output/{distill_name}/model_final')]
     tag = {label: label.replace(' ', '').replace('+', '_') for label, _, _ in models}
     metrics = {label: os.path.join(logs, f'metrics_{tag[label]}.json') for label, _, _ in models}
-    recorded = _shipped_metrics(teacher_w)
     # each eval writes its own bbox.json (ppdet's output_eval), or the side-by-side evals overwrite it
     _side_by_side([(f'eval_{tag[label]}', ['tools/eval.py', '-c', cfg, '--save_metrics', metrics[label],
                                            '-o', f'weights={weights}', f'output_eval={logs}/{tag[label]}'])

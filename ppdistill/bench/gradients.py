@@ -21,6 +21,7 @@ import numpy as np
 import paddle
 
 from . import write_report
+from .workbench import BenchSetup
 
 __all__ = ['gradient_report', 'term_gradients']
 
@@ -81,12 +82,11 @@ def gradient_report(args, arch: str, methods: Dict[str, str], teacher_cfg: str, 
                     out_dir: str, command: str, date: str) -> dict:
     """``tools/benchmark.py gradients``: writes ``<out>/gradients_<arch>.{md,json}``."""
     import random
-    from .speed import _Setup
     args.warmup = 0
     random.seed(args.seed)  # the same batches and fresh student on every call
     np.random.seed(args.seed)
     paddle.seed(args.seed)
-    setup = _Setup(args, methods, teacher_cfg, student_cfg, build_student=False)
+    setup = BenchSetup(args, methods, teacher_cfg, student_cfg, build_student=False)
     if args.student_weights:
         from ppdistill.checkpoint import load_state_file
         path = args.student_weights

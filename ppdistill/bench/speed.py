@@ -27,6 +27,7 @@ import numpy as np
 import paddle
 
 from . import write_report
+from .workbench import BenchSetup, teacher_settings
 
 __all__ = ['speed_benchmark']
 
@@ -44,50 +45,6 @@ def _timed(fn: Callable[[], None]) -> float:
     fn()
     _sync()
     return time.perf_counter() - start
-
-
-def _teacher_settings(args, teacher_cfg: str) -> dict:
-    """The distill-config keys that point at the benchmark's teacher (random unless weights are given)."""
-    if args.teacher_weights:
-        return {'teacher_config': teacher_cfg, 'teacher_weights': args.teacher_weights}
-    return {'teacher_config': teacher_cfg, 'teacher_weights': None, 'allow_random_teacher': True}
-
-
-class _Setup:
-    """Student config, batches, a plain student and one distiller per method (random or given teacher)."""
-
-    def __init__(self, args, methods: Dict[str, str], teacher_cfg: str, student_cfg: str,
-                 build_student: bool = True):
-        from ppdet.core.workspace import create, load_config, merge_config
-        from ppdet.utils.cli import ArgsParser
-        from ppdistill.build import build_distiller, load_distill_config
-        from ppdistill.config_scope import config_scope, create_fresh
-
-        self.cfg = load_config(student_cfg)
-        opts = ArgsParser()._parse_opt(args.opt) if args.opt else {}
-        merge_config(opts)
-        dataset = self.cfg['TrainDataset'] = create('TrainDataset')()
-        loader = create('TrainReader')(dataset, self.cfg.worker_num)
-        need = args.warmup + args.steps
-        self.batches = []
-        while len(self.batches) < need:  # cycle through a small dataset
-            for batch in loader:
-                batch['epoch_id'] = 0  # as ppdet's trainer sets it (PicoDet's assigner depends on it)
-                self.batches.append(batch)
-                if len(self.batches) == need:
-                    break
-        self.student = create_fresh(self.cfg.architecture) if build_student else None
-        self.distillers = {}
-        for name, path in methods.items():
-            with config_scope():
-                load_distill_config(path)
-                merge_config(dict(_teacher_settings(args, teacher_cfg), **opts))
-                self.distillers[name] = build_distiller(self.cfg)
-
-    def optimizer(self, model) -> paddle.optimizer.Optimizer:
-        # The same optimizer for every variant (its step is part of each train step); learning rate 0 keeps
-        # the weights, so every variant and step sees the same model (the update still runs in full).
-        return paddle.optimizer.AdamW(learning_rate=0.0, parameters=model.parameters())
 
 
 def _train_step(model, opt, batch) -> None:
@@ -152,7 +109,7 @@ def _fgd_pairs(d) -> list:
     return found
 
 
-def measure_times(setup: _Setup, warmup: int) -> Dict[str, List[float]]:
+def measure_times(setup: BenchSetup, warmup: int) -> Dict[str, List[float]]:
     """Seconds per variant per step, all variants interleaved on each batch."""
     from ppdistill.losses.base import loss_total
     times: Dict[str, List[float]] = {}
@@ -240,13 +197,13 @@ def memory_role(args, methods: Dict[str, str], teacher_cfg: str, student_cfg: st
     role = args.memory_role
     baseline = _current_rss_mb()
     sampler = _RssSampler()
-    setup = _Setup(args, {role: methods[role]} if role in methods else {}, teacher_cfg, student_cfg,
+    setup = BenchSetup(args, {role: methods[role]} if role in methods else {}, teacher_cfg, student_cfg,
                    build_student=role == 'student')
     if role == 'student':
         opt = setup.optimizer(setup.student)
         step = lambda b: _train_step(setup.student, opt, b)  # noqa: E731
     elif role == 'teacher':
-        settings = _teacher_settings(args, teacher_cfg)
+        settings = teacher_settings(args, teacher_cfg)
         teacher, _ = build_teacher(teacher_cfg, settings['teacher_weights'],
                                    settings.get('allow_random_teacher', False))
 
@@ -340,7 +297,7 @@ def speed_benchmark(args, arch: str, methods: Dict[str, str], teacher_cfg: str, 
         return memory_role(args, methods, teacher_cfg, student_cfg)
     print(f"[bench] speed {arch}: methods {', '.join(methods)}; {args.warmup} warm-up + "
           f'{args.steps} timed steps, interleaved', flush=True)
-    setup = _Setup(args, methods, teacher_cfg, student_cfg, build_student=False)
+    setup = BenchSetup(args, methods, teacher_cfg, student_cfg, build_student=False)
     times = measure_times(setup, args.warmup)
     timing = summarise(times, methods)
     command = 'python tools/benchmark.py ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
