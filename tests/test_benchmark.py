@@ -331,6 +331,57 @@ def test_run_stamps_follow_what_decides_each_run():
     assert base.stamp('student', 0) == other_teacher.stamp('student', 0)          # ... same plain student
 
 
+def _fake_runs(benchmark, monkeypatch) -> list:
+    """Replace training + evaluation with a record written after a pause; return the list of runs made."""
+    import time
+    made = []
+
+    def run_one(plan, row, seed, records, prefix):
+        made.append((row, seed))
+        time.sleep(0.5)  # a call side by side looks for the same run meanwhile
+        os.makedirs(plan.run_dir(row, seed), exist_ok=True)
+        record = {'stamp': plan.stamp(row, seed), 'row': row, 'seed': seed, 'seconds': 1.0,
+                  'bbox': [0.1 + seed / 10] * 12, 'params': 1}
+        with open(os.path.join(plan.run_dir(row, seed), 'run.json'), 'w') as f:
+            json.dump(record, f)
+        return record
+    monkeypatch.setattr(benchmark, '_run_one', run_one)
+    monkeypatch.setattr(benchmark, '_demo_data', lambda args: None)
+    monkeypatch.setattr(benchmark, 'write_accuracy_report', lambda plan, summary, curves: summary)
+    return made
+
+
+def test_two_calls_side_by_side_share_the_teacher_run(tmp_path, monkeypatch):
+    """Disjoint --seeds with one --out (two single-thread runs on two cores): the teacher is run once.
+    Both calls once evaluated it into the same directory and one died reading a half-written bbox.json."""
+    import threading
+    benchmark = _benchmark_module()
+    made = _fake_runs(benchmark, monkeypatch)
+
+    def call(seeds):
+        benchmark.run_accuracy(benchmark.parse_args(['accuracy', '--config_dir', TINY, '--methods', 'none',
+                                                     '--seeds', seeds, '--out', str(tmp_path)]))
+    calls = [threading.Thread(target=call, args=(seeds,)) for seeds in ('0,', '1,')]
+    for t in calls:
+        t.start()
+    for t in calls:
+        t.join()
+    assert sorted(made) == [('student', 0), ('student', 1), ('teacher', 0)]
+
+
+def test_a_redo_keeps_the_earlier_run_until_it_is_replaced(tmp_path, monkeypatch):
+    benchmark = _benchmark_module()
+    made = _fake_runs(benchmark, monkeypatch)
+    base = ['accuracy', '--config_dir', TINY, '--methods', 'none', '--seeds', '0,', '--out', str(tmp_path)]
+    benchmark.run_accuracy(benchmark.parse_args(base + ['-o', 'epoch=1']))
+    student = tmp_path / 'runs' / 'picodet' / 'student' / 'seed0'
+    first = json.loads((student / 'run.json').read_text())['stamp']
+    benchmark.run_accuracy(benchmark.parse_args(base + ['-o', 'epoch=2']))  # new overrides: a new student run
+    assert made.count(('student', 0)) == 2 and made.count(('teacher', 0)) == 1
+    assert json.loads((student.parent / 'seed0.previous' / 'run.json').read_text())['stamp'] == first
+    assert json.loads((student / 'run.json').read_text())['stamp'] != first
+
+
 @pytest.mark.integration
 def test_speed_benchmark_on_tiny_configs(work):
     out = run(['benchmark.py', 'speed', '--config_dir', TINY, '--methods', 'mgd,fgd', '--steps', '2',

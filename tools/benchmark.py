@@ -37,10 +37,12 @@ detection loss in value but 0.40x in gradient at the start of training
 import _path  # noqa: F401  (repo root on sys.path)
 
 import argparse
+import contextlib
 import glob
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -213,6 +215,47 @@ def _run_one(plan: 'Plan', row: str, seed: int, records: Dict[tuple, dict], pref
     return record
 
 
+@contextlib.contextmanager
+def _run_lock(run_dir: str, prefix: str):
+    """Hold ``<run_dir>.lock`` exclusively. Two benchmark calls side by side (disjoint ``--seeds``, one
+    ``--out``) share the teacher's run: without the lock both evaluated it into the same directory and one
+    read the other's half-written bbox.json. No-op where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    with open(run_dir + '.lock', 'w') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f'{prefix}: waiting for another benchmark call that runs it', flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _finished_or_run(plan: 'Plan', row: str, seed: int, records: Dict[tuple, dict], prefix: str) -> dict:
+    """The run's record: reused when finished with this stamp (maybe by a call side by side that held the
+    lock), else run now. A finished run made with other configs is kept as ``seed<k>.previous`` until
+    this one replaces it, so an interrupted redo loses nothing."""
+    run_dir = plan.run_dir(row, seed)
+    with _run_lock(run_dir, prefix):
+        record = _load_record(os.path.join(run_dir, 'run.json'), plan.stamp(row, seed))
+        if record is not None:
+            print(f'{prefix}: reusing the run another benchmark call finished', flush=True)
+            return record
+        if os.path.isfile(os.path.join(run_dir, 'run.json')):
+            previous = run_dir + '.previous'
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(run_dir, previous)
+            print(f'{prefix}: configs changed; the earlier run is kept in {os.path.relpath(previous)}', flush=True)
+        return _run_one(plan, row, seed, records, prefix)
+
+
 def _demo_data(args) -> None:
     """The demo configs read ``dataset/digits`` (relative to the CWD): make it if missing (idempotent)."""
     if os.path.abspath(_resolve(args.config_dir)) == os.path.join(ROOT, 'configs', 'demo'):
@@ -233,7 +276,7 @@ def run_teacher(args) -> dict:
     want = plan.stamp('teacher', plan.teacher_seed)
     record = _load_record(os.path.join(plan.run_dir('teacher', plan.teacher_seed), 'run.json'), want)
     if record is None:
-        record = _run_one(plan, 'teacher', plan.teacher_seed, {}, f'[bench] teacher seed {plan.teacher_seed}')
+        record = _finished_or_run(plan, 'teacher', plan.teacher_seed, {}, f'[bench] teacher seed {plan.teacher_seed}')
     print(f"[bench] teacher {plan.arch}: AP {record['bbox'][0]:.3f}, AP50 {record['bbox'][1]:.3f}", flush=True)
     if args.ship and not record.get('shipped'):
         shipped = ship_teacher(plan.weights('teacher', plan.teacher_seed), os.path.join(ROOT, WEIGHTS_DIR),
@@ -274,7 +317,8 @@ def run_accuracy(args) -> dict:
     for i, (row, seed) in enumerate(todo, 1):
         left = sum(_expected(records, r) or 0.0 for r, _ in todo[i - 1:])
         total = f', all ~{format_duration(left)}' if left else ''
-        records[(row, seed)] = _run_one(plan, row, seed, records, f'[bench] ({i}/{len(todo)}{total}) {row} seed {seed}')
+        records[(row, seed)] = _finished_or_run(plan, row, seed, records,
+                                                f'[bench] ({i}/{len(todo)}{total}) {row} seed {seed}')
 
     per_row: Dict[str, list] = {row: [] for row in plan.rows}
     details: Dict[str, list] = {row: [] for row in plan.rows}
