@@ -331,6 +331,20 @@ def test_run_stamps_follow_what_decides_each_run():
     assert base.stamp('student', 0) == other_teacher.stamp('student', 0)          # ... same plain student
 
 
+def test_another_student_config_keeps_the_teacher(tmp_path):
+    benchmark = _benchmark_module()
+    longer = tmp_path / 'picodet_student_long.yml'
+    longer.write_text(f"_BASE_: ['{os.path.join(TINY, 'picodet_student.yml')}']\nepoch: 2\n")
+    args = ['accuracy', '--config_dir', TINY, '--methods', 'fgd']
+    base = benchmark.Plan(benchmark.parse_args(args))
+    other = benchmark.Plan(benchmark.parse_args(args + ['--student_config', str(longer)]))
+    assert other.student_cfg == str(longer) and other.teacher_cfg == base.teacher_cfg
+    assert other.stamp('teacher', 0) == base.stamp('teacher', 0)
+    assert other.stamp('student', 0) != base.stamp('student', 0) and other.stamp('fgd', 0) != base.stamp('fgd', 0)
+    with pytest.raises(benchmark.PPDistillError, match='--student_config'):
+        benchmark.Plan(benchmark.parse_args(args + ['--student_config', str(tmp_path / 'missing.yml')]))
+
+
 def _fake_runs(benchmark, monkeypatch) -> list:
     """Replace training + evaluation with a record written after a pause; return the list of runs made."""
     import time

@@ -24,7 +24,8 @@ seed, the teacher's stamp and, for distilled rows, ppdistill's loss code) matche
 changing the data, use a new ``--out``.
 
 Methods: every ``<distill_dir>/<method>_<arch>_teacher_to_student.yml`` (so new methods appear by adding
-their config); ``--config_dir`` holds ``<arch>_teacher.yml`` and ``<arch>_student.yml``.
+their config); ``--config_dir`` holds ``<arch>_teacher.yml`` and ``<arch>_student.yml``;
+``--student_config`` swaps in another student recipe (e.g. a longer schedule) against the same teacher.
 
 ``speed`` measures in one process on the same batches (see :mod:`ppdistill.bench.speed`).
 
@@ -101,11 +102,11 @@ def _source_files() -> List[str]:
 def resolve_pair(args) -> Tuple[str, str, Dict[str, str]]:
     """``(teacher config, student config, {method: distill config})`` from the command line."""
     teacher_cfg = _resolve(os.path.join(args.config_dir, f'{args.arch}_teacher.yml'))
-    student_cfg = _resolve(os.path.join(args.config_dir, f'{args.arch}_student.yml'))
+    student_cfg = _resolve(args.student_config or os.path.join(args.config_dir, f'{args.arch}_student.yml'))
     for cfg in (teacher_cfg, student_cfg):
         if not os.path.isfile(cfg):
             raise PPDistillError(f'config not found: {cfg} (--config_dir holds <arch>_teacher.yml and '
-                                 '<arch>_student.yml)')
+                                 '<arch>_student.yml; --student_config replaces the latter)')
     distill_dir = _resolve(args.distill_dir)
     methods = select_methods(args.methods, discover_methods(distill_dir, args.arch), args.arch, distill_dir)
     return teacher_cfg, student_cfg, methods
@@ -475,6 +476,9 @@ def parse_args(argv=None):
                        help='comma list (default: every <method>_<arch>_teacher_to_student.yml; none: '
                             'teacher and student only)')
         p.add_argument('--config_dir', default='configs/demo', help='holds <arch>_teacher/student.yml')
+        p.add_argument('--student_config', default=None,
+                       help='another student config (e.g. a longer schedule) instead of '
+                            '<config_dir>/<arch>_student.yml; the teacher stays')
         p.add_argument('--distill_dir', default='configs/slim/distill', help='the distill configs')
         p.add_argument('--out', default='output/benchmark', help='reports (and, for accuracy, runs)')
         p.add_argument('-o', '--opt', nargs='*', default=[], help='overrides for the student runs (k=v)')
