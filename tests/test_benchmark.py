@@ -499,6 +499,10 @@ def test_term_gradients_match_backward_passes_and_scale_with_the_weight(weight):
         assert got[key]['grad_ratio'] == pytest.approx(np.linalg.norm(g) / np.linalg.norm(g_det), rel=1e-4)
         cos = g @ g_det / (np.linalg.norm(g) * np.linalg.norm(g_det))
         assert got[key]['cos'] == pytest.approx(cos, abs=1e-5)
+        # the detection loss's first-order descent left by an SGD step and by AdamW's first step
+        # (lr * g / (|g| + eps) per element: the sign) along the summed gradient
+        assert got[key]['sgd_keep'] == pytest.approx((g_det + g) @ g_det / (g_det @ g_det), rel=1e-4)
+        assert got[key]['adam_keep'] == pytest.approx(np.sign(g_det + g) @ g_det / np.abs(g_det).sum(), abs=1e-4)
     if weight == 1.0:  # the weight scales value and gradient, never the direction
         paddle.seed(7)
         d3 = Distiller(student_model=ToyDet(width=8, neck_ch=4, levels=2, dropout=0.0),
@@ -508,13 +512,16 @@ def test_term_gradients_match_backward_passes_and_scale_with_the_weight(weight):
         for key in got:
             assert got3[key]['grad_ratio'] == pytest.approx(3 * got[key]['grad_ratio'], rel=1e-4)
             assert got3[key]['cos'] == pytest.approx(got[key]['cos'], abs=1e-5)
+            # a stronger term can only flip more of AdamW's per-element steps away from the task's
+            assert got3[key]['adam_keep'] <= got[key]['adam_keep'] + 1e-9
 
 
 def test_gradient_summary_takes_medians_and_counts_negative_cosines():
     from ppdistill.bench.gradients import summarise
-    batches = [{'t': {'ratio': r, 'grad_ratio': g, 'cos': c}} for r, g, c in
-               [(1.0, 0.1, -0.5), (2.0, 0.3, 0.2), (4.0, 0.2, -0.1)]]
-    assert summarise(batches) == {'t': {'ratio': 2.0, 'grad_ratio': 0.2, 'cos': -0.1, 'cos_negative': 2 / 3}}
+    batches = [{'t': {'ratio': r, 'grad_ratio': g, 'cos': c, 'adam_keep': k}} for r, g, c, k in
+               [(1.0, 0.1, -0.5, 0.9), (2.0, 0.3, 0.2, 0.5), (4.0, 0.2, -0.1, 0.7)]]
+    assert summarise(batches) == {'t': {'ratio': 2.0, 'grad_ratio': 0.2, 'cos': -0.1, 'adam_keep': 0.7,
+                                        'cos_negative': 2 / 3}}
 
 
 @pytest.mark.integration
@@ -539,3 +546,8 @@ def test_gradients_report_on_tiny_configs(work, tmp_path):
         for v in terms.values():
             assert -1.0 <= v['cos'] <= 1.0 and v['grad_ratio'] >= 0 and 0 <= v['cos_negative'] <= 1
     assert '| `distill_fgd_l0_fg` |' in (work / 'grad_out' / 'gradients_picodet.md').read_text()
+    # a method's numbers do not depend on the methods measured before it (MGD draws random masks)
+    run(['benchmark.py', 'gradients', '--config_dir', TINY, '--methods', 'fgd,mgd', '--steps', '2',
+         '--teacher_weights', str(teacher), '--out', 'grad_out2'], work)
+    again = json.loads((work / 'grad_out2' / 'gradients_picodet.json').read_text())
+    assert again['methods']['mgd'] == result['methods']['mgd']

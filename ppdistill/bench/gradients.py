@@ -10,6 +10,13 @@ reports, as medians over the batches:
 - ``|grad| / |grad det|``: how hard it pulls the student, relative to the detection loss;
 - ``cos``: the cosine between its gradient and the detection loss's (> 0: helps the task's own descent
   direction on this batch; < 0: conflicts with it), and the fraction of batches where it is negative.
+- ``task step kept``: how much of the detection loss's first-order descent survives when the term is
+  added, for the two optimizers. SGD steps along the summed gradient: ``(g_det + g)·g_det / |g_det|²``
+  (= 1 + grad ratio x cos, so ~1 for a term orthogonal to the task). AdamW's first step is
+  ``lr·g/(|g| + eps)`` per element, i.e. the sign of the summed gradient: ``sign(g_det + g)·g_det /
+  |g_det|_1`` (1 for the detection loss alone). Under AdamW a term takes over every parameter where its
+  gradient is the larger one, even when it is orthogonal to the task: that parameter's step then no longer
+  serves detection, which a lower learning rate for the task would also do.
 
 A term can be small in value and still dominate the gradient (or the reverse); a persistently negative
 cosine with a large gradient ratio is a term that trains the student away from the task. The student is
@@ -21,7 +28,7 @@ import numpy as np
 import paddle
 
 from . import write_report
-from .workbench import BenchSetup
+from .workbench import BenchSetup, seed_all
 
 __all__ = ['gradient_report', 'term_gradients']
 
@@ -42,12 +49,15 @@ def term_gradients(d, batch: dict) -> Dict[str, dict]:
     det = out['loss']
     g_det = _flat_grad(det, params)
     n_det, det_value = np.linalg.norm(g_det), float(det)
+    l1_det = np.abs(g_det).sum()
     result = {}
     for key, value in terms.items():
         g = _flat_grad(value, params)
         n = np.linalg.norm(g)
         result[key] = {'ratio': float(value) / det_value, 'grad_ratio': float(n / n_det),
-                       'cos': float(g @ g_det / (n * n_det)) if n > 0 else 0.0}
+                       'cos': float(g @ g_det / (n * n_det)) if n > 0 else 0.0,
+                       'sgd_keep': float((g_det + g) @ g_det / n_det ** 2),
+                       'adam_keep': float(np.sign(g_det + g) @ g_det / l1_det)}
     return result
 
 
@@ -56,7 +66,7 @@ def summarise(per_batch: List[Dict[str, dict]]) -> Dict[str, dict]:
     out = {}
     for key in per_batch[0]:
         rows = [b[key] for b in per_batch]
-        out[key] = {k: float(np.median([r[k] for r in rows])) for k in ('ratio', 'grad_ratio', 'cos')}
+        out[key] = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
         out[key]['cos_negative'] = float(np.mean([r['cos'] < 0 for r in rows]))
     return out
 
@@ -68,12 +78,14 @@ def markdown(result: dict) -> str:
              f"(seed {result['seed']})", '',
              'Medians over batches. `value/det`: the weighted term over the detection loss; `|∇|/|∇det|`: its '
              "gradient norm on the student's parameters over the detection loss's; `cos`: cosine between the "
-             'two gradients (< 0: the term pulls against the task on that batch).', '']
+             'two gradients (< 0: the term pulls against the task on that batch). Task step kept: the share '
+             "of the detection loss's first-order descent left when the term is added, for an SGD step and for "
+             "AdamW's first (sign-like) step.", '']
     for method, terms in result['methods'].items():
-        lines += [f'## {method}', '', '| term | value/det | abs grad / abs grad det | cos | batches with cos < 0 |',
-                  '|---|---|---|---|---|']
+        lines += [f'## {method}', '', '| term | value/det | abs grad / abs grad det | cos | batches with cos < 0 '
+                  '| task step kept, SGD | task step kept, AdamW |', '|---|---|---|---|---|---|---|']
         lines += [f"| `{k}` | {v['ratio']:.3g} | {v['grad_ratio']:.3g} | {v['cos']:+.3f} | "
-                  f"{v['cos_negative']:.0%} |" for k, v in terms.items()]
+                  f"{v['cos_negative']:.0%} | {v['sgd_keep']:.0%} | {v['adam_keep']:.0%} |" for k, v in terms.items()]
         lines.append('')
     return '\n'.join(lines)
 
@@ -81,12 +93,9 @@ def markdown(result: dict) -> str:
 def gradient_report(args, arch: str, methods: Dict[str, str], teacher_cfg: str, student_cfg: str,
                     out_dir: str, command: str, date: str) -> dict:
     """``tools/benchmark.py gradients``: writes ``<out>/gradients_<arch>.{md,json}``."""
-    import random
     args.warmup = 0
-    random.seed(args.seed)  # the same batches and fresh student on every call
-    np.random.seed(args.seed)
-    paddle.seed(args.seed)
-    setup = BenchSetup(args, methods, teacher_cfg, student_cfg, build_student=False)
+    seed_all(args.seed)  # the same batches and fresh student on every call
+    setup = BenchSetup(args, methods, teacher_cfg, student_cfg, build_student=False, seed=args.seed)
     if args.student_weights:
         from ppdistill.checkpoint import load_state_file
         path = args.student_weights
@@ -99,6 +108,7 @@ def gradient_report(args, arch: str, methods: Dict[str, str], teacher_cfg: str, 
               'student': args.student_weights or 'fresh initialisation', 'teacher': args.teacher_weights,
               'methods': {}}
     for name, d in setup.distillers.items():
+        seed_all(args.seed)  # a method's random draws (MGD's masks) do not depend on the methods before it
         print(f'[bench] gradients {arch}: {name}', flush=True)
         result['methods'][name] = summarise([term_gradients(d, b) for b in setup.batches])
     write_report(out_dir, f'gradients_{arch}', markdown(result), result)

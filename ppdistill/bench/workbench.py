@@ -1,8 +1,17 @@
 """What the speed and gradients benchmarks measure on: a student config's batches, a fresh student and one
 distiller per method, with the benchmark's teacher (given weights or random)."""
-from typing import Dict
+import random
+from typing import Dict, Optional
 
+import numpy as np
 import paddle
+
+
+def seed_all(seed: int) -> None:
+    """Python's, NumPy's and paddle's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
 
 
 def teacher_settings(args, teacher_cfg: str) -> dict:
@@ -16,7 +25,9 @@ class BenchSetup:
     """Student config, batches, a plain student and one distiller per method (random or given teacher)."""
 
     def __init__(self, args, methods: Dict[str, str], teacher_cfg: str, student_cfg: str,
-                 build_student: bool = True):
+                 build_student: bool = True, seed: Optional[int] = None):
+        """``seed``: reseed before each distiller is built, so its student and distill modules (MGD's
+        generators, FGD's context blocks) do not depend on which methods were built before it."""
         from ppdet.core.workspace import create, load_config, merge_config
         from ppdet.utils.cli import ArgsParser
         from ppdistill.build import build_distiller, load_distill_config
@@ -38,6 +49,8 @@ class BenchSetup:
         self.student = create_fresh(self.cfg.architecture) if build_student else None
         self.distillers = {}
         for name, path in methods.items():
+            if seed is not None:
+                seed_all(seed)
             with config_scope():
                 load_distill_config(path)
                 merge_config(dict(teacher_settings(args, teacher_cfg), **opts))
