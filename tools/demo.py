@@ -139,7 +139,9 @@ def main():
     print(f'\n[demo] COCO bbox metrics on the digits val split ({args.arch}, {args.method.upper()}; '
           f'{(time.time() - total) / 60:.1f} min in all)\n' + table)
     print('[demo] smoke-scale CPU run on a toy dataset: it shows the pipeline works end to end, '
-          'not the papers\' COCO numbers')
+          'not the papers\' COCO numbers; one seed is not evidence that a method helps (seed-to-seed '
+          'spread is as large as the effects): tables over seeds come from tools/benchmark.py accuracy '
+          '(README, Results)')
     with open(os.path.join(logs, f'demo_{args.arch}_{args.method}.json'), 'w') as f:
         json.dump(rows, f, indent=1)
 
