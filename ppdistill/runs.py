@@ -187,10 +187,22 @@ def ship_teacher(weights: str, weights_dir: str, arch: str, record: dict) -> str
     base = os.path.join(weights_dir, f'{arch}_teacher')
     shutil.copyfile(weights + '.pdparams', base + '.pdparams.tmp')
     os.replace(base + '.pdparams.tmp', base + '.pdparams')
-    with open(base + '.json', 'w') as f:
-        json.dump(record, f, indent=1)
-        f.write('\n')
+    write_json_atomic(base + '.json', record)
     return base
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a reader (or a crash)
+    sees the old file or the new one, never a torn one."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+            f.write('\n')
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def discover_methods(distill_dir: str, arch: str) -> Dict[str, str]:

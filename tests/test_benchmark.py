@@ -383,6 +383,32 @@ def test_two_calls_side_by_side_share_the_teacher_run(tmp_path, monkeypatch):
     assert sorted(made) == [('student', 0), ('student', 1), ('teacher', 0)]
 
 
+def test_a_json_write_that_fails_leaves_the_old_record(tmp_path, monkeypatch):
+    from ppdistill import runs
+    path = tmp_path / 'run.json'
+    runs.write_json_atomic(str(path), {'stamp': 'old'})
+
+    def torn(obj, f, **kwargs):  # e.g. the disk fills up half-way
+        f.write('{"stamp": "ne')
+        raise OSError('No space left on device')
+    monkeypatch.setattr(runs.json, 'dump', torn)
+    with pytest.raises(OSError):
+        runs.write_json_atomic(str(path), {'stamp': 'new'})
+    assert json.loads(path.read_text()) == {'stamp': 'old'} and os.listdir(tmp_path) == ['run.json']
+
+
+def test_a_shipped_teacher_is_found_by_its_stamp_only(tmp_path):
+    from ppdistill.runs import ship_teacher, shipped_teacher
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'model_final.pdparams').write_bytes(b'weights')
+    base = ship_teacher(str(tmp_path / 'run' / 'model_final'), str(tmp_path / 'weights'), 'picodet',
+                        {'stamp': 'abc', 'bbox': [0.5]})
+    assert open(base + '.pdparams', 'rb').read() == b'weights'
+    assert shipped_teacher(str(tmp_path / 'weights'), 'picodet', 'abc') == base
+    assert shipped_teacher(str(tmp_path / 'weights'), 'picodet', 'other') is None
+    assert sorted(os.listdir(tmp_path / 'weights')) == ['picodet_teacher.json', 'picodet_teacher.pdparams']
+
+
 def test_a_redo_keeps_the_earlier_run_until_it_is_replaced(tmp_path, monkeypatch):
     benchmark = _benchmark_module()
     made = _fake_runs(benchmark, monkeypatch)

@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Tuple
 from ppdistill._env import apply_cpu_defaults
 from ppdistill.errors import PPDistillError
 from ppdistill.runs import (WEIGHTS_DIR, RunFailed, config_files, discover_methods, format_duration, now_utc, run_tool,
-                            ship_teacher, shipped_teacher, stamp, teacher_stamp)
+                            ship_teacher, shipped_teacher, stamp, teacher_stamp, write_json_atomic)
 
 ROOT = _path.ROOT
 TOOLS = os.path.join(ROOT, 'tools')
@@ -211,8 +211,7 @@ def _run_one(plan: 'Plan', row: str, seed: int, records: Dict[tuple, dict], pref
     record = {'stamp': plan.stamp(row, seed), 'row': row, 'seed': seed, 'seconds': time.time() - start,
               'train_seconds': train_s, 'eval_seconds': eval_s, 'shipped': bool(row == 'teacher' and plan.shipped),
               'bbox': bbox, 'params': param_count(plan.weights(row, seed))}
-    with open(os.path.join(run_dir, 'run.json'), 'w') as f:
-        json.dump(record, f, indent=1)
+    write_json_atomic(os.path.join(run_dir, 'run.json'), record)
     return record
 
 
