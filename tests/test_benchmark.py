@@ -430,6 +430,8 @@ def test_speed_benchmark_on_tiny_configs(work):
     result = json.loads((work / 'speed_out' / 'speed_picodet.json').read_text())
     methods = result['timing']['methods']
     assert set(methods) == {'mgd', 'fgd'} and result['timing']['steps'] == 2
+    assert result['command'] == ('python tools/benchmark.py speed --config_dir ' + TINY +
+                                 ' --methods mgd,fgd --steps 2 --warmup 1 --out speed_out')
     for m, r in methods.items():
         assert r['limit_ms'] == pytest.approx(r['student_ms'] + r['teacher_ms'])
         assert r['ratio'] == pytest.approx(r['distill_ms'] / r['limit_ms'])

@@ -445,7 +445,8 @@ def run_speed(args) -> dict:
     if args.steps < 1 or args.warmup < 0:
         raise PPDistillError('--steps must be >= 1 (>= 8 for a measurement) and --warmup >= 0')
     teacher_cfg, student_cfg, methods = resolve_pair(args)
-    return speed_benchmark(args, args.arch, methods, teacher_cfg, student_cfg, os.path.abspath(args.out))
+    return speed_benchmark(args, args.arch, methods, teacher_cfg, student_cfg, os.path.abspath(args.out),
+                           _command_line())
 
 
 def run_gradients(args) -> dict:

@@ -288,9 +288,9 @@ def markdown(result: dict) -> str:
 
 
 def speed_benchmark(args, arch: str, methods: Dict[str, str], teacher_cfg: str, student_cfg: str,
-                    out: str) -> dict:
-    """``tools/benchmark.py speed``: timing in this process, memory in subprocesses; writes md + json."""
-    import shlex
+                    out: str, command: str) -> dict:
+    """``tools/benchmark.py speed``: timing in this process, memory in subprocesses; writes md + json
+    (``command``: the invocation, for the report)."""
     from ppdistill.runs import now_utc
 
     if args.memory_role:
@@ -300,7 +300,6 @@ def speed_benchmark(args, arch: str, methods: Dict[str, str], teacher_cfg: str, 
     setup = BenchSetup(args, methods, teacher_cfg, student_cfg, build_student=False)
     times = measure_times(setup, args.warmup)
     timing = summarise(times, methods)
-    command = 'python tools/benchmark.py ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
     result = {'date': now_utc(), 'command': command, 'arch': arch, 'device': paddle.device.get_device(),
               'warmup': args.warmup, 'timing': timing, 'raw_seconds': times}
     os.makedirs(out, exist_ok=True)
