@@ -6,6 +6,7 @@ progress line; a failing run prints its log tail and stops the caller. Also: a s
 and settings that decide a run's result, so finished runs can be reused, and a parser for ppdet's
 training log lines.
 """
+import ast
 import datetime
 import glob
 import hashlib
@@ -104,12 +105,29 @@ def run_tool(name: str, args: Sequence[str], log: str, cwd: str, prefix: str = '
     return took
 
 
+def _decisive_bytes(path: str) -> bytes:
+    """What of a file decides a run: a Python file's code (its AST without docstrings, so comments and
+    docstrings do not matter), any other file's bytes."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    if not path.endswith('.py'):
+        return data
+    tree = ast.parse(data, filename=path)
+    for node in ast.walk(tree):
+        body = getattr(node, 'body', None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
+
+
 def stamp(paths: Iterable[str], extra: Iterable[str] = ()) -> str:
-    """Hash of the files (e.g. configs, dataset meta) and settings (overrides, seed) that decide a run."""
+    """Hash of the files (e.g. configs, dataset meta, code) and settings (overrides, seed) that decide a
+    run. Python files count by their code only (see :func:`_decisive_bytes`)."""
     digest = hashlib.sha256()
     for path in paths:
-        with open(path, 'rb') as f:
-            digest.update(f.read())
+        digest.update(_decisive_bytes(path))
     for item in extra:
         digest.update(b'\0' + str(item).encode())
     return digest.hexdigest()[:16]

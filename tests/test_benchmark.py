@@ -579,3 +579,23 @@ def test_gradients_report_on_tiny_configs(work, tmp_path):
          '--teacher_weights', str(teacher), '--out', 'grad_out2'], work)
     again = json.loads((work / 'grad_out2' / 'gradients_picodet.json').read_text())
     assert again['methods']['mgd'] == result['methods']['mgd']
+
+
+def test_stamps_follow_code_not_its_docstrings_or_comments(tmp_path):
+    """Editing a docstring or comment in ppdistill used to change every distilled run's stamp (the files'
+    bytes were hashed), so the benchmark retrained finished runs; a code edit must still change it."""
+    from ppdistill import runs
+    benchmark = _benchmark_module()
+    source = 'def f(x):\n    """Doc."""\n    return x + 1\n'
+    path = tmp_path / 'mod.py'
+    path.write_text(source)
+    before = runs.stamp([str(path)])
+    path.write_text('"""Module doc."""\n# why\ndef f(x):\n    """Other doc,\n    two lines."""\n    return x + 1  # note\n')
+    assert runs.stamp([str(path)]) == before
+    path.write_text(source.replace('x + 1', 'x + 2'))
+    assert runs.stamp([str(path)]) != before
+    path.write_text('def f(x):\n    """Doc."""\n')          # a function that is only a docstring
+    assert runs.stamp([str(path)]) != before
+    files = [os.path.relpath(f, ROOT) for f in benchmark._source_files()]
+    assert 'ppdistill/runs.py' not in files             # the tools' bookkeeping
+    assert {'ppdistill/distiller.py', 'ppdistill/losses/mgd.py', 'ppdistill/tools/train.py'} <= set(files)

@@ -19,8 +19,8 @@ exceeds the seed noise (a two-sided t-test on the per-seed APs, p < 0.05: paired
 of every seed started from the same weights on the same batches, else Welch's; see
 :mod:`ppdistill.bench.stats`), plus each run's loss balance (distill terms relative to the detection loss
 at the first and last log point, and the warnings). A run whose stamp (hash of its configs, overrides,
-seed, the teacher's stamp and, for distilled rows, ppdistill's loss code) matches a finished run under
-``<out>/runs/`` is reused, so an interrupted benchmark resumes. Dataset files are not hashed: after
+seed, the teacher's stamp and, for distilled rows, ppdistill's training code: its code only, not docstrings
+or comments) matches a finished run under ``<out>/runs/`` is reused, so an interrupted benchmark resumes. Dataset files are not hashed: after
 changing the data, use a new ``--out``.
 
 Methods: every ``<distill_dir>/<method>_<arch>_teacher_to_student.yml`` (so new methods appear by adding
@@ -93,10 +93,17 @@ def parse_seeds(text: str) -> List[int]:
     return seeds
 
 
+# Bookkeeping of the tools, never imported by a training run: editing it must not retrain anything.
+_NOT_IN_TRAINING = ('runs.py',)
+
+
 def _source_files() -> List[str]:
-    """ppdistill's code that decides a distilled run (losses, distiller, build), for the stamp."""
+    """ppdistill's code that decides a distilled run (losses, distiller, build, the train tool), for the
+    stamp; by its code only, so editing a docstring or comment keeps finished runs."""
     pkg = os.path.join(ROOT, 'ppdistill')
-    return sorted(glob.glob(os.path.join(pkg, '*.py')) + glob.glob(os.path.join(pkg, 'losses', '*.py')))
+    files = glob.glob(os.path.join(pkg, '*.py')) + glob.glob(os.path.join(pkg, 'losses', '*.py'))
+    return sorted([f for f in files if os.path.basename(f) not in _NOT_IN_TRAINING]
+                  + [os.path.join(pkg, 'tools', 'train.py')])
 
 
 def resolve_pair(args) -> Tuple[str, str, Dict[str, str]]:
