@@ -599,3 +599,22 @@ def test_stamps_follow_code_not_its_docstrings_or_comments(tmp_path):
     files = [os.path.relpath(f, ROOT) for f in benchmark._source_files()]
     assert 'ppdistill/runs.py' not in files             # the tools' bookkeeping
     assert {'ppdistill/distiller.py', 'ppdistill/losses/mgd.py', 'ppdistill/tools/train.py'} <= set(files)
+
+
+def test_speed_summary_reads_ratios_step_by_step():
+    """The per-step quartiles of distill/limit come from each step's own variants, so a load swing that
+    slows a whole step (here 3x on step 2) leaves them where the work puts them."""
+    from ppdistill.bench.speed import markdown, summarise
+    load = np.array([1.0, 1.0, 3.0, 1.0, 1.2])
+    times = {'student[m]': list(0.5 * load), 'teacher[m]': list(0.25 * load),
+             'distill[m]': list(np.array([0.80, 0.78, 0.76, 0.82, 0.79]) * load),
+             'loss[m]': list(0.05 * load)}
+    row = summarise(times, ['m'])['methods']['m']
+    per_step = np.array([0.80, 0.78, 0.76, 0.82, 0.79]) / 0.75
+    assert row['ratio_q'] == pytest.approx(list(np.percentile(per_step, [25, 50, 75])))
+    assert row['overhead_q'] == pytest.approx(list(np.percentile(per_step * 0.75 / 0.80, [25, 50, 75])))
+    assert row['ratio'] == pytest.approx(np.median(times['distill[m]']) / (0.75 * np.median(load)))
+    result = {'arch': 'a', 'date': 'd', 'command': 'c', 'device': 'cpu', 'warmup': 0,
+              'timing': summarise(times, ['m'])}
+    q = row['ratio_q']
+    assert f"{row['ratio']:.3f} [{q[0]:.3f}–{q[2]:.3f}]" in markdown(result)

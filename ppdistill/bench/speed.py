@@ -137,16 +137,30 @@ def measure_times(setup: BenchSetup, warmup: int) -> Dict[str, List[float]]:
     return times
 
 
+def _quartiles(values: np.ndarray) -> List[float]:
+    return [float(q) for q in np.percentile(values, [25, 50, 75])]
+
+
 def summarise(times: Dict[str, List[float]], methods) -> dict:
-    """Medians (ms) per variant and, per method, limit / ratio / loss compute / overhead."""
+    """Medians (ms) per variant and, per method, limit / ratio / loss compute / overhead.
+
+    ``ratio`` and ``overhead`` are ratios of the medians; ``ratio_q`` / ``overhead_q`` are the quartiles
+    (25/50/75%) of the same ratios taken step by step (the variants of one step ran back to back, so a load
+    swing on this machine hits numerator and denominator alike): their spread is the measurement's noise,
+    against which a target like 1.03 is read.
+    """
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
     rows = {}
     for m in methods:
         limit = med[f'student[{m}]'] + med[f'teacher[{m}]']
         distill, loss = med[f'distill[{m}]'], med[f'loss[{m}]']
+        step = {k: np.asarray(times[f'{k}[{m}]']) for k in ('student', 'teacher', 'distill', 'loss')}
+        step_limit = step['student'] + step['teacher']
         row = {'student_ms': med[f'student[{m}]'], 'teacher_ms': med[f'teacher[{m}]'], 'limit_ms': limit,
                'distill_ms': distill, 'ratio': distill / limit, 'loss_ms': loss,
-               'overhead': distill / (limit + loss)}
+               'overhead': distill / (limit + loss),
+               'ratio_q': _quartiles(step['distill'] / step_limit),
+               'overhead_q': _quartiles(step['distill'] / (step_limit + step['loss']))}
         ours = sorted(k for k in med if k.startswith(f'fgd_ours[{m}/'))
         if ours:
             row['fgd_forward'] = [{'term': k[len('fgd_ours['):-1], 'ours_ms': med[k],
@@ -258,11 +272,17 @@ def markdown(result: dict) -> str:
              + (' (FEWER THAN 8 STEPS: a smoke run, not a measurement)'
                 if result['timing']['steps'] < 8 else ''),
              '',
+             'Ratios are of the medians; in brackets, the quartiles (25–75%) of the same ratio step by step '
+             '(each step\'s variants ran back to back): the noise to read a ratio against.', '',
              '| method | student step ms | teacher fwd ms | limit ms | distill step ms | ratio (distill/limit) '
              '| loss fwd+bwd ms | overhead distill/(limit+loss) |', '|---|---|---|---|---|---|---|---|']
+
+    def spread(q):
+        return f' [{q[0]:.3f}–{q[2]:.3f}]' if q else ''
     for m, r in result['timing']['methods'].items():
         lines.append(f"| {m} | {r['student_ms']:.1f} | {r['teacher_ms']:.1f} | {r['limit_ms']:.1f} | "
-                     f"{r['distill_ms']:.1f} | {r['ratio']:.3f} | {r['loss_ms']:.1f} | {r['overhead']:.3f} |")
+                     f"{r['distill_ms']:.1f} | {r['ratio']:.3f}{spread(r.get('ratio_q'))} | {r['loss_ms']:.1f} | "
+                     f"{r['overhead']:.3f}{spread(r.get('overhead_q'))} |")
     fgd = [(m, f) for m, r in result['timing']['methods'].items() for f in r.get('fgd_forward', [])]
     if fgd:
         lines += ['', '## FGD loss forward, same tensors: ppdistill FGDLoss vs ppdet 2.6 FGDFeatureLoss', '',
