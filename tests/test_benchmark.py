@@ -275,11 +275,11 @@ def test_accuracy_benchmark_on_tiny_configs_and_resume(work):
     assert rows['teacher']['n'] == 1 and rows['student']['n'] == 2 and rows['fgd']['n'] == 2
     for row in rows.values():
         for run_ in row['runs']:
-            metrics = json.loads(open(os.path.join(run_['run_dir'], 'metrics.json')).read())['bbox']
+            metrics = json.loads(open(os.path.join(ROOT, run_['run_dir'], 'metrics.json')).read())['bbox']
             assert run_['AP'] == pytest.approx(metrics[0]) and run_['APl'] == pytest.approx(metrics[5])
             # every evaluation writes its detections into its own run directory: two benchmark calls
             # side by side (disjoint --seeds) once overwrote each other's output/bbox.json
-            assert os.path.getsize(os.path.join(run_['run_dir'], 'bbox.json')) > 0
+            assert os.path.getsize(os.path.join(ROOT, run_['run_dir'], 'bbox.json')) > 0
         assert row['mean']['AP'] == pytest.approx(np.mean([r['AP'] for r in row['runs']]))
     assert not (work / 'output' / 'bbox.json').exists()
     assert {'delta_ap', 'gap_closed', 'beyond_noise'} <= set(rows['fgd'])
@@ -618,3 +618,19 @@ def test_speed_summary_reads_ratios_step_by_step():
               'timing': summarise(times, ['m'])}
     q = row['ratio_q']
     assert f"{row['ratio']:.3f} [{q[0]:.3f}–{q[2]:.3f}]" in markdown(result)
+
+
+def test_benchmark_records_under_docs_are_kept_and_weights_are_not():
+    """A report made with ``--out docs/experiments/<name>`` is committed with its runs' records, so a
+    later call (another machine, more seeds) reuses them; weights, detections and locks stay out."""
+    if not os.path.isdir(os.path.join(ROOT, '.git')):
+        pytest.skip('not a git checkout')
+    run = 'docs/experiments/x/runs/picodet/mgd/seed0'
+    paths = {f'{run}/run.json': False, f'{run}/train.log': False, f'{run}/eval.log': False,
+             f'{run}/metrics.json': False, f'{run}/bbox.json': True, f'{run}/cfg/model_final.pdparams': True,
+             f'{run}/cfg/model_final.pdopt': True, f'{run}/cfg/0.pdema': True,
+             'docs/experiments/x/runs/picodet/mgd/seed0.lock': True,
+             'docs/experiments/x/runs/picodet/mgd/seed0.previous/run.json': True}
+    out = subprocess.run(['git', 'check-ignore', '--no-index', '--stdin'], cwd=ROOT, input='\n'.join(paths),
+                         capture_output=True, text=True).stdout.split()
+    assert {p: p in out for p in paths} == paths

@@ -340,7 +340,7 @@ def run_accuracy(args) -> dict:
                 log = f.read()
         curves[row][seed] = parse_train_log(log)
         detail = {'seed': seed, **coco_row(record['bbox']), 'params': record['params'],
-                  'seconds': round(record['seconds'], 1), 'run_dir': plan.run_dir(row, seed)}
+                  'seconds': round(record['seconds'], 1), 'run_dir': _show(plan.run_dir(row, seed))}
         if row in plan.methods:
             detail['balance'] = balance_summary(log)
         details[row].append(detail)
