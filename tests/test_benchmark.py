@@ -634,3 +634,15 @@ def test_benchmark_records_under_docs_are_kept_and_weights_are_not():
     out = subprocess.run(['git', 'check-ignore', '--no-index', '--stdin'], cwd=ROOT, input='\n'.join(paths),
                          capture_output=True, text=True).stdout.split()
     assert {p: p in out for p in paths} == paths
+
+
+def test_teacher_subcommand_runs_the_teacher_alone(tmp_path, monkeypatch, capsys):
+    """``benchmark.py teacher`` stopped before training with "--seeds '0': need at least one seed": it
+    planned its (unused) student seeds as the count 0."""
+    benchmark = _benchmark_module()
+    made = _fake_runs(benchmark, monkeypatch)
+    record = benchmark.run_teacher(benchmark.parse_args(['teacher', '--config_dir', TINY, '--out', str(tmp_path)]))
+    assert made == [('teacher', 0)] and record['row'] == 'teacher'
+    assert 'teacher picodet: AP 0.100' in capsys.readouterr().out
+    benchmark.run_teacher(benchmark.parse_args(['teacher', '--config_dir', TINY, '--out', str(tmp_path)]))
+    assert made == [('teacher', 0)]  # finished: reused
