@@ -105,6 +105,10 @@ def test_paired_rows_use_the_per_seed_differences():
     assert paired['delta_ap_std'] == pytest.approx(np.std(np.subtract(method, student), ddof=1))
     table = markdown_table([{**e} for e in aggregate(runs, paired={'mgd': True})])
     assert f"+0.010 ± {paired['delta_ap_std']:.3f}" in table and f"yes (paired t p = {paired['p']:.3f})" in table
+    # a p below the printed precision reads "p < 0.001", not "p = 0.000"
+    steady = {**runs, 'mgd': [row(v + 0.05 + 1e-4 * i) for i, v in enumerate(student)]}
+    tiny = {e['row']: e for e in aggregate(steady, paired={'mgd': True})}['mgd']
+    assert tiny['p'] < 1e-3 and 'yes (paired t p < 0.001)' in markdown_table(aggregate(steady, paired={'mgd': True}))
 
 
 def test_runs_pair_when_their_first_detection_losses_match():
@@ -629,6 +633,7 @@ def test_benchmark_records_under_docs_are_kept_and_weights_are_not():
     paths = {f'{run}/run.json': False, f'{run}/train.log': False, f'{run}/eval.log': False,
              f'{run}/metrics.json': False, f'{run}/bbox.json': True, f'{run}/cfg/model_final.pdparams': True,
              f'{run}/cfg/model_final.pdopt': True, f'{run}/cfg/0.pdema': True,
+             f'{run}/cfg/model_final.pddistill': True,
              'docs/experiments/x/runs/picodet/mgd/seed0.lock': True,
              'docs/experiments/x/runs/picodet/mgd/seed0.previous/run.json': True}
     out = subprocess.run(['git', 'check-ignore', '--no-index', '--stdin'], cwd=ROOT, input='\n'.join(paths),

@@ -150,7 +150,7 @@ def markdown_table(summary: List[dict]) -> str:
             gap = e['gap_closed']
             test = 'paired t' if e.get('test') == 'paired' else 'Welch'
             verdict = 'n/a (< 2 seeds)' if e['beyond_noise'] is None else \
-                f"{'yes' if e['beyond_noise'] else 'no'} ({test} p = {e['p']:.3f})"
+                f"{'yes' if e['beyond_noise'] else 'no'} ({test} " + (f"p = {e['p']:.3f})" if e['p'] >= 1e-3 else 'p < 0.001)')
             delta = f"{e['delta_ap']:+.3f}"
             if e.get('delta_ap_std') is not None:
                 delta += f" ± {e['delta_ap_std']:.3f}"
