@@ -107,8 +107,9 @@ def test_paired_rows_use_the_per_seed_differences():
     assert f"+0.010 ± {paired['delta_ap_std']:.3f}" in table and f"yes (paired t p = {paired['p']:.3f})" in table
     # a p below the printed precision reads "p < 0.001", not "p = 0.000"
     steady = {**runs, 'mgd': [row(v + 0.05 + 1e-4 * i) for i, v in enumerate(student)]}
-    tiny = {e['row']: e for e in aggregate(steady, paired={'mgd': True})}['mgd']
-    assert tiny['p'] < 1e-3 and 'yes (paired t p < 0.001)' in markdown_table(aggregate(steady, paired={'mgd': True}))
+    summary = aggregate(steady, paired={'mgd': True})
+    tiny = {e['row']: e for e in summary}['mgd']
+    assert tiny['p'] < 1e-3 and 'yes (paired t p < 0.001)' in markdown_table(summary)
 
 
 def test_runs_pair_when_their_first_detection_losses_match():

@@ -20,8 +20,8 @@ of every seed started from the same weights on the same batches, else Welch's; s
 :mod:`ppdistill.bench.stats`), plus each run's loss balance (distill terms relative to the detection loss
 at the first and last log point, and the warnings). A run whose stamp (hash of its configs, overrides,
 seed, the teacher's stamp and, for distilled rows, ppdistill's training code: its code only, not docstrings
-or comments) matches a finished run under ``<out>/runs/`` is reused, so an interrupted benchmark resumes. Dataset files are not hashed: after
-changing the data, use a new ``--out``.
+or comments) matches a finished run under ``<out>/runs/`` is reused, so an interrupted benchmark resumes.
+Dataset files are not hashed: after changing the data, use a new ``--out``.
 
 Methods: every ``<distill_dir>/<method>_<arch>_teacher_to_student.yml`` (so new methods appear by adding
 their config); ``--config_dir`` holds ``<arch>_teacher.yml`` and ``<arch>_student.yml``;

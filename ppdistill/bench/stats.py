@@ -149,8 +149,11 @@ def markdown_table(summary: List[dict]) -> str:
         if 'delta_ap' in e:
             gap = e['gap_closed']
             test = 'paired t' if e.get('test') == 'paired' else 'Welch'
-            verdict = 'n/a (< 2 seeds)' if e['beyond_noise'] is None else \
-                f"{'yes' if e['beyond_noise'] else 'no'} ({test} " + (f"p = {e['p']:.3f})" if e['p'] >= 1e-3 else 'p < 0.001)')
+            if e['beyond_noise'] is None:
+                verdict = 'n/a (< 2 seeds)'
+            else:
+                p = 'p < 0.001' if e['p'] < 1e-3 else f"p = {e['p']:.3f}"
+                verdict = f"{'yes' if e['beyond_noise'] else 'no'} ({test} {p})"
             delta = f"{e['delta_ap']:+.3f}"
             if e.get('delta_ap_std') is not None:
                 delta += f" ± {e['delta_ap_std']:.3f}"
