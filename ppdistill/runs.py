@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 __all__ = ['RunFailed', 'run_tool', 'stamp', 'config_files', 'param_count', 'last_eta',
            'parse_train_log', 'format_duration', 'teacher_stamp', 'shipped_teacher', 'ship_teacher',
-           'WEIGHTS_DIR', 'discover_methods', 'discover_archs']
+           'WEIGHTS_DIR', 'discover_methods', 'discover_archs', 'training_source_files', 'run_stamp']
 
 PY = sys.executable
 
@@ -131,6 +131,32 @@ def stamp(paths: Iterable[str], extra: Iterable[str] = ()) -> str:
     for item in extra:
         digest.update(b'\0' + str(item).encode())
     return digest.hexdigest()[:16]
+
+
+# Bookkeeping of the tools, never imported by a training run: editing it must not retrain anything.
+_NOT_IN_TRAINING = ('runs.py',)
+
+
+def training_source_files() -> List[str]:
+    """ppdistill's code that decides a distilled run (losses, distiller, build, the train tool), for the
+    stamp; by its code only (:func:`_decisive_bytes`), so editing a docstring or comment keeps finished runs."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    files = glob.glob(os.path.join(pkg, '*.py')) + glob.glob(os.path.join(pkg, 'losses', '*.py'))
+    return sorted([f for f in files if os.path.basename(f) not in _NOT_IN_TRAINING]
+                  + [os.path.join(pkg, 'tools', 'train.py')])
+
+
+def run_stamp(student_cfg: str, row: str, seed: int, opt: Sequence[str] = (), method_cfg: Optional[str] = None,
+              teacher: Optional[str] = None) -> str:
+    """Stamp of a student run: the plain student (``row='student'``), or the student distilled with
+    ``method_cfg`` from the teacher whose stamp is ``teacher`` (ppdistill's training code counts too).
+    The benchmark keys its runs by it and the demo finds the recorded run of the same configs and seed."""
+    files = config_files(student_cfg)
+    extra = [row, seed] + list(opt)
+    if method_cfg is not None:
+        files += [method_cfg] + training_source_files()
+        extra += [teacher]
+    return stamp(files, extra)
 
 
 def config_files(config: str) -> List[str]:

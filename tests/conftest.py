@@ -23,6 +23,16 @@ def run(args, cwd, env=None, ok=True, module=False):
     return proc
 
 
+def tool_module(name: str):
+    """``tools/<name>.py`` imported as a module (its helpers are tested in-process)."""
+    import importlib
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 @pytest.fixture(scope='session')
 def work(tmp_path_factory):
     """A working directory with the tiny dataset and trained tiny teachers (plain tools/train.py runs).

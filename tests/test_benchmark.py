@@ -6,7 +6,6 @@ import glob
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 
@@ -18,8 +17,7 @@ from scipy import stats as sps
 from ppdistill.bench.stats import (aggregate, beyond_noise, gap_closed, markdown_table, mean_std, paired_t_test,
                                    welch_t_test)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, 'configs', 'demo', 'tiny')
+from conftest import ROOT, TINY, tool_module
 
 
 # -- statistics --------------------------------------------------------------------------------------
@@ -300,12 +298,7 @@ def test_accuracy_benchmark_on_tiny_configs_and_resume(work):
 
 
 def _benchmark_module():
-    sys.path.insert(0, os.path.join(ROOT, 'tools'))
-    try:
-        import benchmark
-    finally:
-        sys.path.pop(0)
-    return benchmark
+    return tool_module('benchmark')
 
 
 def test_methods_are_discovered_by_config_name(tmp_path):
@@ -316,6 +309,9 @@ def test_methods_are_discovered_by_config_name(tmp_path):
     (tmp_path / 'newkd_retinanet_teacher_to_student.yml').write_text('slim: Distiller\n')
     assert list(benchmark.discover_methods(str(tmp_path), 'picodet')) == ['newkd']
     assert benchmark.parse_seeds('3') == [0, 1, 2] and benchmark.parse_seeds('4,7') == [4, 7]
+    # "--seeds 2" ran seeds 0 and 1 when seed 2 was meant: the progress line now spells the count out
+    assert benchmark.describe_seeds('2', [0, 1]) == 'seeds [0, 1] (--seeds 2 is a count; seed 2 alone is --seeds 2,)'
+    assert benchmark.describe_seeds('2,', [2]) == 'seeds [2]'
 
 
 def test_run_stamps_follow_what_decides_each_run():
@@ -590,7 +586,6 @@ def test_stamps_follow_code_not_its_docstrings_or_comments(tmp_path):
     """Editing a docstring or comment in ppdistill used to change every distilled run's stamp (the files'
     bytes were hashed), so the benchmark retrained finished runs; a code edit must still change it."""
     from ppdistill import runs
-    benchmark = _benchmark_module()
     source = 'def f(x):\n    """Doc."""\n    return x + 1\n'
     path = tmp_path / 'mod.py'
     path.write_text(source)
@@ -601,7 +596,7 @@ def test_stamps_follow_code_not_its_docstrings_or_comments(tmp_path):
     assert runs.stamp([str(path)]) != before
     path.write_text('def f(x):\n    """Doc."""\n')          # a function that is only a docstring
     assert runs.stamp([str(path)]) != before
-    files = [os.path.relpath(f, ROOT) for f in benchmark._source_files()]
+    files = [os.path.relpath(f, ROOT) for f in runs.training_source_files()]
     assert 'ppdistill/runs.py' not in files             # the tools' bookkeeping
     assert {'ppdistill/distiller.py', 'ppdistill/losses/mgd.py', 'ppdistill/tools/train.py'} <= set(files)
 

@@ -3,7 +3,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from scipy import stats
+
+from conftest import tool_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = ("import sys; sys.path.insert(0, 'tools'); import demo, os; "
@@ -22,3 +26,67 @@ def test_demo_sees_the_users_thread_setting_before_ppdistill_sets_its_default(us
                          stdout=subprocess.PIPE).stdout.split()
     assert out[0] == str(user_threads is not None)
     assert out[1] == (user_threads or str(os.cpu_count()))
+
+
+# -- step 6: the recorded runs and tables -----------------------------------------------------------------
+STUDENT_CFG = 'configs/demo/picodet_student.yml'
+MGD_CFG = 'configs/slim/distill/mgd_picodet_teacher_to_student.yml'
+
+
+def _write_json(path, obj):
+    import json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _recorded_table(exp, seeds, student_ap, mgd_ap):
+    """A benchmark report as tools/benchmark.py writes it: aggregate() rows plus each row's runs."""
+    from ppdistill.bench.stats import aggregate
+    per_row = {'teacher': [dict.fromkeys(('AP', 'AP50', 'APs', 'APm', 'APl'), 0.8)],
+               'student': [dict.fromkeys(('AP', 'AP50', 'APs', 'APm', 'APl'), a) for a in student_ap],
+               'mgd': [dict.fromkeys(('AP', 'AP50', 'APs', 'APm', 'APl'), a) for a in mgd_ap]}
+    summary = aggregate(per_row, paired={'mgd': True})
+    for entry in summary:
+        seed_list = [0] if entry['row'] == 'teacher' else seeds
+        entry['runs'] = [dict(r, seed=s) for r, s in zip(per_row[entry['row']], seed_list)]
+    _write_json(exp / 't3' / 'accuracy_picodet.json',
+                {'command': 'python tools/benchmark.py accuracy --arch picodet --seeds 4 --out x',
+                 'date': '2026-12-02 10:00 UTC', 'student_config': '/elsewhere/' + STUDENT_CFG, 'rows': summary})
+
+
+def test_demo_says_whether_it_reproduced_the_recorded_runs_and_prints_the_tables(tmp_path, monkeypatch, capsys):
+    """One seed is not a result: after its table the demo compares its two runs with the recorded runs of
+    the same configs, code and seed (by stamp), then summarises every recorded table of the arch."""
+    from argparse import Namespace
+    from ppdistill.runs import run_stamp, teacher_stamp
+    demo = tool_module('demo')
+    exp = tmp_path / 'experiments'
+    seeds, student_ap, mgd_ap = [0, 1, 2, 3], [0.20, 0.10, 0.15, 0.12], [0.25, 0.09, 0.19, 0.18]
+    _recorded_table(exp, seeds, student_ap, mgd_ap)
+    teacher = teacher_stamp(os.path.join(ROOT, 'configs/demo/picodet_teacher.yml'), 0)
+    stamps = {'student': run_stamp(os.path.join(ROOT, STUDENT_CFG), 'student', 0),
+              'mgd': run_stamp(os.path.join(ROOT, STUDENT_CFG), 'mgd', 0, (), os.path.join(ROOT, MGD_CFG), teacher)}
+    for row, ap in (('student', 0.20), ('mgd', 0.25)):
+        _write_json(exp / 't3' / 'runs' / 'picodet' / row / 'seed0' / 'run.json',
+                    {'stamp': stamps[row], 'bbox': [ap] + [0.0] * 11})
+    # a record of other configs at the same place must not count
+    _write_json(exp / 'other' / 'runs' / 'picodet' / 'student' / 'seed0' / 'run.json',
+                {'stamp': 'not-this-one', 'bbox': [0.99] + [0.0] * 11})
+    monkeypatch.setattr(demo, 'EXPERIMENTS', str(exp))
+    rows = [{'model': 'teacher', 'AP': 0.8}, {'model': 'student', 'AP': 0.20},
+            {'model': 'student + MGD', 'AP': 0.24}]
+    demo._recorded(Namespace(arch='picodet', method='mgd', seed=0), STUDENT_CFG, MGD_CFG, rows)
+    out = capsys.readouterr().out
+    assert 'student: AP 0.2000, identical to the recorded run' in out
+    assert 'student + MGD: AP 0.2400 here, 0.2500 in the recorded run' in out
+    diff = np.subtract(mgd_ap, student_ap)
+    expected = (f'mgd  {diff.mean():+.3f} ± {diff.std(ddof=1):.3f} AP, ahead on {int((diff > 0).sum())}/4 seeds, '
+                f'p = {stats.ttest_rel(mgd_ap, student_ap).pvalue:.3f}: within the seed noise')
+    assert expected in out
+    assert "--seeds 4 --out x   (2026-12-02 10:00 UTC)   <- this demo's student" in out
+    assert f'student AP {np.mean(student_ap):.3f} ± {np.std(student_ap, ddof=1):.3f} (4 seeds)' in out
+
+    # another seed: nothing recorded for it, said so rather than compared with seed 0
+    demo._recorded(Namespace(arch='picodet', method='mgd', seed=5), STUDENT_CFG, MGD_CFG, rows)
+    assert out.count('no recorded run') == 0
+    assert capsys.readouterr().out.count('no recorded run of these configs, code and seed 5') == 2

@@ -39,7 +39,6 @@ import _path  # noqa: F401  (repo root on sys.path)
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import shlex
@@ -50,8 +49,8 @@ from typing import Dict, List, Optional, Tuple
 
 from ppdistill._env import apply_cpu_defaults
 from ppdistill.errors import PPDistillError
-from ppdistill.runs import (WEIGHTS_DIR, RunFailed, config_files, discover_methods, format_duration, now_utc, run_tool,
-                            ship_teacher, shipped_teacher, stamp, teacher_stamp, write_json_atomic)
+from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_methods, format_duration, now_utc, run_stamp,
+                            run_tool, ship_teacher, shipped_teacher, teacher_stamp, write_json_atomic)
 
 ROOT = _path.ROOT
 TOOLS = os.path.join(ROOT, 'tools')
@@ -93,17 +92,12 @@ def parse_seeds(text: str) -> List[int]:
     return seeds
 
 
-# Bookkeeping of the tools, never imported by a training run: editing it must not retrain anything.
-_NOT_IN_TRAINING = ('runs.py',)
-
-
-def _source_files() -> List[str]:
-    """ppdistill's code that decides a distilled run (losses, distiller, build, the train tool), for the
-    stamp; by its code only, so editing a docstring or comment keeps finished runs."""
-    pkg = os.path.join(ROOT, 'ppdistill')
-    files = glob.glob(os.path.join(pkg, '*.py')) + glob.glob(os.path.join(pkg, 'losses', '*.py'))
-    return sorted([f for f in files if os.path.basename(f) not in _NOT_IN_TRAINING]
-                  + [os.path.join(pkg, 'tools', 'train.py')])
+def describe_seeds(text: str, seeds: List[int]) -> str:
+    """The seeds for the progress line; a bare count is spelled out, since ``--seeds 2`` reads like
+    "seed 2" and means seeds 0 and 1."""
+    if ',' in text:
+        return f'seeds {seeds}'
+    return f'seeds {seeds} (--seeds {text.strip()} is a count; seed {text.strip()} alone is --seeds {text.strip()},)'
 
 
 def resolve_pair(args) -> Tuple[str, str, Dict[str, str]]:
@@ -144,12 +138,7 @@ class Plan:
     def stamp(self, row: str, seed: int) -> str:
         if row == 'teacher':
             return self.teacher_stamp
-        files = config_files(self.student_cfg)
-        extra = [row, seed] + self.opt
-        if row != 'student':
-            files += [self.methods[row]] + _source_files()
-            extra += [self.teacher_stamp]
-        return stamp(files, extra)
+        return run_stamp(self.student_cfg, row, seed, self.opt, self.methods.get(row), self.teacher_stamp)
 
     def weights(self, row: str, seed: int) -> str:
         if row == 'teacher' and self.shipped:
@@ -306,7 +295,7 @@ def run_accuracy(args) -> dict:
     plan = Plan(args)
     _demo_data(args)
     runs = plan.runs()
-    print(f"[bench] accuracy {plan.arch}: rows {', '.join(plan.rows)}; seeds {plan.seeds}; "
+    print(f"[bench] accuracy {plan.arch}: rows {', '.join(plan.rows)}; {describe_seeds(args.seeds, plan.seeds)}; "
           f'{len(runs)} runs under {os.path.relpath(plan.out)}', flush=True)
     records: Dict[tuple, dict] = {}
     todo = []
@@ -497,7 +486,8 @@ def parse_args(argv=None):
         if name == 'teacher':
             p.add_argument('--ship', action='store_true', help=f'copy it to {WEIGHTS_DIR}/<arch>_teacher.*')
         elif name == 'accuracy':
-            p.add_argument('--seeds', default='3', help='a count N (seeds 0..N-1) or a comma list')
+            p.add_argument('--seeds', default='3', help='a count N (seeds 0..N-1) or a comma list (one seed k: '
+                                                        '"k,")')
         elif name == 'gradients':
             p.add_argument('--steps', type=int, default=16, help='batches')
             p.add_argument('--seed', type=int, default=0, help='batches and fresh student')

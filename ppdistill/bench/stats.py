@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ['COCO_FIELDS', 'coco_row', 'mean_std', 'gap_closed', 'welch_t_test', 'paired_t_test',
-           'beyond_noise', 'aggregate', 'markdown_table', 'ALPHA']
+           'beyond_noise', 'aggregate', 'markdown_table', 'format_p', 'format_delta', 'ALPHA']
 
 # Positions in the 12 numbers of pycocotools' COCOeval.stats (ppdet's bbox metric list).
 COCO_FIELDS = {'AP': 0, 'AP50': 1, 'APs': 3, 'APm': 4, 'APl': 5}
@@ -139,6 +139,18 @@ def _pm(mean: float, std: Optional[float]) -> str:
     return f'{mean:.3f}' if std is None else f'{mean:.3f} ± {std:.3f}'
 
 
+def format_p(p: float) -> str:
+    return 'p < 0.001' if p < 1e-3 else f'p = {p:.3f}'
+
+
+def format_delta(entry: dict) -> str:
+    """A method row's ΔAP vs the plain student, ``± std`` of the per-seed differences when paired."""
+    delta = f"{entry['delta_ap']:+.3f}"
+    if entry.get('delta_ap_std') is not None:
+        delta += f" ± {entry['delta_ap_std']:.3f}"
+    return delta
+
+
 def markdown_table(summary: List[dict]) -> str:
     """The accuracy table (mean ± std over seeds; gap closed; verdict against the plain student)."""
     head = ('| row | seeds | ' + ' | '.join(COCO_FIELDS) + ' | ΔAP vs student | gap closed | '
@@ -152,12 +164,8 @@ def markdown_table(summary: List[dict]) -> str:
             if e['beyond_noise'] is None:
                 verdict = 'n/a (< 2 seeds)'
             else:
-                p = 'p < 0.001' if e['p'] < 1e-3 else f"p = {e['p']:.3f}"
-                verdict = f"{'yes' if e['beyond_noise'] else 'no'} ({test} {p})"
-            delta = f"{e['delta_ap']:+.3f}"
-            if e.get('delta_ap_std') is not None:
-                delta += f" ± {e['delta_ap_std']:.3f}"
-            cells += [delta, '—' if gap is None else f'{gap:+.0%}', verdict]
+                verdict = f"{'yes' if e['beyond_noise'] else 'no'} ({test} {format_p(e['p'])})"
+            cells += [format_delta(e), '—' if gap is None else f'{gap:+.0%}', verdict]
         else:
             cells += ['', '', '']
         lines.append('| ' + ' | '.join(cells) + ' |')

@@ -1,0 +1,111 @@
+"""Recorded results: the accuracy tables committed under ``docs/experiments/`` and their runs.
+
+``tools/benchmark.py accuracy --out docs/experiments/<name>`` writes ``accuracy_<arch>.json`` there and
+keeps every run's record (``runs/<arch>/<row>/seed<k>/run.json``: its stamp and COCO metrics). The demo
+trains one seed; after its own table it prints these tables over seeds (one seed is not a result), and
+says whether its runs reproduced the recorded runs of the same configs, code and seed (same stamp).
+"""
+import glob
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+from ppdistill.bench.stats import format_delta, format_p
+
+__all__ = ['load_reports', 'find_recorded_run', 'seeds_ahead', 'summary_lines', 'reproduction_lines']
+
+
+def load_reports(experiments_dir: str, arch: str) -> List[dict]:
+    """Every ``<experiments_dir>/<name>/accuracy_<arch>.json`` (sorted by name), each with ``'dir'`` set
+    to its folder. Unreadable files are skipped: recorded tables are context, never a reason to fail."""
+    reports = []
+    for path in sorted(glob.glob(os.path.join(experiments_dir, '*', f'accuracy_{arch}.json'))):
+        try:
+            with open(path) as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and isinstance(report.get('rows'), list):
+            reports.append(dict(report, dir=os.path.dirname(path)))
+    return reports
+
+
+def find_recorded_run(experiments_dir: str, arch: str, row: str, seed: int, stamp: str
+                      ) -> Optional[Tuple[str, dict]]:
+    """``(run dir, run.json record)`` of a recorded run with exactly this stamp, or ``None``."""
+    pattern = os.path.join(experiments_dir, '*', 'runs', arch, row, f'seed{seed}', 'run.json')
+    for path in sorted(glob.glob(pattern)):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if record.get('stamp') == stamp and record.get('bbox'):
+            return os.path.dirname(path), record
+    return None
+
+
+def _ap_by_seed(row: dict) -> Dict[int, float]:
+    return {r['seed']: r['AP'] for r in row.get('runs', [])}
+
+
+def seeds_ahead(report: dict, row_name: str, baseline: str = 'student') -> Tuple[int, int]:
+    """``(k, n)``: the row's AP is above the baseline's on k of the n seeds both rows ran."""
+    rows = {r['row']: r for r in report['rows']}
+    ours, base = _ap_by_seed(rows[row_name]), _ap_by_seed(rows[baseline])
+    common = sorted(set(ours) & set(base))
+    return sum(ours[s] > base[s] for s in common), len(common)
+
+
+def summary_lines(report: dict) -> List[str]:
+    """A recorded table in a few lines: its command, the teacher and student AP, and per method ΔAP vs the
+    plain student (± std of the per-seed differences), seeds ahead, p and the verdict.
+
+    e.g. ``mgd   +0.068 ± 0.038 AP, ahead on 6/6 seeds, p = 0.007: beyond the seed noise``
+    """
+    rows = {r['row']: r for r in report['rows']}
+    lines = [f"{report.get('command', '?')}   ({report.get('date', 'undated')})"]
+    context = []
+    for name in ('teacher', 'student'):
+        if name in rows:
+            std = rows[name]['std']['AP']
+            spread = '' if std is None else f' ± {std:.3f}'
+            context.append(f"{name} AP {rows[name]['mean']['AP']:.3f}{spread} ({rows[name]['n']} "
+                           f"seed{'s' if rows[name]['n'] != 1 else ''})")
+    lines.append('  ' + ', '.join(context))
+    width = max((len(r['row']) for r in report['rows'] if 'delta_ap' in r), default=0)
+    for row in report['rows']:
+        if 'delta_ap' not in row:
+            continue
+        k, n = seeds_ahead(report, row['row'])
+        if row.get('beyond_noise') is None:
+            verdict = 'n/a (< 2 seeds)'
+        else:
+            verdict = (f"{format_p(row['p'])}: "
+                       f"{'beyond' if row['beyond_noise'] else 'within'} the seed noise")
+        lines.append(f"  {row['row']:<{width}}  {format_delta(row)} AP, ahead on {k}/{n} seeds, {verdict}")
+    return lines
+
+
+def reproduction_lines(experiments_dir: str, arch: str, seed: int, runs: List[Tuple[str, str, str, float]],
+                       root: str = '.') -> List[str]:
+    """Did this machine reproduce the recorded runs? ``runs``: ``(label, row, stamp, AP)`` of the runs
+    just made (row ``student`` or a method name, as in the benchmark). Per run: identical AP, a different
+    AP (another CPU or paddle build: the seed spread is then the noise to read it against), or no recorded
+    run of the same configs, code and seed. Paths are shown relative to ``root``."""
+    lines = []
+    for label, row, stamp, ap in runs:
+        found = find_recorded_run(experiments_dir, arch, row, seed, stamp)
+        if found is None:
+            lines.append(f'{label}: no recorded run of these configs, code and seed {seed}')
+            continue
+        run_dir, record = found
+        recorded = record['bbox'][0]
+        where = os.path.relpath(run_dir, root)
+        if abs(recorded - ap) < 1e-9:
+            lines.append(f'{label}: AP {ap:.4f}, identical to the recorded run ({where})')
+        else:
+            lines.append(f'{label}: AP {ap:.4f} here, {recorded:.4f} in the recorded run ({where}; same '
+                         'configs, code and seed): another CPU or paddle build, so read the difference '
+                         'against the seed spread below')
+    return lines
