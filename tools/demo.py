@@ -183,9 +183,9 @@ def main():
     print('[demo] smoke-scale CPU run on a toy dataset: it shows the pipeline works end to end, not the '
           'papers\' COCO numbers; one seed is not evidence that a method helps (the seed-to-seed spread is as '
           'large as the effects)')
-    _recorded(args, student_cfg, distill_cfg, rows)
     with open(os.path.join(logs, f'demo_{args.arch}_{args.method}.json'), 'w') as f:
         json.dump(rows, f, indent=1)
+    _recorded(args, student_cfg, distill_cfg, rows)
 
 
 if __name__ == '__main__':
