@@ -38,7 +38,9 @@ from typing import List, Optional, Tuple
 # which the tools the demo runs inherit.
 USER_SET_THREADS = 'OMP_NUM_THREADS' in os.environ
 
-from ppdistill.bench.recorded import load_reports, reproduction_lines, summary_lines  # noqa: E402
+from ppdistill.bench.recorded import (load_reports, reproduction_lines, seeds_ahead, strongest_effect,  # noqa: E402
+                                      student_config_of, summary_lines)
+from ppdistill.bench.stats import format_delta  # noqa: E402
 from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_archs, discover_methods, param_count,  # noqa: E402
                             run_stamp, run_tool, shipped_teacher, teacher_stamp)
 
@@ -91,6 +93,11 @@ def _teacher(arch: str, teacher_cfg: str, retrain: bool, logs: str) -> Tuple[str
     return weights, None
 
 
+def _table_student(report: dict, arch: str) -> str:
+    """The student config a recorded table was made with (repository-relative, normalised)."""
+    return os.path.normpath(student_config_of(report) or f'configs/demo/{arch}_student.yml')
+
+
 def _recorded(args, student_cfg: str, distill_cfg: str, rows: List[dict]) -> None:
     """Step 6: did these runs reproduce the recorded ones, and what do the tables over seeds say."""
     teacher = teacher_stamp(os.path.join(ROOT, f'configs/demo/{args.arch}_teacher.yml'), TEACHER_SEED)
@@ -109,14 +116,36 @@ def _recorded(args, student_cfg: str, distill_cfg: str, rows: List[dict]) -> Non
     print(f'[demo] recorded tables over seeds ({args.arch}; each command reprints its table from the committed '
           'runs without training; README, Results):')
     for report in reports:
-        mine = os.path.basename(report.get('student_config', '')) == os.path.basename(student_cfg)
+        mine = _table_student(report, args.arch) == os.path.normpath(student_cfg)
         lines = summary_lines(report)
         mark = "   <- this demo's student" if mine else ''
         print(f'  {lines[0]}{mark}')
         for line in lines[1:]:
             print('  ' + line)
-    print('[demo] train any of these yourself: python tools/demo.py --student_config <its student config> '
-          '--method <m> --seed <k>')
+    _suggest(args, student_cfg, reports)
+
+
+def _suggest(args, student_cfg: str, reports: List[dict]) -> None:
+    """Point at the recorded configuration where a method pays most, as a demo command, with the recorded
+    AP of this seed (the demo's default schedule is set by its time budget, not by where methods pay)."""
+    best = strongest_effect(reports)
+    if best is None:
+        print(f'[demo] no recorded method beats the plain {args.arch} student beyond the seed noise yet')
+        return
+    report, row = best
+    config = student_config_of(report)
+    if _table_student(report, args.arch) == os.path.normpath(student_cfg) and row['row'] == args.method:
+        return  # this run is that configuration
+    cmd = f"python tools/demo.py --arch {args.arch} --method {row['row']}"
+    cmd += f' --student_config {config}' if config else ''
+    k, n = seeds_ahead(report, row['row'])
+    aps = {r['row']: {x['seed']: x['AP'] for x in r.get('runs', [])} for r in report['rows']}
+    this_seed = ''
+    if args.seed in aps['student'] and args.seed in aps[row['row']]:
+        this_seed = (f"; seed {args.seed}: {aps['student'][args.seed]:.3f} -> "
+                     f"{aps[row['row']][args.seed]:.3f}")
+    print(f"[demo] where a method pays most on this data: {cmd}  (recorded {row['row']} "
+          f"{format_delta(row)} AP, ahead on {k}/{n} seeds{this_seed}; its time: README, Results)")
 
 
 def main():

@@ -8,11 +8,13 @@ says whether its runs reproduced the recorded runs of the same configs, code and
 import glob
 import json
 import os
+import shlex
 from typing import Dict, List, Optional, Tuple
 
 from ppdistill.bench.stats import format_delta, format_p
 
-__all__ = ['load_reports', 'find_recorded_run', 'seeds_ahead', 'summary_lines', 'reproduction_lines']
+__all__ = ['load_reports', 'find_recorded_run', 'seeds_ahead', 'summary_lines', 'reproduction_lines',
+           'strongest_effect', 'student_config_of']
 
 
 def load_reports(experiments_dir: str, arch: str) -> List[dict]:
@@ -109,3 +111,26 @@ def reproduction_lines(experiments_dir: str, arch: str, seed: int, runs: List[Tu
                          'configs, code and seed): another CPU or paddle build, so read the difference '
                          'against the seed spread below')
     return lines
+
+
+def strongest_effect(reports: List[dict]) -> Optional[Tuple[dict, dict]]:
+    """``(report, row)`` of the method row with the largest mean ΔAP among those beyond the seed noise
+    (and above the student), or ``None`` when no recorded method beats the student."""
+    found = [(row['delta_ap'], i, report, row) for i, report in enumerate(reports) for row in report['rows']
+             if row.get('beyond_noise') and row.get('delta_ap', 0) > 0]
+    if not found:
+        return None
+    _, _, report, row = max(found, key=lambda f: (f[0], -f[1]))
+    return report, row
+
+
+def student_config_of(report: dict) -> Optional[str]:
+    """The ``--student_config`` a recorded table was made with, as typed (repository-relative), from its
+    command; ``None`` for the default ``<arch>_student.yml``."""
+    words = shlex.split(report.get('command', ''))
+    for i, word in enumerate(words):
+        if word == '--student_config' and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith('--student_config='):
+            return word.split('=', 1)[1]
+    return None
