@@ -16,11 +16,12 @@ import re
 import subprocess
 import sys
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 __all__ = ['RunFailed', 'run_tool', 'stamp', 'config_files', 'param_count', 'last_eta',
            'parse_train_log', 'format_duration', 'teacher_stamp', 'shipped_teacher', 'ship_teacher',
-           'WEIGHTS_DIR', 'discover_methods', 'discover_archs', 'training_source_files', 'run_stamp']
+           'WEIGHTS_DIR', 'discover_methods', 'discover_archs', 'training_source_files', 'run_stamp',
+           'read_json', 'load_record']
 
 PY = sys.executable
 
@@ -216,12 +217,8 @@ def teacher_stamp(teacher_cfg: str, seed: int, opt: Sequence[str] = ()) -> str:
 def shipped_teacher(weights_dir: str, arch: str, want_stamp: str) -> Optional[str]:
     """``<weights_dir>/<arch>_teacher`` (no suffix) if shipped for exactly this stamp, else ``None``."""
     base = os.path.join(weights_dir, f'{arch}_teacher')
-    try:
-        with open(base + '.json') as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return base if record.get('stamp') == want_stamp and os.path.isfile(base + '.pdparams') else None
+    found = load_record(base + '.json', want_stamp) is not None
+    return base if found and os.path.isfile(base + '.pdparams') else None
 
 
 def ship_teacher(weights: str, weights_dir: str, arch: str, record: dict) -> str:
@@ -233,6 +230,22 @@ def ship_teacher(weights: str, weights_dir: str, arch: str, record: dict) -> str
     os.replace(base + '.pdparams.tmp', base + '.pdparams')
     write_json_atomic(base + '.json', record)
     return base
+
+
+def read_json(path: str) -> Any:
+    """The JSON in ``path``, or ``None`` when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def load_record(path: str, want_stamp: str) -> Optional[dict]:
+    """A run's record (a benchmark ``run.json``, a shipped teacher's ``.json``) if it exists and was made
+    for exactly ``want_stamp``, else ``None``."""
+    record = read_json(path)
+    return record if isinstance(record, dict) and record.get('stamp') == want_stamp else None
 
 
 def write_json_atomic(path: str, obj) -> None:

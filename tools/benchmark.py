@@ -49,8 +49,8 @@ from typing import Dict, List, Optional, Tuple
 
 from ppdistill._env import apply_cpu_defaults
 from ppdistill.errors import PPDistillError
-from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_methods, format_duration, now_utc, run_stamp,
-                            run_tool, ship_teacher, shipped_teacher, teacher_stamp, write_json_atomic)
+from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_methods, format_duration, load_record, now_utc,
+                            run_stamp, run_tool, ship_teacher, shipped_teacher, teacher_stamp, write_json_atomic)
 
 ROOT = _path.ROOT
 TOOLS = os.path.join(ROOT, 'tools')
@@ -168,15 +168,6 @@ class Plan:
                 '-o', f'weights={self.weights(row, seed)}'] + opt + [f'output_eval={self.run_dir(row, seed)}']
 
 
-def _load_record(path: str, want_stamp: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if record.get('stamp') == want_stamp else None
-
-
 def _expected(records: Dict[tuple, dict], row: str, key: str = 'seconds') -> Optional[float]:
     """Expected seconds (``key``: the whole run, ``train_seconds`` or ``eval_seconds``): the mean of
     finished runs of the same row, else of any student row."""
@@ -240,7 +231,7 @@ def _finished_or_run(plan: 'Plan', row: str, seed: int, records: Dict[tuple, dic
     this one replaces it, so an interrupted redo loses nothing."""
     run_dir = plan.run_dir(row, seed)
     with _run_lock(run_dir, prefix):
-        record = _load_record(os.path.join(run_dir, 'run.json'), plan.stamp(row, seed))
+        record = load_record(os.path.join(run_dir, 'run.json'), plan.stamp(row, seed))
         if record is not None:
             print(f'{prefix}: reusing the run another benchmark call finished', flush=True)
             return record
@@ -270,7 +261,7 @@ def run_teacher(args) -> dict:
     plan = Plan(args)
     _demo_data(args)
     want = plan.stamp('teacher', plan.teacher_seed)
-    record = _load_record(os.path.join(plan.run_dir('teacher', plan.teacher_seed), 'run.json'), want)
+    record = load_record(os.path.join(plan.run_dir('teacher', plan.teacher_seed), 'run.json'), want)
     if record is None:
         record = _finished_or_run(plan, 'teacher', plan.teacher_seed, {}, f'[bench] teacher seed {plan.teacher_seed}')
     print(f"[bench] teacher {plan.arch}: AP {record['bbox'][0]:.3f}, AP50 {record['bbox'][1]:.3f}", flush=True)
@@ -300,7 +291,7 @@ def run_accuracy(args) -> dict:
     records: Dict[tuple, dict] = {}
     todo = []
     for row, seed in runs:
-        record = _load_record(os.path.join(plan.run_dir(row, seed), 'run.json'), plan.stamp(row, seed))
+        record = load_record(os.path.join(plan.run_dir(row, seed), 'run.json'), plan.stamp(row, seed))
         if record is not None:
             records[(row, seed)] = record
         else:

@@ -38,8 +38,8 @@ from typing import List, Optional, Tuple
 # which the tools the demo runs inherit.
 USER_SET_THREADS = 'OMP_NUM_THREADS' in os.environ
 
-from ppdistill.bench.recorded import (load_reports, reproduction_lines, seeds_ahead, strongest_effect,  # noqa: E402
-                                      student_config_of, summary_lines)
+from ppdistill.bench.recorded import (ap_by_seed, load_reports, reproduction_lines, seeds_ahead,  # noqa: E402
+                                      strongest_effect, student_config_of, summary_lines)
 from ppdistill.bench.stats import format_delta  # noqa: E402
 from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_archs, discover_methods, param_count,  # noqa: E402
                             run_stamp, run_tool, shipped_teacher, teacher_stamp)
@@ -139,11 +139,10 @@ def _suggest(args, student_cfg: str, reports: List[dict]) -> None:
     cmd = f"python tools/demo.py --arch {args.arch} --method {row['row']}"
     cmd += f' --student_config {config}' if config else ''
     k, n = seeds_ahead(report, row['row'])
-    aps = {r['row']: {x['seed']: x['AP'] for x in r.get('runs', [])} for r in report['rows']}
+    student, method = ap_by_seed(report, 'student'), ap_by_seed(report, row['row'])
     this_seed = ''
-    if args.seed in aps['student'] and args.seed in aps[row['row']]:
-        this_seed = (f"; seed {args.seed}: {aps['student'][args.seed]:.3f} -> "
-                     f"{aps[row['row']][args.seed]:.3f}")
+    if args.seed in student and args.seed in method:
+        this_seed = f'; seed {args.seed}: {student[args.seed]:.3f} -> {method[args.seed]:.3f}'
     print(f"[demo] where a method pays most on this data: {cmd}  (recorded {row['row']} "
           f"{format_delta(row)} AP, ahead on {k}/{n} seeds{this_seed}; its time: README, Results)")
 

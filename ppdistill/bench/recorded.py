@@ -6,14 +6,14 @@ trains one seed; after its own table it prints these tables over seeds (one seed
 says whether its runs reproduced the recorded runs of the same configs, code and seed (same stamp).
 """
 import glob
-import json
 import os
 import shlex
 from typing import Dict, List, Optional, Tuple
 
 from ppdistill.bench.stats import format_delta, format_p
+from ppdistill.runs import load_record, read_json
 
-__all__ = ['load_reports', 'find_recorded_run', 'seeds_ahead', 'summary_lines', 'reproduction_lines',
+__all__ = ['load_reports', 'find_recorded_run', 'ap_by_seed', 'seeds_ahead', 'summary_lines', 'reproduction_lines',
            'strongest_effect', 'student_config_of']
 
 
@@ -22,11 +22,7 @@ def load_reports(experiments_dir: str, arch: str) -> List[dict]:
     to its folder. Unreadable files are skipped: recorded tables are context, never a reason to fail."""
     reports = []
     for path in sorted(glob.glob(os.path.join(experiments_dir, '*', f'accuracy_{arch}.json'))):
-        try:
-            with open(path) as f:
-                report = json.load(f)
-        except (OSError, ValueError):
-            continue
+        report = read_json(path)
         if isinstance(report, dict) and isinstance(report.get('rows'), list):
             reports.append(dict(report, dir=os.path.dirname(path)))
     return reports
@@ -37,24 +33,21 @@ def find_recorded_run(experiments_dir: str, arch: str, row: str, seed: int, stam
     """``(run dir, run.json record)`` of a recorded run with exactly this stamp, or ``None``."""
     pattern = os.path.join(experiments_dir, '*', 'runs', arch, row, f'seed{seed}', 'run.json')
     for path in sorted(glob.glob(pattern)):
-        try:
-            with open(path) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if record.get('stamp') == stamp and record.get('bbox'):
+        record = load_record(path, stamp)
+        if record is not None and record.get('bbox'):
             return os.path.dirname(path), record
     return None
 
 
-def _ap_by_seed(row: dict) -> Dict[int, float]:
+def ap_by_seed(report: dict, row_name: str) -> Dict[int, float]:
+    """``{seed: AP}`` of one row of a recorded table (from its runs)."""
+    row = next(r for r in report['rows'] if r['row'] == row_name)
     return {r['seed']: r['AP'] for r in row.get('runs', [])}
 
 
 def seeds_ahead(report: dict, row_name: str, baseline: str = 'student') -> Tuple[int, int]:
     """``(k, n)``: the row's AP is above the baseline's on k of the n seeds both rows ran."""
-    rows = {r['row']: r for r in report['rows']}
-    ours, base = _ap_by_seed(rows[row_name]), _ap_by_seed(rows[baseline])
+    ours, base = ap_by_seed(report, row_name), ap_by_seed(report, baseline)
     common = sorted(set(ours) & set(base))
     return sum(ours[s] > base[s] for s in common), len(common)
 
