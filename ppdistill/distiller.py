@@ -18,13 +18,16 @@
    terms (one host sync per step) guards the sum: a non-finite term stops training naming the term, or
    with ``nonfinite: skip`` drops that step's distill loss with a warning.
 
+:meth:`Distiller.inspect` runs steps 1-3 and returns every tensor (taps, loss inputs, terms) instead of the
+sum, for tools that look inside a step (benchmarks, ``tools/visualize.py``).
+
 Eval/infer: exactly ``student_model(inputs)``. ``parameters()`` is the student's plus the distill
 modules', never the teacher's.
 """
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import paddle
 import paddle.nn as nn
@@ -36,15 +39,16 @@ from ppdet.utils.logger import setup_logger
 from .errors import PPDistillError
 from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
 from .presets import LOGIT_ROLES, PRESETS, init_prefixes, resolve_tap
-from .losses.base import loss_total
+from .losses.base import DistillLoss, loss_total
 from .taps import TapSet
 
 logger = setup_logger(__name__)
 
-__all__ = ['Distiller', 'DistillConfigError', 'NonFiniteDistillLoss']
+__all__ = ['Distiller', 'DistillConfigError', 'Inspection', 'NonFiniteDistillLoss']
 
 _NONFINITE_MODES = ('error', 'skip')
 TapSpec = Union[str, Dict[str, str]]
+Channels = Union[int, Dict[str, int]]
 
 
 class DistillConfigError(PPDistillError):
@@ -80,6 +84,35 @@ class _Term:
     weight: float
 
 
+@dataclass(frozen=True)
+class Inspection:
+    """What one distill step computes (:meth:`Distiller.inspect`), before it is summed into ``loss``.
+
+    Attributes:
+        terms: every entry the training forward logs: each term's weighted scalar under its key
+            ``distill_<name>_l<level>`` and, for a loss returning sub-terms, ``<key>_<sub_term>``.
+        term_inputs: ``{term key: (student, teacher)}``, what each loss received: float32 ``[N, Cs, H, W]``
+            resized to the teacher's ``H, W`` (in the graph) and ``[N, Ct, H, W]`` (detached), or
+            ``{name: tensor}`` per side for a multi-tensor loss.
+        student_taps, teacher_taps: ``{tap spec: one tensor per level}`` as recorded (native dtype and
+            size), e.g. ``{'neck': [[N, C, H/8, W/8], [N, C, H/16, W/16], ...]}``.
+        outputs: the student's own outputs (its loss dict in train mode, predictions in eval mode).
+        det_loss: the student's own scalar ``loss`` in train mode, else None.
+    """
+    terms: Dict[str, paddle.Tensor]
+    term_inputs: Dict[str, tuple]
+    student_taps: Dict[str, List[paddle.Tensor]]
+    teacher_taps: Dict[str, List[paddle.Tensor]]
+    outputs: dict
+    det_loss: Optional[paddle.Tensor]
+
+    @property
+    def distill_loss(self) -> paddle.Tensor:
+        """Scalar: the sum of the terms (sub-terms excluded), what the training forward adds into ``loss``
+        (when every term is finite). Computed on access: the training step sums with its own check."""
+        return paddle.add_n([self.terms[key] for key in self.term_inputs])
+
+
 def _tap_specs(spec: TapSpec) -> List[str]:
     """The tap specs of a loss side: one, or every value of a ``{name: spec}`` mapping."""
     return list(spec.values()) if isinstance(spec, dict) else [spec]
@@ -102,6 +135,19 @@ def _multi_channels(entry: dict, pair: LevelPair, s_shapes: dict, t_shapes: dict
     """Per-name channels ``({name: Cs}, {name: Ct})`` of a multi-tensor entry at one level pair."""
     return ({k: int(s_shapes[v][pair.student_level][1]) for k, v in entry['student'].items()},
             {k: int(t_shapes[v][pair.teacher_level][1]) for k, v in entry['teacher'].items()})
+
+
+def _check_tensor_names(entry: dict, cls: type, what: str) -> None:
+    """The entry gives what the loss class declares it receives: one tap per side, or a mapping naming
+    exactly its :attr:`~ppdistill.losses.base.DistillLoss.tensor_names`."""
+    names, spec = cls.tensor_names, entry['student']
+    if names is None and isinstance(spec, dict):
+        raise DistillConfigError(f'{what}: {cls.__name__} takes one tap per side (student: <role or sublayer>), '
+                                 f'got a mapping naming {list(spec)}')
+    if names is not None and (not isinstance(spec, dict) or set(spec) != set(names)):
+        got = f'a mapping naming {list(spec)}' if isinstance(spec, dict) else repr(spec)
+        raise DistillConfigError(f'{what}: {cls.__name__} needs student: {{{", ".join(f"{n}: <tap>" for n in names)}}} '
+                                 f'(a mapping naming one tap per tensor), got {got}')
 
 
 def _check_multi(entry: dict, s_shapes: dict, t_shapes: dict, what: str) -> None:
@@ -132,21 +178,32 @@ def loss_class(name: str) -> type:
                        if isinstance(v, SchemaDict) and k.endswith('Loss') and 'ppdistill' in
                        getattr(v.pymodule, '__name__', ''))
         raise DistillConfigError(f"unknown distill loss type '{name}'; ppdistill losses: {', '.join(known)}")
-    return getattr(entry.pymodule, name)
+    cls = getattr(entry.pymodule, name)
+    if not (isinstance(cls, type) and issubclass(cls, DistillLoss)):
+        raise DistillConfigError(f"'{name}' is registered with ppdet but is not a distill loss: derive it from "
+                                 'ppdistill.losses.DistillLoss (or FeatureLoss), whose docstring is the contract')
+    return cls
 
 
-def _make_loss(cls: type, pair: LevelPair, args: dict, what: str, num_levels: int = 1,
-               channels: Optional[Tuple[dict, dict]] = None) -> nn.Layer:
-    """``channels``: per-name ``({name: Cs}, {name: Ct})`` of a multi-tensor entry (else the pair's)."""
-    student_channels, teacher_channels = channels or (pair.student_channels, pair.teacher_channels)
-    kwargs = dict(args, student_channels=student_channels, teacher_channels=teacher_channels)
+def _make_loss(cls: type, pair: LevelPair, args: dict, what: str, num_levels: int,
+               channels: Tuple[Channels, Channels]) -> nn.Layer:
+    """One loss module for one level pair, constructed as :class:`~ppdistill.losses.base.DistillLoss`
+    specifies: ``channels`` ``(Cs, Ct)`` (``{name: C}`` each for a multi-tensor loss), the entry's ``args``,
+    and ``level``/``num_levels`` for a ``per_level`` loss."""
+    filled = {'student_channels': channels[0], 'teacher_channels': channels[1]}
+    if cls.per_level:
+        filled.update(level=pair.student_level, num_levels=num_levels)
+    taken = sorted(set(args) & set(filled))
+    if taken:
+        raise DistillConfigError(f'{what}: args {taken} are set by the distiller from the level pair; remove them')
+    kwargs = dict(args, **filled)
+    # the signature only names the accepted arguments in the error for a misspelt one
     params = inspect.signature(cls).parameters
-    if 'level' in params and 'num_levels' in params:  # per-level settings (e.g. FGFI's anchor lists)
-        kwargs.update(level=pair.student_level, num_levels=num_levels)
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        accepted = [p for p in params if p not in ('student_channels', 'teacher_channels', 'self')]
-        raise DistillConfigError(f"{what}: {cls.__name__} has no argument(s) {unknown}; it accepts {accepted}")
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            accepted = [p for p in params if p not in filled and p != 'self']
+            raise DistillConfigError(f"{what}: {cls.__name__} has no argument(s) {unknown}; it accepts {accepted}")
     try:
         return cls(**kwargs)
     except PPDistillError as err:  # e.g. output losses: teacher and student logits of different shapes
@@ -185,13 +242,20 @@ def _resize_to(s: paddle.Tensor, t: paddle.Tensor) -> paddle.Tensor:
     return s
 
 
-def _check_equal_channels(pair: LevelPair, what: str) -> None:
-    """Logits are compared class by class (no align conv): a level pair must have equal channels."""
-    if pair.student_channels != pair.teacher_channels:
+def _check_equal_channels(pair: LevelPair, channels: Tuple[Channels, Channels], loss: str, why: str,
+                          what: str) -> None:
+    """An ``equal_channels`` loss or a logit role: no align conv, so the pair's channels (every named
+    tensor's) must be equal. ``why``: how the loss compares them, for the message."""
+    student, teacher = ((channels[0], channels[1]) if isinstance(channels[0], dict)
+                        else ({'': channels[0]}, {'': channels[1]}))
+    differ = [n for n in student if student[n] != teacher[n]]
+    if differ:
+        detail = '; '.join(f"{n + ': ' if n else ''}student {student[n]} channels vs teacher {teacher[n]}"
+                           for n in differ)
         raise DistillConfigError(
-            f"{what}: logits are compared class by class (no align conv), but student level "
-            f"{pair.student_level} {pair.student_shape} and teacher level {pair.teacher_level} "
-            f"{pair.teacher_shape} differ in channels (anchors x classes)")
+            f'{what}, student level {pair.student_level} {pair.student_shape} <- teacher level '
+            f'{pair.teacher_level} {pair.teacher_shape}: {loss}: {detail}. They differ in channels, but {why} '
+            '(no align conv): the head layouts (classes, anchors per cell) must be equal')
 
 
 @register
@@ -264,19 +328,22 @@ class Distiller(nn.Layer):
         modules, self._terms = [], []
         for e in entries:
             what = f"{type(self).__name__}: loss '{e['name']}' ({e['type']} on {e['student']} -> {e['teacher']})"
+            cls = loss_class(e['type'])
             _check_multi(e, s_shapes, t_shapes, what)
+            _check_tensor_names(e, cls, what)
             try:
                 pairs = pair_levels(s_shapes[_first_spec(e['student'])], t_shapes[_first_spec(e['teacher'])],
                                     probe_size, e['levels'], what)
             except PairingError as err:
                 raise DistillConfigError(str(err)) from None
-            cls, multi = loss_class(e['type']), isinstance(e['student'], dict)
-            equal_channels = not multi and (e['logits'] or getattr(cls, 'equal_channels', False))
+            why = (f'{cls.__name__} compares them element by element' if cls.equal_channels
+                   else 'logits are compared class by class' if e['logits'] else None)
             num_levels = len(s_shapes[_first_spec(e['student'])])
             for pair in pairs:
-                if equal_channels:
-                    _check_equal_channels(pair, what)
-                channels = _multi_channels(e, pair, s_shapes, t_shapes) if multi else None
+                channels = (_multi_channels(e, pair, s_shapes, t_shapes) if cls.tensor_names
+                            else (pair.student_channels, pair.teacher_channels))
+                if why:
+                    _check_equal_channels(pair, channels, cls.__name__, why, what)
                 modules.append(_make_loss(cls, pair, e['args'], what, num_levels, channels))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight']))
@@ -354,36 +421,54 @@ class Distiller(nn.Layer):
         return self.distill_losses.state_dict()
 
     # -- forward ------------------------------------------------------------------------------------
-    def _teacher_forward(self, inputs: dict) -> None:
+    def term_losses(self) -> Dict[str, nn.Layer]:
+        """The loss module of every configured term by its key (``distill_<name>_l<level>``), config order."""
+        return {term.key: loss for term, loss in zip(self._terms, self.distill_losses)}
+
+    def teacher_features(self, inputs: dict) -> Dict[str, List[paddle.Tensor]]:
+        """The teacher's tapped tensors for ``inputs`` as a training step computes them: ``{tap spec: one
+        tensor per level}`` (``[N, Ct, H, W]`` for a feature map), from the whole teacher in eval mode, without
+        gradient, stopping as soon as every tap has fired."""
         # Eval mode for the whole teacher (not a list of layer types): no stochastic layer of any kind
         # and running BN statistics. For the taps we support (necks, head convs) eval and train mode
         # compute the same tensors; see tests/test_distiller.py for RetinaNet and PicoDet.
         self.teacher_model.eval()
-        with paddle.no_grad(), self.teacher_taps.record(stop_early=True):
-            self.teacher_model(dict(inputs))
+        try:
+            with paddle.no_grad(), self.teacher_taps.record(stop_early=True):
+                self.teacher_model(dict(inputs))
+            return {spec: self.teacher_taps.levels(spec) for spec in self.teacher_taps.specs}
+        finally:
+            self.teacher_taps.clear()
 
-    def term_inputs(self) -> List[tuple]:
-        """``(student, teacher)`` per configured term from this step's taps, float32: ``[N, Cs, H, W]`` and
+    def _student_forward(self, inputs: dict) -> Tuple[dict, Dict[str, List[paddle.Tensor]]]:
+        """The student's own outputs (in its current mode) and its tapped tensors per tap spec."""
+        try:
+            with self.student_taps.record():
+                outputs = dict(self.student_model(inputs))
+            return outputs, {spec: self.student_taps.levels(spec) for spec in self.student_taps.specs}
+        finally:
+            self.student_taps.clear()
+
+    def _term_inputs(self, student: Dict[str, list], teacher: Dict[str, list]) -> Dict[str, tuple]:
+        """``{term key: (student, teacher)}`` from the tapped tensors, float32: ``[N, Cs, H, W]`` and
         ``[N, Ct, H, W]`` (for a multi-tensor term, ``{name: tensor}`` per side); the teacher detached, the
         student resized to the teacher's ``H, W`` where they differ."""
-        student = {n: self.student_taps.levels(n) for n in self.student_taps.specs}
-        teacher = {n: self.teacher_taps.levels(n) for n in self.teacher_taps.specs}
-
         def pair(s_spec: str, t_spec: str, term: _Term) -> tuple:
             t = _float32(teacher[t_spec][term.pair.teacher_level].detach())
             return _resize_to(_float32(student[s_spec][term.pair.student_level]), t), t
 
-        pairs = []
+        pairs = {}
         for term in self._terms:
             if isinstance(term.student_tap, dict):  # multi-tensor loss: {name: tensor} per side
                 both = {k: pair(term.student_tap[k], term.teacher_tap[k], term) for k in term.student_tap}
-                pairs.append(({k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()}))
+                pairs[term.key] = ({k: v[0] for k, v in both.items()}, {k: v[1] for k, v in both.items()})
             else:
-                pairs.append(pair(term.student_tap, term.teacher_tap, term))
+                pairs[term.key] = pair(term.student_tap, term.teacher_tap, term)
         return pairs
 
-    def distill_terms(self, inputs: dict) -> Dict[str, paddle.Tensor]:
-        """Weighted loss per configured term from the tensors recorded in this step.
+    def distill_terms(self, inputs: dict, term_inputs: Mapping[str, tuple]) -> Dict[str, paddle.Tensor]:
+        """Weighted loss per configured term from its ``(student, teacher)`` inputs (``{term key: pair}``,
+        as :attr:`Inspection.term_inputs`).
 
         Every loss runs in float32 outside autocast, whatever the AMP level: the squared-error sums over
         a P3 level (~10^7 elements) overflow float16. A loss returning sub-terms (a dict) also yields
@@ -392,12 +477,30 @@ class Distiller(nn.Layer):
         """
         terms = {}
         with paddle.amp.auto_cast(enable=False):
-            for term, loss, (s, t) in zip(self._terms, self.distill_losses, self.term_inputs()):
+            for term, loss in zip(self._terms, self.distill_losses):
+                s, t = term_inputs[term.key]
                 value = loss(s, t, inputs)
                 if isinstance(value, dict):
                     terms.update({f'{term.key}_{sub}': v * term.weight for sub, v in value.items()})
-                terms[term.key] = loss_total(value) * term.weight
+                terms[term.key] = loss_total(value, f'{type(loss).__name__} ({term.key})') * term.weight
         return terms
+
+    def inspect(self, inputs: dict) -> Inspection:
+        """One step's teacher and student forward and every distill term, computed as :meth:`forward`
+        computes them in training, returned instead of summed (see :class:`Inspection`).
+
+        The student runs in the distiller's current mode: after ``train()`` through its own loss path
+        (``det_loss`` is its ``loss``), after ``eval()`` to its predictions (``det_loss`` is None; the
+        terms are still computed, so GT-aware losses need ``gt_bbox`` in ``inputs``). The teacher always
+        runs as in training. Gradients flow as in training unless the call is inside ``paddle.no_grad()``.
+        Nothing is kept on the distiller: taps are cleared before it returns.
+        """
+        teacher = self.teacher_features(inputs)
+        outputs, student = self._student_forward(inputs)
+        pairs = self._term_inputs(student, teacher)
+        terms = self.distill_terms(inputs, pairs)
+        return Inspection(terms=terms, term_inputs=pairs, student_taps=student, teacher_taps=teacher, outputs=outputs,
+                          det_loss=outputs.get('loss'))
 
     def _checked_sum(self, terms: Dict[str, paddle.Tensor]) -> paddle.Tensor:
         """Sum of the terms, or (``nonfinite: skip``) a zero that still reaches every distill parameter.
@@ -424,16 +527,9 @@ class Distiller(nn.Layer):
 
     def step_terms(self, inputs: dict) -> Tuple[dict, Dict[str, paddle.Tensor]]:
         """One training step's forward without the sum: the student's outputs (its own ``loss`` included)
-        and :meth:`distill_terms` (teacher forward to its taps, student forward with taps recorded)."""
-        try:
-            self._teacher_forward(inputs)
-            with self.student_taps.record():
-                outputs = dict(self.student_model(inputs))
-            terms = self.distill_terms(inputs)
-        finally:
-            self.student_taps.clear()
-            self.teacher_taps.clear()
-        return outputs, terms
+        and :meth:`distill_terms`, from :meth:`inspect`."""
+        seen = self.inspect(inputs)
+        return seen.outputs, seen.terms
 
     def forward(self, inputs: dict):
         if not self.training:

@@ -9,7 +9,7 @@ from ppdet.core.workspace import register
 
 from ppdistill import Distiller, DistillConfigError
 from ppdistill.distiller import NonFiniteDistillLoss
-from ppdistill.losses import MGDLoss
+from ppdistill.losses import DistillLoss, MGDLoss
 from ppdistill.pairing import probe_shapes
 from ppdistill.taps import TapCountError, TapSet
 from toy_models import ToyDet, ToyHead, toy_inputs
@@ -347,7 +347,7 @@ def half_neck(model, scale=1.0):
 
 
 @register
-class SumProbeLoss(paddle.nn.Layer):
+class SumProbeLoss(DistillLoss):
     """Test loss standing for any loss with a large reduction: ``(sum|student| + sum|teacher|) / N``."""
 
     def __init__(self, student_channels, teacher_channels):

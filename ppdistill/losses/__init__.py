@@ -1,5 +1,5 @@
 """Feature-distillation losses, registered with ppdet's workspace so configs can name them."""
-from .base import FeatureLoss
+from .base import DistillLoss, FeatureLoss
 from .mgd import MGDLoss
 from .fgd import FGDLoss
 from .fgfi import FGFILoss
@@ -10,5 +10,5 @@ from .cwd import CWDLoss
 from .pkd import PKDLoss
 from .kd import LogitKDLoss
 
-__all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss', 'FeatureMSELoss', 'SSDOutputLoss',
+__all__ = ['DistillLoss', 'FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss', 'FeatureMSELoss', 'SSDOutputLoss',
            'YOLOv3OutputLoss', 'CWDLoss', 'PKDLoss', 'LogitKDLoss']

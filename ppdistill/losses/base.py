@@ -1,13 +1,82 @@
-"""Common base of the feature-distillation losses."""
+"""The loss-author contract (:class:`DistillLoss`) and the common base of feature losses (:class:`FeatureLoss`).
+
+A distillation method is one file in ``ppdistill/losses/`` holding a ``@register``-ed subclass of
+:class:`DistillLoss`, imported in ``ppdistill/losses/__init__.py`` (importing ppdistill then registers it with
+ppdet, so a config can name it as ``type:``). What the distiller passes to it and expects back is written in
+:class:`DistillLoss`, and what a loss needs beyond that is declared in its class attributes.
+"""
+import inspect
 import math
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import paddle
 import paddle.nn as nn
 
-__all__ = ['FeatureLoss', 'torch_default_conv2d', 'loss_total']
+from ..errors import PPDistillError
+
+__all__ = ['DistillLoss', 'FeatureLoss', 'torch_default_conv2d', 'loss_total', 'LossValue']
 
 LossValue = Union[paddle.Tensor, Dict[str, paddle.Tensor]]
+
+
+class DistillLoss(nn.Layer):
+    """Base class of every distill loss: the contract between a loss and the distiller.
+
+    **Construction** — one instance per configured level pair (it may own trainable layers: align convs,
+    generators; they are saved beside the student and trained with ``distill_lr_mult``)::
+
+        cls(student_channels, teacher_channels, **args[, level=i, num_levels=L])
+
+    * ``student_channels``/``teacher_channels``: ``Cs``/``Ct`` of the pair's tensors (ints), or for a loss
+      with :attr:`tensor_names` one ``{name: C}`` mapping per side;
+    * ``args``: the config entry's ``args:`` mapping, verbatim (an argument the constructor does not accept
+      is a build error listing the accepted ones; a ``ValueError``/``TypeError``/``PPDistillError`` raised
+      here becomes a one-line build error naming the entry, the level pair and both shapes);
+    * ``level``, ``num_levels``: only when :attr:`per_level` is true — the student level index of this
+      pair and the student's level count (for per-level settings such as anchor lists).
+
+    **Forward** — ``loss(student, teacher, inputs)`` once per training step:
+
+    * ``student``: ``[N, Cs, H, W]`` float32, resized (bilinear) to the teacher's ``H, W``, in the graph;
+    * ``teacher``: ``[N, Ct, H, W]`` float32, detached (a constant);
+    * with :attr:`tensor_names`: ``{name: tensor}`` per side, each as above;
+    * ``inputs``: ppdet's batch dict (``image`` ``[N, 3, H_in, W_in]``, ``gt_bbox``, ``im_shape``, ...) for
+      GT-aware losses; it runs in float32 outside autocast.
+
+    It returns a scalar Tensor, or a dict ``{sub_term: weighted scalar}`` whose sum (:func:`loss_total`) is
+    the loss; the distiller multiplies by the entry's ``weight``, logs the term as
+    ``distill_<name>_l<level>`` (and each sub-term as ``distill_<name>_l<level>_<sub_term>``) and adds it
+    into ``loss``.
+
+    **Class attributes** (checked when the class is defined):
+
+    * :attr:`equal_channels` — compare student and teacher channel by channel with no align conv (logits):
+      every level pair (every named tensor) must have equal channels, else a build error;
+    * :attr:`per_level` — the constructor takes ``level`` and ``num_levels``;
+    * :attr:`tensor_names` — ``None``: one tensor per side (``student: fpn``); a tuple of names: a mapping
+      per side naming exactly these tensors (``student: {conf: cls_logits, loc: box_reg}``).
+    """
+
+    equal_channels: bool = False
+    per_level: bool = False
+    tensor_names: Optional[Tuple[str, ...]] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for flag in ('equal_channels', 'per_level'):
+            if not isinstance(getattr(cls, flag), bool):
+                raise TypeError(f'{cls.__name__}.{flag} must be True or False, got {getattr(cls, flag)!r}')
+        names = cls.tensor_names
+        if names is not None and (not isinstance(names, tuple) or not names
+                                  or not all(isinstance(n, str) for n in names)):
+            raise TypeError(f'{cls.__name__}.tensor_names must be None or a non-empty tuple of names, '
+                            f'got {names!r}')
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            needed = ['student_channels', 'teacher_channels'] + (['level', 'num_levels'] if cls.per_level else [])
+            missing = [n for n in needed if n not in params]
+            if missing:
+                raise TypeError(f'{cls.__name__}.__init__ must accept {missing} (see DistillLoss)')
 
 
 def torch_default_conv2d(in_channels: int, out_channels: int, kernel_size: int, **kwargs) -> nn.Conv2D:
@@ -25,14 +94,31 @@ def torch_default_conv2d(in_channels: int, out_channels: int, kernel_size: int, 
     return nn.Conv2D(in_channels, out_channels, kernel_size, weight_attr=attr(), bias_attr=attr(), **kwargs)
 
 
-def loss_total(value: LossValue) -> paddle.Tensor:
+def _check_scalar(value, what: str) -> None:
+    if not isinstance(value, paddle.Tensor) or math.prod(value.shape) != 1:
+        got = list(value.shape) if isinstance(value, paddle.Tensor) else type(value).__name__
+        raise PPDistillError(f'{what} returned {got}; a distill loss returns a scalar Tensor or a dict '
+                             '{sub_term: scalar Tensor} (see ppdistill.losses.base.DistillLoss)')
+
+
+def loss_total(value: LossValue, what: str = 'a distill loss') -> paddle.Tensor:
     """The scalar a loss contributes: the value itself, or the sum of its weighted sub-terms when the loss
-    returns a dict ``{sub_term: weighted scalar}`` (so the distiller can log each sub-term)."""
-    return paddle.add_n(list(value.values())) if isinstance(value, dict) else value
+    returns a dict ``{sub_term: weighted scalar}`` (so the distiller can log each sub-term).
+
+    Anything else (a per-image vector, a float, an empty dict) is a :class:`PPDistillError` naming ``what``.
+    The check reads shapes only (no host sync)."""
+    if isinstance(value, dict):
+        if not value:
+            raise PPDistillError(f'{what} returned an empty dict; it needs at least one sub-term')
+        for sub, v in value.items():
+            _check_scalar(v, f'{what} (sub-term {sub!r})')
+        return paddle.add_n(list(value.values()))
+    _check_scalar(value, what)
+    return value
 
 
-class FeatureLoss(nn.Layer):
-    """Base class of a loss between one student and one teacher feature map.
+class FeatureLoss(DistillLoss):
+    """Base class of a loss between one student and one teacher feature map (a :class:`DistillLoss`).
 
     Holds the optional 1x1 alignment conv used by MGD/FGD-style losses: when the channel counts differ,
     ``self.align = nn.Conv2D(student_channels, teacher_channels, 1)`` maps the student to the teacher's

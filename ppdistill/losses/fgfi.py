@@ -173,6 +173,8 @@ class FGFILoss(FeatureLoss):
             the distiller fills them in (they select and check per-level anchor lists).
     """
 
+    per_level = True  # per-level anchor lists: the distiller passes level and num_levels
+
     def __init__(self,
                  student_channels: int,
                  teacher_channels: int,

@@ -8,18 +8,18 @@ loss is added on top, one term per level.
 from typing import Dict, Optional
 
 import paddle
-import paddle.nn as nn
 import paddle.nn.functional as F
 from ppdet.core.workspace import register
 
 from ..errors import PPDistillError
+from .base import DistillLoss
 from .outputs import same_output_channels, split_anchors
 
 __all__ = ['SSDOutputLoss']
 
 
 @register
-class SSDOutputLoss(nn.Layer):
+class SSDOutputLoss(DistillLoss):
     """KL(teacher conf || student conf) over every prior plus an optional bounded location pull.
 
     Inputs per level (taps ``student: {conf: cls_logits, loc: box_reg}`` of the ``SSD`` preset):
@@ -53,6 +53,9 @@ class SSDOutputLoss(nn.Layer):
         loc_thresh: teacher foreground probability above which a prior's location is pulled.
         loc_bound: per-prior cap of the squared location distance (> 0).
     """
+
+    equal_channels = True  # outputs are compared prior by prior: no align conv
+    tensor_names = ('conf', 'loc')
 
     def __init__(self, student_channels: Dict[str, int], teacher_channels: Dict[str, int],
                  temperature: float = 2.0, conf_weight: float = 1.0, loc_weight: float = 0.5,

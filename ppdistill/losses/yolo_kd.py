@@ -10,11 +10,11 @@ without architecture code. (The fifth variant, neck-feature MSE, is a feature lo
 from typing import Optional
 
 import paddle
-import paddle.nn as nn
 import paddle.nn.functional as F
 from ppdet.core.workspace import register
 
 from ..errors import PPDistillError
+from .base import DistillLoss
 from .outputs import same_output_channels, split_anchors
 
 __all__ = ['YOLOv3OutputLoss', 'YOLO_MODES']
@@ -28,7 +28,7 @@ def _soft_bce(logit: paddle.Tensor, target_logit: paddle.Tensor) -> paddle.Tenso
 
 
 @register
-class YOLOv3OutputLoss(nn.Layer):
+class YOLOv3OutputLoss(DistillLoss):
     """KD on YOLOv3 head outputs ``[N, A*(5+C), H, W]`` (per anchor: x, y, w, h, objectness, C classes).
 
     With ``s``/``t`` the student/teacher values of one level, ``BCE(a, b) = BCE-with-logits(a, sigmoid(b))``
@@ -62,6 +62,8 @@ class YOLOv3OutputLoss(nn.Layer):
         num_classes: foreground classes ``C`` (optional; checks the layout).
         loss_weight: overall weight.
     """
+
+    equal_channels = True  # outputs are compared anchor by anchor: no align conv
 
     def __init__(self, student_channels: int, teacher_channels: int, mode: str = 'obj_scaled',
                  obj_thresh: float = 0.5, num_anchors: int = 3, num_classes: Optional[int] = None,
