@@ -43,10 +43,10 @@ def term_gradients(d, batch: dict) -> Dict[str, dict]:
     """``{term: {'ratio', 'grad_ratio', 'cos'}}`` for one batch: every distill term and sub-term of
     distiller ``d`` (and ``distill_loss``, their sum) against the student's detection loss."""
     d.train()
-    out, terms = d.step_terms(batch)
-    terms['distill_loss'] = paddle.add_n([terms[t.key] for t in d._terms])
+    seen = d.inspect(batch)
+    terms = dict(seen.terms, distill_loss=seen.distill_loss)
     params = [p for p in d.student_model.parameters() if not p.stop_gradient]
-    det = out['loss']
+    det = seen.det_loss
     g_det = _flat_grad(det, params)
     n_det, det_value = np.linalg.norm(g_det), float(det)
     l1_det = np.abs(g_det).sum()

@@ -55,34 +55,27 @@ def _train_step(model, opt, batch) -> None:
     opt.clear_grad()
 
 
-def _teacher_forward(d, batch) -> None:
-    d._teacher_forward(batch)
-    d.teacher_taps.clear()
+def _leaf(x):
+    """A detached copy of a loss input (a tensor or ``{name: tensor}``) that takes gradients again."""
+    if isinstance(x, dict):
+        return {k: _leaf(v) for k, v in x.items()}
+    x = x.detach()
+    x.stop_gradient = False
+    return x
 
 
-def _recorded_features(d, batch) -> list:
-    """Detached ``(student, teacher)`` per term, recorded as in a distill step."""
+def _recorded_features(d, batch) -> dict:
+    """``{term key: (student, teacher)}`` as a distill step feeds its losses, the student a fresh leaf (the
+    losses' backward stops there)."""
     d.train()
     with paddle.no_grad():
-        d._teacher_forward(batch)
-        with d.student_taps.record():
-            d.student_model(batch)
-        pairs = d.term_inputs()
-    d.student_taps.clear()
-    d.teacher_taps.clear()
-    out = []
-    for s, t in pairs:
-        s = s.detach()
-        s.stop_gradient = False
-        out.append((s, t))
-    return out
+        seen = d.inspect(batch)
+    return {key: (_leaf(s), t) for key, (s, t) in seen.term_inputs.items()}
 
 
 def _loss_step(d, pairs, batch) -> None:
-    from ppdistill.losses.base import loss_total
-    total = paddle.add_n([loss_total(loss(s, t, batch)) * term.weight
-                          for term, loss, (s, t) in zip(d._terms, d.distill_losses, pairs)])
-    total.backward()
+    terms = d.distill_terms(batch, pairs)
+    paddle.add_n([terms[key] for key in pairs]).backward()
     d.distill_losses.clear_gradients()
 
 
@@ -96,16 +89,16 @@ def _valid_boxes(batch) -> dict:
 
 
 def _fgd_pairs(d) -> list:
-    """``(term index, our FGDLoss, ppdet FGDFeatureLoss)`` with the same settings, for each FGD term."""
+    """``(term index, term key, our FGDLoss, ppdet FGDFeatureLoss)`` with the same settings, per FGD term."""
     from ppdet.slim.distill_loss import FGDFeatureLoss
     from ppdistill.losses import FGDLoss
     found = []
-    for i, loss in enumerate(d.distill_losses):
+    for i, (key, loss) in enumerate(d.term_losses().items()):
         if isinstance(loss, FGDLoss):
             theirs = FGDFeatureLoss(loss.student_channels, loss.teacher_channels, temp=loss.temp,
                                     alpha_fgd=loss.alpha_fgd, beta_fgd=loss.beta_fgd,
                                     gamma_fgd=loss.gamma_fgd, lambda_fgd=loss.lambda_fgd)
-            found.append((i, loss, theirs))
+            found.append((i, key, loss, theirs))
     return found
 
 
@@ -121,14 +114,14 @@ def measure_times(setup: BenchSetup, warmup: int) -> Dict[str, List[float]]:
         sample = {}
         for m, d in setup.distillers.items():
             sample[f'student[{m}]'] = _timed(lambda: _train_step(d.student_model, s_opts[m], batch))
-            sample[f'teacher[{m}]'] = _timed(lambda: _teacher_forward(d, batch))
+            sample[f'teacher[{m}]'] = _timed(lambda: d.teacher_features(batch))
             sample[f'distill[{m}]'] = _timed(lambda: _train_step(d, d_opts[m], batch))
             pairs = _recorded_features(d, batch)
             sample[f'loss[{m}]'] = _timed(lambda: _loss_step(d, pairs, batch))
             if fgd[m]:
                 listed = _valid_boxes(batch)
-                for i, ours, theirs in fgd[m]:
-                    s, t = pairs[i]
+                for i, key, ours, theirs in fgd[m]:
+                    s, t = pairs[key]
                     sample[f'fgd_ours[{m}/l{i}]'] = _timed(lambda: loss_total(ours(s, t, listed)))
                     sample[f'fgd_ppdet[{m}/l{i}]'] = _timed(lambda: theirs(s, t, listed))
         if step >= warmup:

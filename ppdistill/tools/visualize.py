@@ -9,12 +9,13 @@ difference and the method's masks, overlaid on an image.
 Writes one PNG per distill term (``<image>_<term>.png``, e.g. one per FPN level). Panels: the image with
 the boxes used for GT-aware masks; teacher energy ``mean_C |T|``; student energy ``mean_C |S|``; their
 difference after dividing each by its mean over the map (shape, not scale, since the channel counts and
-magnitudes differ); then the method's own masks from its loss module: FGD foreground/background
-(:func:`ppdistill.masks.fgd_masks`) and teacher/student spatial attention (``FGDLoss.attention``), MGD's
+magnitudes differ), for each named tensor of a multi-tensor loss (SSD's ``conf``/``loc``); then the
+method's own masks from its loss module: FGD foreground/background (:func:`ppdistill.masks.fgd_masks`) and teacher/student spatial attention (``FGDLoss.attention``), MGD's
 random keep-mask (``MGDLoss.sample_mask``). The boxes are the ground truth when the image is in the eval
 set's COCO annotation (matched by file name); for a free image the teacher's detections above
 ``--draw_threshold`` stand in. The student is the plain checkpoint in ``weights`` (default: the student
-config's), the teacher the distill config's.
+config's), the teacher the distill config's. Tensors, masks and each title's term value come from
+:meth:`ppdistill.distiller.Distiller.inspect` with the student in eval mode and those boxes as ``gt_bbox``.
 """
 import ppdistill  # noqa: F401  (CPU defaults before paddle loads; registers ppdistill classes)
 
@@ -76,6 +77,20 @@ def _method_panels(loss, student, teacher, inputs) -> Panels:
 def _energy(x: paddle.Tensor) -> np.ndarray:
     """Feature energy ``mean_C |x|`` of the first image, ``[H, W]``."""
     return paddle.mean(paddle.abs(x[0]), axis=0).numpy()
+
+
+def _energy_panels(student, teacher) -> Panels:
+    """Teacher and student energy and their shape difference, per named tensor of a multi-tensor loss."""
+    if isinstance(student, dict):
+        return [(f'{name} {title}', grid) for name in student
+                for title, grid in _energy_panels(student[name], teacher[name])]
+    e_t, e_s = _energy(teacher), _energy(student)
+    return [('teacher energy mean|T|', e_t), ('student energy mean|S|', e_s),
+            ('difference T/mean - S/mean', e_t / (e_t.mean() or 1.0) - e_s / (e_s.mean() or 1.0))]
+
+
+def _shape(x) -> str:
+    return str({k: list(v.shape[1:]) for k, v in x.items()} if isinstance(x, dict) else list(x.shape[1:]))
 
 
 def _one_image_batch(path: str) -> dict:
@@ -155,24 +170,19 @@ def main():
     distiller = build_distiller(cfg)
     load_checked_weights(distiller.student_model, cfg.weights, min_match=1.0, role='student')
     batch = _one_image_batch(flags.infer_img)
-    teacher, student = distiller.teacher_model, distiller.student_model
-    teacher.eval()
-    student.eval()
-    with paddle.no_grad():
-        with distiller.teacher_taps.record():
-            teacher_out = teacher(batch)
-        with distiller.student_taps.record():
-            student(batch)
-        pairs = distiller.term_inputs()
+    distiller.eval()  # the student's BN uses its running statistics, as at inference
     boxes = _annotated_boxes(cfg, flags.infer_img)
     source = 'ground-truth boxes'
     if boxes is None:
-        boxes = _teacher_boxes(teacher_out, flags.draw_threshold)
+        with paddle.no_grad():
+            boxes = _teacher_boxes(distiller.teacher_model(batch), flags.draw_threshold)
         source = f'teacher boxes >= {flags.draw_threshold:g}'
     sy, sx = batch['scale_factor'].numpy().reshape(-1)[:2]
     input_boxes = boxes * np.array([sx, sy, sx, sy], 'float32')  # network-input pixels, as gt_bbox in training
-    inputs = {'gt_bbox': [paddle.to_tensor(input_boxes.reshape([-1, 4]))], 'im_shape': batch['im_shape'],
-              'image': batch['image']}
+    inputs = dict(batch, gt_bbox=[paddle.to_tensor(input_boxes.reshape([-1, 4]))])
+    with paddle.no_grad():
+        seen = distiller.inspect(inputs)
+    losses = distiller.term_losses()
     from PIL import Image
     image = np.asarray(Image.open(flags.infer_img).convert('RGB'))
     im_h, im_w = batch['im_shape'].numpy()[0]
@@ -181,19 +191,15 @@ def main():
     os.makedirs(flags.output_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(flags.infer_img))[0]
     written = []
-    for term, loss, (s, t) in zip(distiller._terms, distiller.distill_losses, pairs):
-        e_t, e_s = _energy(t), _energy(s)
-        panels = [('teacher energy mean|T|', e_t), ('student energy mean|S|', e_s),
-                  ('difference T/mean - S/mean', e_t / (e_t.mean() or 1.0) - e_s / (e_s.mean() or 1.0))]
+    for key, (s, t) in seen.term_inputs.items():
+        panels = _energy_panels(s, t)
         with paddle.no_grad():
-            panels += _method_panels(loss, s, t, inputs)
-        path = os.path.join(flags.output_dir, f'{stem}_{term.key}.png')
+            panels += _method_panels(losses[key], s, t, inputs)
+        path = os.path.join(flags.output_dir, f'{stem}_{key}.png')
         _save_figure(path, image, valid, boxes, panels,
-                     f'{term.key}: student {list(s.shape[1:])} vs teacher {list(t.shape[1:])}; '
+                     f'{key} = {float(seen.terms[key]):.4g}: student {_shape(s)} vs teacher {_shape(t)}; '
                      f'{len(boxes)} {source}')
         written.append(path)
-    distiller.student_taps.clear()
-    distiller.teacher_taps.clear()
     print(f'[visualize] masks from {len(boxes)} {source}')
     print('\n'.join(f'[visualize] wrote {p}' for p in written))
 
