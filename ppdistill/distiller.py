@@ -146,8 +146,9 @@ def _check_tensor_names(entry: dict, cls: type, what: str) -> None:
                                  f'got a mapping naming {list(spec)}')
     if names is not None and (not isinstance(spec, dict) or set(spec) != set(names)):
         got = f'a mapping naming {list(spec)}' if isinstance(spec, dict) else repr(spec)
-        raise DistillConfigError(f'{what}: {cls.__name__} needs student: {{{", ".join(f"{n}: <tap>" for n in names)}}} '
-                                 f'(a mapping naming one tap per tensor), got {got}')
+        wanted = ', '.join(f'{n}: <tap>' for n in names)
+        raise DistillConfigError(f'{what}: {cls.__name__} needs student: {{{wanted}}} (a mapping naming one tap '
+                                 f'per tensor), got {got}')
 
 
 def _check_multi(entry: dict, s_shapes: dict, t_shapes: dict, what: str) -> None:
@@ -499,8 +500,8 @@ class Distiller(nn.Layer):
         outputs, student = self._student_forward(inputs)
         pairs = self._term_inputs(student, teacher)
         terms = self.distill_terms(inputs, pairs)
-        return Inspection(terms=terms, term_inputs=pairs, student_taps=student, teacher_taps=teacher, outputs=outputs,
-                          det_loss=outputs.get('loss'))
+        return Inspection(terms=terms, term_inputs=pairs, student_taps=student, teacher_taps=teacher,
+                          outputs=outputs, det_loss=outputs.get('loss'))
 
     def _checked_sum(self, terms: Dict[str, paddle.Tensor]) -> paddle.Tensor:
         """Sum of the terms, or (``nonfinite: skip``) a zero that still reaches every distill parameter.

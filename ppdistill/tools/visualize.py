@@ -10,8 +10,8 @@ Writes one PNG per distill term (``<image>_<term>.png``, e.g. one per FPN level)
 the boxes used for GT-aware masks; teacher energy ``mean_C |T|``; student energy ``mean_C |S|``; their
 difference after dividing each by its mean over the map (shape, not scale, since the channel counts and
 magnitudes differ), for each named tensor of a multi-tensor loss (SSD's ``conf``/``loc``); then the
-method's own masks from its loss module: FGD foreground/background (:func:`ppdistill.masks.fgd_masks`) and teacher/student spatial attention (``FGDLoss.attention``), MGD's
-random keep-mask (``MGDLoss.sample_mask``). The boxes are the ground truth when the image is in the eval
+method's own masks from its loss module: FGD foreground/background (:func:`ppdistill.masks.fgd_masks`)
+and teacher/student spatial attention (``FGDLoss.attention``), MGD's random keep-mask (``MGDLoss.sample_mask``). The boxes are the ground truth when the image is in the eval
 set's COCO annotation (matched by file name); for a free image the teacher's detections above
 ``--draw_threshold`` stand in. The student is the plain checkpoint in ``weights`` (default: the student
 config's), the teacher the distill config's. Tensors, masks and each title's term value come from
