@@ -9,6 +9,8 @@ from .yolo_kd import YOLOv3OutputLoss
 from .cwd import CWDLoss
 from .pkd import PKDLoss
 from .kd import LogitKDLoss
+from .binary_kd import BinaryKDLoss
 
 __all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss', 'FeatureMSELoss', 'SSDOutputLoss',
-           'YOLOv3OutputLoss', 'CWDLoss', 'PKDLoss', 'LogitKDLoss']
+           'YOLOv3OutputLoss', 'CWDLoss', 'PKDLoss', 'LogitKDLoss',
+           'BinaryKDLoss']
