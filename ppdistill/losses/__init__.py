@@ -10,7 +10,8 @@ from .cwd import CWDLoss
 from .pkd import PKDLoss
 from .kd import LogitKDLoss
 from .binary_kd import BinaryKDLoss
+from .box_kd import BoxKDLoss
 
 __all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss', 'FeatureMSELoss', 'SSDOutputLoss',
            'YOLOv3OutputLoss', 'CWDLoss', 'PKDLoss', 'LogitKDLoss',
-           'BinaryKDLoss']
+           'BinaryKDLoss', 'BoxKDLoss']
