@@ -11,7 +11,8 @@ from .pkd import PKDLoss
 from .kd import LogitKDLoss
 from .binary_kd import BinaryKDLoss
 from .box_kd import BoxKDLoss
+from .ld import LDLoss
 
 __all__ = ['FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss', 'FeatureMSELoss', 'SSDOutputLoss',
            'YOLOv3OutputLoss', 'CWDLoss', 'PKDLoss', 'LogitKDLoss',
-           'BinaryKDLoss', 'BoxKDLoss']
+           'BinaryKDLoss', 'BoxKDLoss', 'LDLoss']
