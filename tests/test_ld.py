@@ -227,3 +227,60 @@ def test_build_errors():
                                                      {'cls': x, 'reg': paddle.zeros([1, 20, 2, 2])},
                                                      {'image': paddle.zeros([1, 3, 64, 64]),
                                                       'gt_bbox': paddle.zeros([1, 0, 4])})
+
+
+def test_parity_with_ppdet_ldgflhead_and_get_vlr_region():
+    """ppdet's Gt2GFLTarget grid cells (scale 8, offset 0) and ATSSAssigner.get_vlr_region give the VLR
+    per image (its 'diou' divides the overlap by the anchor area: band_overlap='iof'); LDGFLHead.get_loss
+    with KL(0.25, T10), KL(0.25, T10), KL(10, T2) gives loss_ld, loss_ld_vlr, loss_kd summed over levels.
+    Ours, per level with the same positives, must add up to the same three numbers."""
+    from ppdet.data.transform.atss_assigner import ATSSAssigner
+    from ppdet.data.transform.batch_operators import Gt2GFLTarget
+    from ppdet.modeling.heads.fcos_head import FCOSFeat
+    from ppdet.modeling.heads.gfl_head import LDGFLHead
+    from ppdet.modeling.losses import DistributionFocalLoss, GIoULoss, QualityFocalLoss
+    from ppdet.slim.distill_loss import KnowledgeDistillationKLDivLoss as KL
+
+    rng = np.random.default_rng(5)
+    n, c, reg_max, size, strides = 2, 3, 4, 64, [8, 16, 32]
+    grids = [(size // s, size // s, float(s)) for s in strides]
+    head = LDGFLHead(conv_feat=FCOSFeat(feat_in=8, feat_out=8, num_convs=1), num_classes=c, fpn_stride=strides,
+                     feat_in_chan=8, reg_max=reg_max,
+                     loss_class=QualityFocalLoss(use_sigmoid=True, beta=2.0, loss_weight=1.0),
+                     loss_dfl=DistributionFocalLoss(loss_weight=0.25), loss_bbox=GIoULoss(loss_weight=2.0),
+                     loss_ld=KL(loss_weight=0.25, T=10), loss_ld_vlr=KL(loss_weight=0.25, T=10),
+                     loss_kd=KL(loss_weight=10, T=2))
+    target = Gt2GFLTarget(downsample_ratios=strides, grid_cell_scale=8)
+    cells = np.concatenate([target.get_grid_cells((h, w), 8, s) for h, w, s in grids])
+    num_level = [h * w for h, w, _ in grids]
+    gts = random_gts(rng, [2, 3], size)
+    vlr = np.stack([ATSSAssigner().get_vlr_region(cells, num_level, g) for g in gts])
+    levels = [level_tensors(rng, n, c, h, w, reg_max) for h, w, _ in grids]
+    total = sum(num_level)
+    labels = np.where(rng.random((n, total)) < 0.15, rng.integers(0, c, (n, total)), c)
+    ctr = (cells[:, :2] + cells[:, 2:]) / 2
+    bbox_targets = np.tile(np.concatenate([ctr - 10, ctr + 12], axis=1)[None], (n, 1, 1)).astype('float32')
+    gt_meta = {'grid_cells': paddle.to_tensor(np.tile(cells[None], (n, 1, 1))), 'labels': paddle.to_tensor(labels),
+               'label_weights': paddle.ones([n, total]), 'bbox_targets': paddle.to_tensor(bbox_targets),
+               'vlr_regions': paddle.to_tensor(vlr.astype('float32')), 'pos_num': [int((labels < c).sum())]}
+    upstream = head.get_loss(([paddle.to_tensor(x[0]) for x in levels], [paddle.to_tensor(x[2]) for x in levels]),
+                             gt_meta, [paddle.to_tensor(x[1]) for x in levels],
+                             [paddle.to_tensor(x[3]) for x in levels])
+
+    boxes, mask = padded(gts)
+    inputs = {'image': paddle.zeros([n, 3, size, size]), 'gt_bbox': paddle.to_tensor(boxes),
+              'pad_gt_mask': paddle.to_tensor(mask)}
+    loss = LDLoss({'cls': c, 'reg': 20}, {'cls': c, 'reg': 20}, kd_weight=10.0, strides=strides,
+                  band_overlap='iof')
+    ours, start = {'ld': 0.0, 'vlr': 0.0, 'kd': 0.0}, 0
+    for (s_cls, t_cls, s_reg, t_reg), (h, w, _) in zip(levels, grids):
+        pos = (labels[:, start:start + h * w] < c).reshape(n, 1, h, w).astype('float32')
+        np.testing.assert_allclose(loss.vlr(inputs, h, w).numpy(), vlr[:, start:start + h * w], rtol=1e-5, atol=1e-6)
+        start += h * w
+        terms = loss({'cls': paddle.to_tensor(s_cls), 'reg': paddle.to_tensor(s_reg), 'pos': paddle.to_tensor(pos)},
+                     {'cls': paddle.to_tensor(t_cls), 'reg': paddle.to_tensor(t_reg)}, inputs)
+        ours = {k: ours[k] + float(v) for k, v in terms.items()}
+    assert vlr.astype(bool).sum() > 3
+    np.testing.assert_allclose([ours['ld'], ours['vlr'], ours['kd']],
+                               [float(upstream['loss_ld']), float(upstream['loss_ld_vlr']),
+                                float(upstream['loss_kd'])], rtol=1e-5)
