@@ -242,7 +242,7 @@ def test_parity_with_ppdet_ldgflhead_and_get_vlr_region():
     from ppdet.slim.distill_loss import KnowledgeDistillationKLDivLoss as KL
 
     rng = np.random.default_rng(5)
-    n, c, reg_max, size, strides = 2, 3, 4, 64, [8, 16, 32]
+    n, c, reg_max, size, strides = 2, 3, 4, 128, [8, 16, 32]
     grids = [(size // s, size // s, float(s)) for s in strides]
     head = LDGFLHead(conv_feat=FCOSFeat(feat_in=8, feat_out=8, num_convs=1), num_classes=c, fpn_stride=strides,
                      feat_in_chan=8, reg_max=reg_max,
