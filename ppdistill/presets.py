@@ -47,10 +47,11 @@ PRESETS: Dict[str, dict] = {
     'GFL': {'taps': {'fpn': 'neck', 'cls_logits': 'head.gfl_head_cls', 'dfl_logits': 'head.p*_feat'},
             'assignment': {'inputs': {'labels': 'labels', 'num_pos': 'pos_num'}},
             'init_student': ['neck', 'head']},
-    # ppdet PPYOLOEHead (architecture PPYOLOE, or YOLOv3 in the PP-YOLOE(+) base configs): per level
+    # ppdet PPYOLOEHead (architecture PPYOLOE, YOLOv3 in the PP-YOLOE(+) base configs, PPYOLOEWithAuxHead for
+    # PP-YOLOE+ t, whose aux head is not distilled): per level
     # yolo_head.pred_cls.<i> -> logits [N, C, H, W] and pred_reg.<i> -> DFL logits [N, 4*(reg_max+1), H, W]
     # (reg_max 16). Levels are coarse -> fine (strides 32, 16, 8): pair by stride, never by index.
-    'PPYOLOE': {'architectures': ['PPYOLOE', 'YOLOv3'], 'head': {'yolo_head': 'PPYOLOEHead'},
+    'PPYOLOE': {'architectures': ['PPYOLOE', 'YOLOv3', 'PPYOLOEWithAuxHead'], 'head': {'yolo_head': 'PPYOLOEHead'},
                 'taps': {'fpn': 'neck', 'cls_logits': 'yolo_head.pred_cls.*', 'dfl_logits': 'yolo_head.pred_reg.*'},
                 'assignment': {'taps': ['yolo_head.static_assigner', 'yolo_head.assigner']},
                 'init_student': ['neck', 'yolo_head']},

@@ -77,7 +77,25 @@ GFLHead:
   nms: {name: MultiClassNMS, nms_top_k: 100, keep_top_k: 10, score_threshold: 0.025, nms_threshold: 0.6}
 """
 
+AUX_HEAD = """
+SimpleConvHead:
+  feat_in: 96
+  feat_out: 96
+  num_convs: 1
+  fpn_strides: [32, 16, 8]
+  norm_type: 'gn'
+  act: 'LeakyReLU'
+  reg_max: 16
+"""
+
 SIZE = 128
+
+
+def ppyoloe_t_aux() -> str:
+    """PP-YOLOE+ t's model section (PPYOLOEWithAuxHead: equal neck widths, an aux head on both necks)."""
+    return ('architecture: PPYOLOEWithAuxHead\n' + PPYOLOE_MODEL.format(arch='PPYOLOEWithAuxHead').replace(
+        '  yolo_head: PPYOLOEHead\n', '  yolo_head: PPYOLOEHead\n  aux_head: SimpleConvHead\n').replace(
+        'out_channels: [768, 384, 192]', 'out_channels: [384, 384, 384]') + AUX_HEAD)
 
 
 def build(tmp_path, name, text):
@@ -92,6 +110,8 @@ def models(tmp_path):
                                                         + PPYOLOE_MODEL.format(arch='YOLOv3')) + ('PPYOLOE', 4, 16, [32, 16, 8])
     yield ('PP-YOLOE (architecture: PPYOLOE)',) + build(tmp_path, 'ppyoloe', 'architecture: PPYOLOE\n'
                                                         + PPYOLOE_MODEL.format(arch='PPYOLOE')) + ('PPYOLOE', 4, 16, [32, 16, 8])
+    yield ('PP-YOLOE+ t (PPYOLOEWithAuxHead)',) + build(tmp_path, 'ppyoloe_t', ppyoloe_t_aux()) + (
+        'PPYOLOE', 4, 16, [32, 16, 8])
     yield ('GFL',) + build(tmp_path, 'gfl', GFL_MODEL) + ('GFL', 4, 16, [8, 16, 32, 64, 128])
     yield ('PicoDet demo',) + build_teacher('configs/demo/tiny/picodet_teacher.yml', None, allow_random=True) + (
         'PicoDet', 10, 7, [8, 16, 32])
