@@ -167,3 +167,38 @@ def test_ppyoloe_assignment_taps_fire_in_training_one_assigner_per_step(tmp_path
         positive = labels.numpy() != 4
         assert positive.any() and (scores.numpy().sum(-1)[~positive] == 0).all()
     taps.remove()
+
+
+def picodet_batch(size=96):
+    return {'image': paddle.rand([2, 3, size, size]), 'im_shape': paddle.to_tensor([[size, size]] * 2, 'float32'),
+            'scale_factor': paddle.ones([2, 2]), 'gt_class': paddle.to_tensor([[[1], [0]], [[2], [3]]], dtype='int32'),
+            'gt_bbox': paddle.to_tensor([[[10., 10., 60., 70.], [0., 0., 0., 0.]],
+                                         [[30., 20., 90., 90.], [5., 40., 40., 90.]]]),
+            'pad_gt_mask': paddle.to_tensor([[[1.], [0.]], [[1.], [1.]]]), 'epoch_id': 0,
+            'im_id': paddle.to_tensor([[0], [1]])}
+
+
+def test_head_losses_train_in_the_distiller_on_the_picodet_pair():
+    """What runs with today's distiller (no assignment feed): BinaryKD and BoxKD with normalisers that
+    need no assignment, and LD's VLR term, on the preset roles, one term per level; the student gets
+    their gradient."""
+    from ppdistill import Distiller
+    teacher, _ = build_teacher('configs/demo/tiny/picodet_teacher.yml', None, allow_random=True)
+    student, _ = build_teacher('configs/demo/tiny/picodet_student.yml', None, allow_random=True)
+    head = {'cls': 'cls_logits', 'reg': 'dfl_logits'}
+    losses = [{'type': 'BinaryKDLoss', 'student': 'cls_logits', 'args': {'normalize': 'locations'}},
+              {'type': 'BoxKDLoss', 'student': head, 'args': {'normalize': 'weights'}},
+              {'type': 'LDLoss', 'student': head, 'args': {'ld_weight': 0.0, 'strides': [8, 16, 32],
+                                                           'grid_cell_scale': 5.0, 'cell_offset': 0.5}}]
+    d = Distiller(student_model=student, teacher_model=teacher, student_arch='PicoDet', teacher_arch='PicoDet',
+                  losses=losses, probe_size=96)
+    d.train()
+    out = d(picodet_batch())
+    for name in ('binarykd', 'boxkd', 'ld'):
+        values = [float(out[f'distill_{name}_l{i}']) for i in range(3)]
+        assert all(v == v and v >= 0 for v in values) and sum(values) > 0, (name, values)
+    assert 'distill_ld_l0_vlr' in out
+    out['distill_loss'].backward()  # the distill terms alone reach the student's class and DFL convs
+    for prefix in ('head.head_cls_list.0.', 'head.head_reg_list.2.'):
+        grads = [p.grad for n, p in student.named_parameters() if n.startswith(prefix)]
+        assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads), prefix
