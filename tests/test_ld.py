@@ -284,3 +284,14 @@ def test_parity_with_ppdet_ldgflhead_and_get_vlr_region():
     np.testing.assert_allclose([ours['ld'], ours['vlr'], ours['kd']],
                                [float(upstream['loss_ld']), float(upstream['loss_ld_vlr']),
                                 float(upstream['loss_kd'])], rtol=1e-5)
+
+
+def test_assignment_keys_say_what_each_configuration_needs():
+    from ppdistill.losses import BinaryKDLoss, BoxKDLoss
+    ch = {'cls': 3, 'reg': 20}
+    assert LDLoss(ch, ch, strides=[8]).assignment_keys == ('pos',)
+    assert LDLoss(ch, ch, strides=[8], ld_weight=0).assignment_keys == ()
+    assert BinaryKDLoss(3, 3).assignment_keys == ('num_pos',)
+    assert BinaryKDLoss(3, 3, normalize='locations').assignment_keys == ()
+    assert BoxKDLoss(ch, ch).assignment_keys == ('num_pos',)
+    assert BoxKDLoss(ch, ch, normalize='sum').assignment_keys == ()

@@ -68,6 +68,8 @@ class BinaryKDLoss(nn.Layer):
         self.beta = float(beta)
         self.normalize = check_normalize(normalize, 'BinaryKDLoss')
         self.loss_weight = float(loss_weight)
+        # what the student mapping must carry from the head's label assignment (checked by the feeder)
+        self.assignment_keys = ('num_pos',) if normalize == 'positives' else ()
 
     def forward(self, student: Maps, teacher: Maps, inputs: Optional[dict] = None) -> paddle.Tensor:
         """``student``/``teacher``: ``[N, C, H, W]`` logits or ``{'cls': ..., ['num_pos': ...]}``; a scalar."""

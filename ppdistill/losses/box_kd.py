@@ -96,6 +96,7 @@ class BoxKDLoss(nn.Layer):
         self.num_classes = cls // self.num_anchors
         self.normalize = check_normalize(normalize, 'BoxKDLoss')
         self.loss_weight = float(loss_weight)
+        self.assignment_keys = ('num_pos',) if normalize == 'positives' else ()
 
     def boxes(self, reg: paddle.Tensor) -> paddle.Tensor:
         """Box output of one side -> ``[N, H*W*A, 4]`` boxes around the cell centre."""

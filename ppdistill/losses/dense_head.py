@@ -14,8 +14,9 @@ label assignment. A loss reads them from its ``student`` mapping:
 * ``num_pos``: scalar tensor, the batch's positives over *all* levels (ATSS/GFL: the positive count;
   PP-YOLOE: ``assigned_scores_sum``), clipped to ``>= 1`` here.
 
-Whoever feeds the loss (the distiller) must provide them; a loss configured to need them raises
-:class:`~ppdistill.errors.PPDistillError` naming the missing key rather than guessing.
+Each loss lists the keys its configuration needs in ``assignment_keys`` (empty when it needs none), so
+whoever feeds it (the distiller) can refuse the config at build time; a missing key at run time raises
+:class:`~ppdistill.errors.PPDistillError` naming it rather than guessing.
 """
 from typing import Dict, Mapping, Optional, Sequence, Union
 

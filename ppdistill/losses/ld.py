@@ -192,6 +192,7 @@ class LDLoss(nn.Layer):
             raise PPDistillError(f"LDLoss: band_overlap must be 'iou' or 'iof', got {band_overlap!r}")
         self.grid_cell_scale, self.cell_offset, self.topk = float(grid_cell_scale), float(cell_offset), int(topk)
         self.band_overlap = band_overlap
+        self.assignment_keys = ('pos',) if self.weights['ld'] or self.weights['kd'] else ()
 
     def vlr(self, inputs: dict, height: int, width: int) -> paddle.Tensor:
         """``[N, H*W]`` VLR weights of this level from ``inputs``' GT boxes."""
