@@ -106,10 +106,9 @@ def build(tmp_path, name, text):
 
 def models(tmp_path):
     """(config name, model, architecture, expected row, classes, reg_max, strides in level order)."""
-    yield ('PP-YOLOE+ (architecture: YOLOv3)',) + build(tmp_path, 'ppyoloe_yolov3', 'architecture: YOLOv3\n'
-                                                        + PPYOLOE_MODEL.format(arch='YOLOv3')) + ('PPYOLOE', 4, 16, [32, 16, 8])
-    yield ('PP-YOLOE (architecture: PPYOLOE)',) + build(tmp_path, 'ppyoloe', 'architecture: PPYOLOE\n'
-                                                        + PPYOLOE_MODEL.format(arch='PPYOLOE')) + ('PPYOLOE', 4, 16, [32, 16, 8])
+    for arch in ('YOLOv3', 'PPYOLOE'):  # PP-YOLOE+ base configs say YOLOv3, the distill students PPYOLOE
+        text = f'architecture: {arch}\n' + PPYOLOE_MODEL.format(arch=arch)
+        yield (f'PP-YOLOE (architecture: {arch})',) + build(tmp_path, arch, text) + ('PPYOLOE', 4, 16, [32, 16, 8])
     yield ('PP-YOLOE+ t (PPYOLOEWithAuxHead)',) + build(tmp_path, 'ppyoloe_t', ppyoloe_t_aux()) + (
         'PPYOLOE', 4, 16, [32, 16, 8])
     yield ('GFL',) + build(tmp_path, 'gfl', GFL_MODEL) + ('GFL', 4, 16, [8, 16, 32, 64, 128])
