@@ -126,9 +126,22 @@ def test_zero_when_boxes_agree_and_gradient_only_through_boxes():
 def test_build_errors():
     with pytest.raises(PPDistillError, match='reg_max=16'):
         BoxKDLoss({'cls': 3, 'reg': 32}, {'cls': 3, 'reg': 32}, reg_max=16)
-    with pytest.raises(PPDistillError, match='reg: student 32 vs teacher 68'):
-        BoxKDLoss({'cls': 3, 'reg': 32}, {'cls': 3, 'reg': 68})
+    with pytest.raises(PPDistillError, match='cls: student 3 vs teacher 4'):
+        BoxKDLoss({'cls': 3, 'reg': 32}, {'cls': 4, 'reg': 32})
+    with pytest.raises(PPDistillError, match='reg: student 12 vs teacher 24'):
+        BoxKDLoss({'cls': 3, 'reg': 12}, {'cls': 6, 'reg': 24}, box_coder='delta', anchor_wh=[[1, 1]] * 3)
     with pytest.raises(PPDistillError, match='cls: <class logits tap>'):
         BoxKDLoss(3, 3)
     with pytest.raises(PPDistillError, match='anchors per cell'):
         BoxKDLoss({'cls': 6, 'reg': 8}, {'cls': 6, 'reg': 8}, box_coder='delta')
+
+
+def test_dfl_student_and_teacher_may_differ_in_reg_max():
+    """Boxes are in strides whatever the bins: a reg_max 7 student vs a reg_max 16 teacher (PicoDet vs
+    PP-YOLOE heads) compares their decoded boxes."""
+    rng = np.random.default_rng(5)
+    s_cls, t_cls = rand(rng, (1, 3, 2, 3)), rand(rng, (1, 3, 2, 3))
+    s_reg, t_reg = rand(rng, (1, 32, 2, 3)), rand(rng, (1, 68, 2, 3))
+    loss = BoxKDLoss({'cls': 3, 'reg': 32}, {'cls': 3, 'reg': 68}, normalize='sum', loss_weight=1.0)
+    total, _, _ = np_box_kd_sum(s_cls, t_cls, s_reg, t_reg, 'dfl')
+    np.testing.assert_allclose(run(loss, s_cls, t_cls, s_reg, t_reg), total, rtol=1e-5)

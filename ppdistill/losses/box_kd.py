@@ -44,14 +44,15 @@ class BoxKDLoss(nn.Layer):
     """BCKD localization KD (see the module docstring).
 
     Inputs per level, ``student``/``teacher``: ``{'cls': [N, A*C, H, W] logits, 'reg': box outputs}``
-    (``reg`` = ``[N, 4*(n+1), H, W]`` DFL logits, ``A = 1``; or ``[N, A*4, H, W]`` deltas); with
+    (``reg`` = ``[N, 4*(n+1), H, W]`` DFL logits, ``A = 1``, ``n`` per side; or ``[N, A*4, H, W]`` deltas); with
     ``normalize='positives'`` the student mapping also carries ``num_pos``
     (:mod:`ppdistill.losses.dense_head`).
 
     Args:
-        student_channels, teacher_channels: ``{'cls': C, 'reg': R}``; must be equal per name.
+        student_channels, teacher_channels: ``{'cls': C, 'reg': R}``; equal ``C`` (and equal ``R`` for deltas).
         box_coder: ``'dfl'`` (default) or ``'delta'``.
-        reg_max: ``n`` of a DFL head; default read from the channels (checked when given).
+        reg_max: ``n`` of a DFL head; default read from each side's channels (checked against both when
+            given). Student and teacher may have different ``n``: the boxes are compared, not the bins.
         anchor_wh: ``'delta'`` only: ``[[w, h], ...]`` of the A anchors per cell in strides; default
             ppdet's ``RetinaAnchorGenerator`` (octave base 4, 3 scales, ratios 0.5/1/2).
         delta_weights: ``'delta'`` only: ppdet's ``(wx, wy, ww, wh)``. Default ``(1, 1, 1, 1)``.
@@ -70,17 +71,20 @@ class BoxKDLoss(nn.Layer):
             if not isinstance(ch, dict) or not {'cls', 'reg'} <= set(ch):
                 raise PPDistillError(f'BoxKDLoss needs {side}: {{cls: <class logits tap>, reg: <box output '
                                      f'tap>}}, got channels {ch!r}')
-        differ = [k for k in ('cls', 'reg') if int(student_channels[k]) != int(teacher_channels[k])]
+        if box_coder not in _CODERS:
+            raise PPDistillError(f'BoxKDLoss: box_coder must be one of {list(_CODERS)}, got {box_coder!r}')
+        # DFL boxes are in strides whatever the bins, so reg_max may differ; anchors and classes may not
+        names = ('cls',) if box_coder == 'dfl' else ('cls', 'reg')
+        differ = [k for k in names if int(student_channels[k]) != int(teacher_channels[k])]
         if differ:
             raise PPDistillError('BoxKDLoss: ' + '; '.join(
                 f'{k}: student {student_channels[k]} vs teacher {teacher_channels[k]} channels' for k in differ)
-                + ' — decoded boxes and class scores are compared one to one (same classes, reg_max/anchors)')
-        if box_coder not in _CODERS:
-            raise PPDistillError(f'BoxKDLoss: box_coder must be one of {list(_CODERS)}, got {box_coder!r}')
+                + ' — class scores and anchor boxes are compared one to one (same classes and anchors)')
         self.box_coder = box_coder
         reg, cls = int(teacher_channels['reg']), int(teacher_channels['cls'])
         if box_coder == 'dfl':
-            self.reg_max = dfl_channels(reg, reg_max, 'BoxKDLoss')
+            self.reg_max = (dfl_channels(int(student_channels['reg']), reg_max, 'BoxKDLoss (student)'),
+                            dfl_channels(reg, reg_max, 'BoxKDLoss (teacher)'))
             self.num_anchors = 1
             self.anchor_wh = None
         else:
