@@ -139,36 +139,40 @@ def test_yolov3_head_keeps_the_yolov3_row():
     assert select_preset('NoSuchArch') == {}
 
 
-def test_ppyoloe_assignment_taps_fire_in_training_one_assigner_per_step(tmp_path):
-    """What the distiller reads for N_pos and LD's main region: in a training forward exactly one of the
-    row's assignment taps fires (ATSS before static_assigner_epoch, task-aligned after), giving
-    (labels [N, A], boxes [N, A, 4], scores [N, A, C], mask [N, G, A]) with A = sum of the levels' H*W in
-    head order and label C = background."""
-    model, arch = build(tmp_path, 'ppyoloe_train', 'architecture: YOLOv3\n' + PPYOLOE_MODEL.format(arch='YOLOv3'))
+def check_assignment_taps(model, arch, inputs, epochs, classes):
+    """In a training forward exactly one of the row's assignment taps fires (ATSS before
+    static_assigner_epoch, task-aligned after), giving (labels [N, A], boxes [N, A, 4], scores [N, A, C],
+    mask [N, G, A]) with A = the sum of the levels' H*W in head order and label C = background: what the
+    distiller reads for N_pos and LD's main region."""
     preset = select_preset(arch, model)
     static, dynamic = preset['assignment']['taps']
     taps = TapSet(model, [static, dynamic, preset['taps']['cls_logits']])
     model.train()
-    inputs = {'image': paddle.rand([2, 3, SIZE, SIZE]), 'im_shape': paddle.to_tensor([[SIZE, SIZE]] * 2, 'float32'),
-              'scale_factor': paddle.ones([2, 2]),
-              'gt_class': paddle.to_tensor([[[1], [0]], [[2], [3]]], dtype='int32'),
-              'gt_bbox': paddle.to_tensor([[[10., 10., 60., 70.], [0., 0., 0., 0.]],
-                                           [[30., 20., 90., 100.], [50., 50., 80., 90.]]]),
-              'pad_gt_mask': paddle.to_tensor([[[1.], [0.]], [[1.], [1.]]])}
-    for epoch, fired, silent in ((0, static, dynamic), (40, dynamic, static)):
+    for epoch, fired, silent in ((epochs[0], static, dynamic), (epochs[1], dynamic, static)):
         with taps.record():
             model(dict(inputs, epoch_id=epoch))
         assert taps.taps[silent].calls == []
         (labels, boxes, scores, mask), = taps.taps[fired].calls
         anchors = sum(int(t.shape[2] * t.shape[3]) for t in taps.levels(preset['taps']['cls_logits']))
-        assert list(labels.shape) == [2, anchors] and list(scores.shape) == [2, anchors, 4]
+        assert list(labels.shape) == [2, anchors] and list(scores.shape) == [2, anchors, classes]
         assert list(mask.shape) == [2, 2, anchors]
-        positive = labels.numpy() != 4
+        positive = labels.numpy() != classes
         assert positive.any() and (scores.numpy().sum(-1)[~positive] == 0).all()
     taps.remove()
 
 
+def test_ppyoloe_assignment_taps_fire_in_training_one_assigner_per_step(tmp_path):
+    model, arch = build(tmp_path, 'ppyoloe_train', 'architecture: YOLOv3\n' + PPYOLOE_MODEL.format(arch='YOLOv3'))
+    check_assignment_taps(model, arch, picodet_batch(SIZE), (0, 40), 4)  # static_assigner_epoch 30
+
+
+def test_picodet_assignment_taps_fire_in_training_one_assigner_per_step():
+    model, arch = build_teacher('configs/demo/tiny/picodet_student.yml', None, allow_random=True)
+    check_assignment_taps(model, arch, picodet_batch(), (0, 5), 10)  # static_assigner_epoch 1
+
+
 def picodet_batch(size=96):
+    """A training batch of two images (one padded GT row), as ppdet's PadGT reader gives it."""
     return {'image': paddle.rand([2, 3, size, size]), 'im_shape': paddle.to_tensor([[size, size]] * 2, 'float32'),
             'scale_factor': paddle.ones([2, 2]), 'gt_class': paddle.to_tensor([[[1], [0]], [[2], [3]]], dtype='int32'),
             'gt_bbox': paddle.to_tensor([[[10., 10., 60., 70.], [0., 0., 0., 0.]],
