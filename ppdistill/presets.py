@@ -4,14 +4,27 @@ A preset maps a *role* (what a loss distills, e.g. ``fpn``) to the exact sublaye
 provides it in that architecture, plus the sublayer prefixes MGD's ``init_student`` may copy from the
 teacher. Supporting a new architecture means adding a row here — never a branch in the distiller.
 Roles resolve to a list of per-level tensors (see :mod:`ppdistill.taps`).
+
+A row serves the architecture named by its key, or those listed in ``architectures``; a row with
+``head: {sublayer: class name}`` serves them only when the model's sublayer has that class (PP-YOLOE+
+configs say ``architecture: YOLOv3`` with a ``PPYOLOEHead``). :func:`select_preset` picks the row: a
+matching ``head`` row first, else the architecture's plain row.
+
+Head rows also say where the student head's label assignment comes from (``assignment``), which the
+head-KD losses need for ``N_pos`` and LD's main region (:mod:`ppdistill.losses.dense_head`): ``taps``
+are the assigner sublayers (only the one that runs in a step fires: the static ATSS assigner for the
+first ``static_assigner_epoch`` epochs, then the task-aligned one); ``inputs`` are batch keys written
+by the reader (GFL's ``Gt2GFLTarget``).
 """
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-__all__ = ['PRESETS', 'LOGIT_ROLES', 'resolve_tap', 'init_prefixes']
+import paddle.nn as nn
 
-# Roles whose tensors are raw class logits, one tensor per level: a loss on them gets no align conv (a
-# conv would remix classes), so student and teacher need equal channels (anchors x classes).
-LOGIT_ROLES = frozenset({'cls_logits'})
+__all__ = ['PRESETS', 'LOGIT_ROLES', 'resolve_tap', 'init_prefixes', 'select_preset']
+
+# Roles whose tensors are raw logits compared element by element, one tensor per level: a loss on them
+# gets no align conv (a conv would remix classes or bins), so student and teacher need equal channels.
+LOGIT_ROLES = frozenset({'cls_logits', 'dfl_logits'})
 
 PRESETS: Dict[str, dict] = {
     # ppdet FPN forward returns [P3..P7] (5 levels, strides 8..128). RetinaHead.retina_cls is one conv
@@ -21,8 +34,27 @@ PRESETS: Dict[str, dict] = {
     # ppdet LCPAN forward returns 3 or 4 levels (strides 8..64). PicoHeadV2 has one 1x1 class conv per
     # level, head.head_cls_list.<i>: logits [N, C, H, W] (before the sigmoid and the cls_align quality;
     # PicoHead v1 with share_cls_reg puts box outputs in the same conv: name its taps explicitly).
-    'PicoDet': {'taps': {'fpn': 'neck', 'cls_logits': 'head.head_cls_list.*'},
+    # head.head_reg_list.<i>: DFL logits [N, 4*(reg_max+1), H, W] (reg_max 7), channel side*(n+1)+bin, sides
+    # l, t, r, b; levels fine -> coarse. The cls_align.<i> quality map [N, 1, H, W] multiplies into the score.
+    'PicoDet': {'taps': {'fpn': 'neck', 'cls_logits': 'head.head_cls_list.*', 'dfl_logits': 'head.head_reg_list.*',
+                         'quality_logits': 'head.cls_align.*'},
+                'assignment': {'taps': ['head.static_assigner', 'head.assigner']},
                 'init_student': ['neck', 'head']},
+    # ppdet GFLHead: gfl_head_cls is shared by all levels (one call per level): logits [N, C, H, W]; the DFL
+    # logits are the per-level ScaleReg outputs p3_feat..p7_feat [N, 4*(reg_max+1), H, W] (reg_max 16;
+    # gfl_head_reg is *before* the scale). Levels 8..128, fine -> coarse. Assignment: the reader's
+    # Gt2GFLTarget (labels == num_classes is background, pos_num per image).
+    'GFL': {'taps': {'fpn': 'neck', 'cls_logits': 'head.gfl_head_cls', 'dfl_logits': 'head.p*_feat'},
+            'assignment': {'inputs': {'labels': 'labels', 'num_pos': 'pos_num'}},
+            'init_student': ['neck', 'head']},
+    # ppdet PPYOLOEHead (architecture PPYOLOE, YOLOv3 in the PP-YOLOE(+) base configs, PPYOLOEWithAuxHead for
+    # PP-YOLOE+ t, whose aux head is not distilled): per level
+    # yolo_head.pred_cls.<i> -> logits [N, C, H, W] and pred_reg.<i> -> DFL logits [N, 4*(reg_max+1), H, W]
+    # (reg_max 16). Levels are coarse -> fine (strides 32, 16, 8): pair by stride, never by index.
+    'PPYOLOE': {'architectures': ['PPYOLOE', 'YOLOv3', 'PPYOLOEWithAuxHead'], 'head': {'yolo_head': 'PPYOLOEHead'},
+                'taps': {'fpn': 'neck', 'cls_logits': 'yolo_head.pred_cls.*', 'dfl_logits': 'yolo_head.pred_reg.*'},
+                'assignment': {'taps': ['yolo_head.static_assigner', 'yolo_head.assigner']},
+                'init_student': ['neck', 'yolo_head']},
     # ppdet SSD: the backbone's multi-scale maps feed SSDHead directly (no neck); per level i the head has
     # `scores{i}` -> [N, A*(C+1), H, W] confidence logits (background included) and `boxes{i}` ->
     # [N, A*4, H, W] prior-box offsets.
@@ -48,3 +80,21 @@ def resolve_tap(spec: str, preset: dict, arch: str = '') -> str:
 
 def init_prefixes(preset: dict) -> List[str]:
     return list(preset.get('init_student', []))
+
+
+def _head_matches(row: dict, model: Optional[nn.Layer]) -> bool:
+    if model is None:
+        return False
+    layers = dict(model.named_sublayers())
+    return all(name in layers and type(layers[name]).__name__ == cls for name, cls in row['head'].items())
+
+
+def select_preset(arch: str, model: Optional[nn.Layer] = None) -> dict:
+    """The preset row of architecture ``arch`` for ``model``: a row whose ``head`` classes the model has
+    wins over the architecture's plain row; ``{}`` if none serves ``arch``."""
+    rows = [row for key, row in PRESETS.items() if arch in row.get('architectures', [key])]
+    for row in rows:
+        if 'head' in row and _head_matches(row, model):
+            return row
+    plain = [row for row in rows if 'head' not in row]
+    return plain[0] if plain else {}

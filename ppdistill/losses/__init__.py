@@ -9,6 +9,9 @@ from .yolo_kd import YOLOv3OutputLoss
 from .cwd import CWDLoss
 from .pkd import PKDLoss
 from .kd import LogitKDLoss
+from .binary_kd import BinaryKDLoss
+from .box_kd import BoxKDLoss
+from .ld import LDLoss
 
 __all__ = ['DistillLoss', 'FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss', 'FeatureMSELoss', 'SSDOutputLoss',
-           'YOLOv3OutputLoss', 'CWDLoss', 'PKDLoss', 'LogitKDLoss']
+           'YOLOv3OutputLoss', 'CWDLoss', 'PKDLoss', 'LogitKDLoss', 'BinaryKDLoss', 'BoxKDLoss', 'LDLoss']
