@@ -20,8 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIP = ['-m', 'pip', 'install', '--disable-pip-version-check', '--quiet']
 
 
-def _venv_with_paddle(tmp_path, name='paddlepaddle', version='3.3.1') -> str:
-    """A venv over this environment's packages in which ``name==version`` is installed; its python."""
+@pytest.fixture(scope='module')
+def paddle3_venv(tmp_path_factory) -> str:
+    """A venv over this environment's packages in which paddlepaddle 3.3.1 is installed; its python."""
+    tmp_path, name, version = tmp_path_factory.mktemp('paddle3'), 'paddlepaddle', '3.3.1'
     subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', str(tmp_path / 'venv')], check=True)
     python = str(tmp_path / 'venv' / 'bin' / 'python')
     site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
@@ -48,17 +50,15 @@ def _would_install(python: str, requirement: str, tmp_path) -> dict:
 
 
 @pytest.mark.parametrize('extras', ['', '[test]'])
-def test_installing_ppdistill_keeps_the_installed_paddle_and_ppdet(tmp_path, extras):
-    python = _venv_with_paddle(tmp_path)
-    planned = _would_install(python, ROOT + extras, tmp_path)
+def test_installing_ppdistill_keeps_the_installed_paddle_and_ppdet(paddle3_venv, tmp_path, extras):
+    planned = _would_install(paddle3_venv, ROOT + extras, tmp_path)
     assert 'ppdistill' in planned
     assert not [n for n in planned if n.startswith('paddle')], planned  # paddlepaddle*, paddledet
 
 
-def test_the_cpu_extra_installs_the_tested_paddle(tmp_path):
+def test_the_cpu_extra_installs_the_tested_paddle(paddle3_venv, tmp_path):
     # The other side of the test above: the tested stack is one extra away (and replaces paddle 3).
-    python = _venv_with_paddle(tmp_path)
-    assert _would_install(python, ROOT + '[cpu]', tmp_path).get('paddlepaddle') == '2.6.2'
+    assert _would_install(paddle3_venv, ROOT + '[cpu]', tmp_path).get('paddlepaddle') == '2.6.2'
 
 
 # -- import without a usable Paddle / ppdet ----------------------------------------------------------
