@@ -1,15 +1,23 @@
 """ppdistill: knowledge distillation for PaddleDetection detectors.
 
-Importing the package applies CPU thread defaults (before paddle loads, never overriding the user's
-environment) and registers every ppdistill class with ppdet's ``@register``/``create`` so configs can
-name them: ``Distiller``, ``MGDDistillModel``, ``FocalGlobalDistillModel``, ``MGDLoss``, ``FGDLoss``.
+Importing the package checks that Paddle and ppdet are installed and supported (:mod:`ppdistill.stack`:
+one line saying what to install otherwise), applies CPU thread defaults (before paddle loads, never
+overriding the user's environment) and registers every ppdistill class with ppdet's ``@register``/
+``create`` so configs can name them: ``Distiller``, ``MGDDistillModel``, ``FocalGlobalDistillModel``,
+``FGFIDistillModel`` and the losses (``MGDLoss``, ``FGDLoss``, ...).
 """
 from ._env import apply_cpu_defaults, quiet_third_party_imports
+from .stack import check_paddle_version, check_ppdet_version, require_installed
 
+require_installed()
 apply_cpu_defaults()
 
 with quiet_third_party_imports():  # drops only the import-time lines listed in _env.IMPORT_NOISE
-    import ppdet  # noqa: E402,F401  (before paddle/pycocotools: import order matters with numpy 1.23)
+    import ppdet  # noqa: E402  (before paddle/pycocotools: import order matters with numpy 1.23)
+import paddle  # noqa: E402
+
+check_paddle_version(paddle.__version__)
+check_ppdet_version(getattr(ppdet, '__version__', None))
 
 from . import losses  # noqa: E402,F401
 from .distiller import Distiller, DistillConfigError  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""Distill config → distiller (DESIGN principle 4).
+"""Distill config → distiller (docs/design.md, principle 4).
 
 A distill config names the method (``slim:``, a registered :class:`~ppdistill.distiller.Distiller`), the
 teacher's model config and the teacher's weights::

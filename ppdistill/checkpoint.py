@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN principle 5): a plain ppdet student checkpoint, with distill state beside it.
+"""Checkpoints (docs/design.md, principle 5): a plain ppdet student checkpoint, with distill state beside it.
 
 ``<name>.pdparams`` holds the student alone (the EMA average when EMA is on, as in ppdet), so
 ``create(student_architecture)`` loads it with no prefix stripping and stock eval/infer/export work.

@@ -1,4 +1,4 @@
-"""The one distiller layer (DESIGN principle 2).
+"""The one distiller layer (docs/design.md, principle 2).
 
 ``Distiller`` owns ``student_model``, ``teacher_model`` and the distill modules (``distill_losses``, a
 ``LayerList``; align convs and generators live inside the losses). Training forward:

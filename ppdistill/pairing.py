@@ -1,4 +1,4 @@
-"""Build-time shape probing and student↔teacher level pairing (DESIGN principle 7).
+"""Build-time shape probing and student↔teacher level pairing (docs/design.md, principle 7).
 
 Both models run once, in eval mode and without gradient, on a blank ``probe_size``² image; the taps give
 every level's shape (a failure after the last tap fired, e.g. in post-processing, is ignored) and how

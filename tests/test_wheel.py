@@ -8,9 +8,11 @@ only the wheel; its own site-packages come first, so ``import ppdistill`` must r
 import ppdistill  # noqa: F401  (import order: ppdet before paddle)
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import yaml
@@ -28,15 +30,32 @@ def _check(cmd, cwd, env=None):
 
 
 @pytest.fixture(scope='module')
-def wheel_venv(tmp_path_factory):
+def wheel(tmp_path_factory) -> str:
     tmp = tmp_path_factory.mktemp('wheel')
     _check([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '-q', '-w', str(tmp / 'dist'), ROOT], tmp)
     wheels = glob.glob(str(tmp / 'dist' / 'ppdistill-*.whl'))
     assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+@pytest.fixture(scope='module')
+def wheel_venv(wheel, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('venv')
     _check([sys.executable, '-m', 'venv', '--system-site-packages', str(tmp / 'venv')], tmp)
     bin_dir = tmp / 'venv' / 'bin'
-    _check([str(bin_dir / 'python'), '-m', 'pip', 'install', '--no-deps', '-q', wheels[0]], tmp)
+    _check([str(bin_dir / 'python'), '-m', 'pip', 'install', '--no-deps', '-q', wheel], tmp)
     return bin_dir
+
+
+def test_the_wheel_requires_paddle_and_ppdet_only_through_the_cpu_extra(wheel):
+    # Paddle's CPU and GPU builds are different packages: a plain install must not pull either.
+    with zipfile.ZipFile(wheel) as whl:
+        meta = whl.read(next(n for n in whl.namelist() if n.endswith('.dist-info/METADATA'))).decode()
+    requires = re.findall(r'^Requires-Dist: (.+)$', meta, re.M)
+    plain = [r for r in requires if 'extra ==' not in r]
+    cpu = [r for r in requires if re.search(r'extra == "cpu"', r)]
+    assert plain and not [r for r in plain if re.match(r'paddle', r, re.I)], plain
+    assert any(r.startswith('paddlepaddle==2.6.2') for r in cpu) and any(r.startswith('paddledet==2.6.0') for r in cpu), cpu
 
 
 def test_installed_tools_distill_from_another_projects_root(wheel_venv, work, tmp_path):
