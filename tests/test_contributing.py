@@ -57,19 +57,16 @@ CHECK = textwrap.dedent('''\
     d = Distiller(student_model=student, teacher_model=teacher, probe_size=32,
                   losses=[{'type': 'FeatureL1Loss', 'student': 'lateral_maps', 'args': {'loss_weight': 0.5}}])
     inputs = {'image': paddle.rand([2, 3, 32, 32])}
-    outputs, terms = d.step_terms(inputs)
-    assert sorted(terms) == ['distill_featurel1_l0', 'distill_featurel1_l1'], sorted(terms)
-    # the term against NumPy, from the tensors the taps recorded and the loss's own align conv
-    d._teacher_forward(inputs)
-    with d.student_taps.record():
-        student(inputs)
-    for (s, t), loss, key in zip(d.term_inputs(), d.distill_losses, sorted(terms)):
+    seen = d.inspect(inputs)
+    assert sorted(seen.terms) == ['distill_featurel1_l0', 'distill_featurel1_l1'], sorted(seen.terms)
+    # the term against NumPy, from the tensors the loss received and the loss's own align conv
+    for key, loss in d.term_losses().items():
+        s, t = seen.term_inputs[key]
         w = loss.align.weight.numpy()[:, :, 0, 0]
         aligned = np.einsum('oc,nchw->nohw', w, s.numpy()) + loss.align.bias.numpy()[None, :, None, None]
         want = 0.5 * np.abs(aligned - t.numpy()).mean()
-        got = float(loss(s, t, inputs))
+        got = float(seen.terms[key])
         assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (key, got, want)
-    d.student_taps.clear(); d.teacher_taps.clear()
     try:
         Distiller(student_model=student, teacher_model=teacher, probe_size=32,
                   losses=[{'type': 'FeatureL1Loss', 'student': 'lateral_maps', 'args': {'loss_weight': -1}}])
