@@ -20,7 +20,7 @@ ppdet's own format (``slim: Distill`` + ``slim_method: FGD`` with the teacher mo
 import difflib
 import inspect
 import os
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import paddle.nn as nn
 import yaml
@@ -241,21 +241,55 @@ def check_teacher_is_not_student(student_config: str, cfg: dict, resume: Optiona
                 'teacher_weights at a trained teacher checkpoint')
 
 
+def _unique_tensors(state: dict) -> Dict[int, List[str]]:
+    """A model's state dict grouped by tensor: names of one tensor registered under several names (PicoHeadV2
+    keeps each class conv in ``head_cls_list.<i>`` and ``head_cls<i>``) count once."""
+    groups: Dict[int, List[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(id(tensor), []).append(name)
+    return groups
+
+
+def _list(names: List[str], limit: int = 3) -> str:
+    more = f' (+{len(names) - limit} more)' if len(names) > limit else ''
+    return ', '.join(names[:limit]) + more
+
+
 def load_checked_weights(model: nn.Layer, path: str, min_match: float = 0.95,
                          role: str = 'teacher') -> Tuple[int, int]:
-    """Load ``path`` into ``model``; fail unless ≥ ``min_match`` of its tensors match by name and shape."""
+    """Load ``path`` into ``model``; returns ``(matched, total)`` distinct tensors (aliases count once).
+
+    A tensor of the file whose name is the model's but whose shape differs (a checkpoint of another class
+    count, width or anchor layout) is an error naming it: that layer would stay random. Fewer than
+    ``min_match`` of the model's tensors found by name is an error; any tensor not found at all is named in
+    a warning (it keeps its initialisation).
+    """
     file = _weights_file(path, 'teacher_weights' if role == 'teacher' else '-o weights=<file>')
     state = load_state_file(file, f'{role} weights')
     own = model.state_dict()
-    matched = {k: v for k, v in state.items()
-               if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if len(matched) < min_match * len(own):
+    # per distinct tensor: the name it has in the file (None: not in the file)
+    found = [(names, next((n for n in names if n in state), None)) for names in _unique_tensors(own).values()]
+    differ = [f'{k} {list(state[k].shape)} in the file vs {list(own[k].shape)}'
+              for _, k in found if k is not None and tuple(state[k].shape) != tuple(own[k].shape)]
+    total = len(found)
+    if differ:
         raise DistillConfigError(
-            f'{role} weights {file} match only {len(matched)}/{len(own)} {role} tensors by name and shape '
+            f'{role} weights {file}: {len(differ)}/{total} {role} tensors have another shape in the file '
+            f'({_list(differ)}); the {role} config must build the checkpoint\'s model (e.g. the same '
+            'num_classes, widths and anchors)')
+    loaded = [(names, k) for names, k in found if k is not None]
+    missing = [names[0] for names, k in found if k is None]
+    if len(loaded) < min_match * total:
+        raise DistillConfigError(
+            f'{role} weights {file} match only {len(loaded)}/{total} {role} tensors by name '
             f'(need {min_match:.0%}); is it a checkpoint of the {role} config?')
-    model.set_state_dict(matched)
-    logger.info(f'Loaded {role} weights {file}: {len(matched)}/{len(own)} tensors matched')
-    return len(matched), len(own)
+    model.set_state_dict({name: state[k] for names, k in loaded for name in names})
+    if missing:
+        logger.warning(f'{role} weights {file}: {len(missing)}/{total} {role} tensors are not in the '
+                       f'file and keep their initialisation ({_list(missing)}); if they are used, give a '
+                       f'checkpoint of the {role} config')
+    logger.info(f'Loaded {role} weights {file}: {len(loaded)}/{total} tensors matched')
+    return len(loaded), total
 
 
 def build_teacher(config_path: str, weights: Optional[str], allow_random: bool = False,

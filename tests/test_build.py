@@ -97,13 +97,20 @@ def test_teacher_weights_are_checked_by_name_and_shape(pair, tmp_path):
     loaded, _ = build_teacher(teacher, str(tmp_path / 'teacher'))  # suffix optional, like ppdet
     for k, v in t.state_dict().items():
         np.testing.assert_array_equal(loaded.state_dict()[k].numpy(), v.numpy())
+    # a narrower model's checkpoint: every shared name has another shape -> named, never skipped
     with pytest.raises(DistillConfigError) as err:
         build_teacher(teacher, str(tmp_path / 'student.pdparams'))
-    total = len(t.state_dict())
-    matched = sum(1 for k, v in s.state_dict().items()
-                  if k in t.state_dict() and v.shape == t.state_dict()[k].shape)
-    assert f'match only {matched}/{total} teacher tensors' in str(err.value)
-    assert 'student.pdparams' in str(err.value)
+    own, other = t.state_dict(), s.state_dict()
+    distinct = {id(v) for v in own.values()}
+    differ = {id(own[k]) for k, v in other.items() if k in own and v.shape != own[k].shape}
+    assert f'{len(differ)}/{len(distinct)} teacher tensors have another shape' in str(err.value)
+    assert 'student.pdparams' in str(err.value) and '\n' not in str(err.value)
+    # a checkpoint lacking most tensors: the matched count
+    partial = {k: v for i, (k, v) in enumerate(t.state_dict().items()) if i % 2}
+    paddle.save(partial, str(tmp_path / 'partial.pdparams'))
+    matched = len({id(own[k]) for k in partial})
+    with pytest.raises(DistillConfigError, match=f'match only {matched}/{len(distinct)} teacher tensors'):
+        build_teacher(teacher, str(tmp_path / 'partial.pdparams'))
     with pytest.raises(DistillConfigError, match='weights file not found: .*absent.pdparams'):
         build_teacher(teacher, str(tmp_path / 'absent'))
     with pytest.raises(DistillConfigError, match='teacher_weights is not set'):
