@@ -313,6 +313,57 @@ def build_teacher(config_path: str, weights: Optional[str], allow_random: bool =
     return teacher, arch
 
 
+def _config_setting(module: str, key: str):
+    """``module.key`` of the current global config (its schema default when not set)."""
+    section = global_config.get(module)
+    return section[key] if isinstance(section, SchemaDict) else None
+
+
+def _teacher_settings(config_path: str, wanted: set) -> dict:
+    """``{(module, key): value}`` of the teacher config, read as :func:`build_teacher` builds it."""
+    with isolated_scope():
+        load_config(config_path)
+        return {mk: _config_setting(*mk) for mk in wanted}
+
+
+def fill_model_settings(cfg: dict) -> None:
+    """Loss arguments that describe the models' outputs come from the model configs.
+
+    A loss class lists them in ``model_settings = {argument: (module, key)}`` (e.g. YOLOv3OutputLoss's
+    ``iou_aware`` from ``YOLOv3Head.iou_aware``: the channel count alone cannot tell the layouts apart).
+    Each such argument is set from the student's config; a teacher config that differs, or an ``args``
+    value that contradicts the configs, is a :class:`DistillConfigError`.
+    """
+    from .distiller import loss_class
+
+    def settings() -> list:
+        section = global_config.get(cfg['slim'])
+        losses = dict.get(section, 'losses') if isinstance(section, dict) else None
+        entries = [e for e in losses or [] if isinstance(e, dict) and isinstance(e.get('type'), str)
+                   and isinstance(global_config.get(e['type']), SchemaDict)]
+        return [(e, arg, mk) for e in entries
+                for arg, mk in getattr(loss_class(e['type']), 'model_settings', {}).items()]
+    wanted = {mk for _, _, mk in settings()}
+    if not wanted:
+        return
+    teacher = _teacher_settings(cfg['teacher_config'], wanted)  # restores the global config: read entries after
+    for entry, arg, (module, key) in settings():
+        student_value, teacher_value = _config_setting(module, key), teacher[(module, key)]
+        what = f"{cfg['slim']}: loss {entry.get('name') or entry['type']} ({entry['type']})"
+        if student_value != teacher_value:
+            raise DistillConfigError(
+                f'{what}: the student config sets {module}.{key}: {student_value} but the teacher config '
+                f'{teacher_value}; their outputs have different layouts and cannot be compared')
+        if entry.get('args') is None:
+            entry['args'] = {}
+        args = entry['args']
+        if arg in args and args[arg] != student_value:
+            raise DistillConfigError(
+                f'{what}: args.{arg}: {args[arg]} contradicts {module}.{key}: {student_value} of the student '
+                f'and teacher configs; remove {arg} from args (it is read from the model configs)')
+        args[arg] = student_value
+
+
 def build_distiller(cfg: dict) -> Distiller:
     """Student (from the global config) + teacher (isolated) + the configured distiller."""
     cls = _distiller_class(cfg['slim'])
@@ -324,6 +375,7 @@ def build_distiller(cfg: dict) -> Distiller:
     weights = cfg.get('teacher_weights')
     if weights:
         _weights_file(weights)  # fail before building anything
+    fill_model_settings(cfg)
     # Student first: with the same seed it starts from the same init as a plain ppdet run.
     student = create_fresh(cfg['architecture'])
     if cfg.get('pretrain_weights'):
