@@ -161,7 +161,8 @@ class FGFILoss(FeatureLoss):
         student_channels (int): student channels ``Cs``.
         teacher_channels (int): teacher channels ``Ct``; the adaptation layer maps ``Cs -> Ct`` (it replaces
             the 1x1 align conv of other losses, and exists even when ``Cs == Ct``, as in the reference).
-        psi (float): IoU threshold factor, ``0 < psi <= 1``. Default 0.5 (the paper).
+        psi (float): IoU threshold factor, ``0 < psi < 1`` (the threshold is strict, so at 1 no anchor
+            would pass and the mask would be empty on every image). Default 0.5 (the paper).
         anchors (dict): the student level's anchors (see :class:`LevelAnchors`); default ppdet's
             ``RetinaAnchorGenerator`` settings.
         loss_weight (float): imitation weight. Default 0.01 (the reference's ``--ilw`` default for its
@@ -188,8 +189,9 @@ class FGFILoss(FeatureLoss):
             raise PPDistillError(f'channel counts must be positive, got student={student_channels}')
         self.student_channels = int(student_channels)
         self.psi = float(psi)
-        if not 0.0 < self.psi <= 1.0:
-            raise PPDistillError(f'FGFILoss psi must satisfy 0 < psi <= 1, got {psi}')
+        if not 0.0 < self.psi < 1.0:
+            raise PPDistillError(f'FGFILoss psi must satisfy 0 < psi < 1, got {psi} (cells pass where an anchor\'s '
+                                 'IoU > psi x the box\'s best anchor IoU: at 1 none does and nothing is imitated)')
         self.loss_weight = float(loss_weight)
         self.anchors = LevelAnchors(anchors, level, num_levels)
         self.adaptation = _adaptation(self.student_channels, self.teacher_channels, bool(adapt_relu))
