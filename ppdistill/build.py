@@ -130,8 +130,14 @@ def _translate_upstream(raw: dict, path: str) -> dict:
         args['levels'] = levels
     logger.info(f'{path}: ppdet FGD format translated: levels {levels or "all"}, loss_weight {weight} '
                 f'(folded into the term weights), FocalGlobalDistillModel {args}')
-    return {'slim': 'FocalGlobalDistillModel', 'teacher_config': os.path.abspath(path),
-            'teacher_weights': raw.get('pretrain_weights'), 'FocalGlobalDistillModel': args}
+    # ppdet loads the file's pretrain_weights into the teacher; ppdistill's own keys are kept as they are.
+    weights, pretrain = raw.get('teacher_weights'), raw.get('pretrain_weights')
+    if weights and pretrain and weights != pretrain:
+        raise DistillConfigError(f'{path}: teacher_weights ({weights}) and pretrain_weights ({pretrain}) both '
+                                 'name the teacher checkpoint in ppdet\'s distill format; keep one')
+    kept = {k: raw[k] for k in ('allow_random_teacher', 'teacher_min_match') if k in raw}
+    return dict({'slim': 'FocalGlobalDistillModel', 'teacher_config': os.path.abspath(path),
+                 'teacher_weights': weights or pretrain, 'FocalGlobalDistillModel': args}, **kept)
 
 
 def _resolve_config_path(value: str, base_dir: str) -> str:
@@ -142,14 +148,17 @@ def _resolve_config_path(value: str, base_dir: str) -> str:
                              'current directory)')
 
 
-def load_distill_config(path: str) -> dict:
+def load_distill_config(path: str, overrides: Optional[dict] = None) -> dict:
     """Validate a distill config and merge only its distill keys into ppdet's global config.
 
+    ``overrides``: the command line's ``-o`` values; its distill keys (``allow_random_teacher``,
+    ``teacher_weights`` ...) replace the file's before the checks, as they do for the run.
     Sets ``filename`` to the distill config's name, so outputs go to ``<save_dir>/<distill name>/``.
     """
     raw = _read_yaml(path)
     if raw.get('slim') == 'Distill':
         raw = _translate_upstream(raw, path)
+    raw.update({k: v for k, v in (overrides or {}).items() if k in DISTILL_KEYS})
     slim = raw.get('slim')
     if _distiller_class(slim) is None:
         known = _distiller_names()

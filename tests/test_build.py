@@ -167,6 +167,49 @@ def test_upstream_fgd_format_is_translated_without_leaking_the_teacher(pair, tmp
     assert after == yaml.safe_load(before)
 
 
+def upstream_fgd(path, teacher, **keys):
+    path.write_text(yaml.safe_dump(dict({'_BASE_': [teacher], 'slim': 'Distill', 'slim_method': 'FGD'}, **keys)))
+    return str(path)
+
+
+@pytest.mark.parametrize('keys, want', [
+    ({'allow_random_teacher': True}, {'allow_random_teacher': True, 'teacher_weights': None}),
+    ({'teacher_weights': 'tw', 'teacher_min_match': 0.9}, {'teacher_weights': 'tw', 'teacher_min_match': 0.9}),
+    ({'pretrain_weights': 'pw'}, {'teacher_weights': 'pw'}),
+])
+def test_upstream_format_keeps_ppdistill_teacher_keys(pair, tmp_path, keys, want):
+    load_config(pair[0])
+    load_distill_config(upstream_fgd(tmp_path / 'up.yml', pair[1], **keys))
+    assert {k: global_config.get(k) for k in want} == want
+
+
+def test_upstream_format_with_two_teacher_checkpoints_is_an_error(pair, tmp_path):
+    with pytest.raises(DistillConfigError, match=r'teacher_weights \(tw\) and pretrain_weights \(pw\)'):
+        load_distill_config(upstream_fgd(tmp_path / 'up.yml', pair[1], teacher_weights='tw', pretrain_weights='pw'))
+
+
+def test_command_line_overrides_reach_the_distill_checks(pair, tmp_path, monkeypatch):
+    """`-o allow_random_teacher=true` on a file without teacher weights: the check reads the merged values."""
+    from ppdistill import cli
+    student, teacher = pair
+    no_weights = distill_yaml(tmp_path / 'kd.yml', teacher_config=teacher)
+    upstream = upstream_fgd(tmp_path / 'up.yml', teacher)
+    for path in (no_weights, upstream):
+        with config_scope(), pytest.raises(DistillConfigError, match='teacher_weights is missing'):
+            load_distill_config(path)
+        with config_scope():
+            load_distill_config(path, {'allow_random_teacher': True, 'epoch': 7})
+            assert global_config['allow_random_teacher'] is True and 'epoch' not in global_config
+    monkeypatch.setattr(cli, '_check_dataset', lambda cfg, mode: None)  # no dataset needed to reach the checks
+    flags = cli.arg_parser().parse_args(['-c', student, '--slim_config', no_weights,
+                                         '-o', 'allow_random_teacher=true', 'teacher_min_match=0.5'])
+    cfg = cli.load_tool_config(flags, 'train')
+    assert cfg['allow_random_teacher'] is True and cfg['teacher_min_match'] == 0.5
+    flags = cli.arg_parser().parse_args(['-c', student, '--slim_config', no_weights])
+    with pytest.raises(DistillConfigError, match='teacher_weights is missing'):
+        cli.load_tool_config(flags, 'train')
+
+
 # -- teacher isolation from the student's config (issue 6, defect 4) --------------------------------
 RETINA = os.path.join(ROOT, 'configs', 'demo')
 # Module options the RetinaNet teacher chain leaves at ppdet's defaults (FPN: norm_type None,
