@@ -9,6 +9,7 @@ The student imitates the teacher only near objects: at the cells whose anchors o
 IoU above ``psi`` times that box's best anchor IoU (:func:`ppdistill.masks.fgfi_masks`).
 """
 import inspect
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -102,10 +103,19 @@ class LevelAnchors:
         return values[self.level]
 
     def strides(self, image_hw: Sequence[int], feature_hw: Sequence[int]) -> Tuple[float, float]:
-        """``(stride_h, stride_w)``: the configured stride, else measured from the padded input size."""
-        if self.stride is not None:
-            return self.stride, self.stride
-        return (level_stride(image_hw[0], feature_hw[0]), level_stride(image_hw[1], feature_hw[1]))
+        """``(stride_h, stride_w)``: the configured stride, else measured from the padded input size.
+
+        A configured stride that cannot give this feature size (``ceil`` or ``floor`` of input / stride)
+        is an error: the anchors would sit at another level's positions and sizes."""
+        if self.stride is None:
+            return (level_stride(image_hw[0], feature_hw[0]), level_stride(image_hw[1], feature_hw[1]))
+        for image, feature in zip(image_hw, feature_hw):
+            if int(feature) not in (math.ceil(image / self.stride), math.floor(image / self.stride)):
+                raise PPDistillError(
+                    f'FGFILoss anchors: strides[{self.level}] = {self.stride:g} but student level {self.level} '
+                    f'has {feature} cells for {image} input pixels (stride {level_stride(image, feature):g}); '
+                    'fix strides (one per tapped student level, in tap order) or drop it to measure them')
+        return self.stride, self.stride
 
     def anchor_wh(self, stride_h: float, stride_w: float) -> np.ndarray:
         """``[A, 2]`` anchor widths/heights of this level (sizes from the mean stride when they differ)."""
@@ -173,6 +183,10 @@ class FGFILoss(FeatureLoss):
         level (int), num_levels (int): this level's index among the student's levels and their number;
             the distiller fills them in (they select and check per-level anchor lists).
     """
+
+    # What the runtime watch (ppdistill.watch) suggests when the loss is 0 on every early step.
+    silent_hint = ('No cell passed the anchor test on any image: check FGFI anchors (sizes, strides) against '
+                   "the student's anchor generator, and psi.")
 
     def __init__(self,
                  student_channels: int,
