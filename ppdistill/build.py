@@ -338,10 +338,10 @@ def _teacher_settings(config_path: str, wanted: set) -> dict:
 def fill_model_settings(cfg: dict) -> None:
     """Loss arguments that describe the models' outputs come from the model configs.
 
-    A loss class lists them in ``model_settings = {argument: (module, key)}`` (e.g. YOLOv3OutputLoss's
-    ``iou_aware`` from ``YOLOv3Head.iou_aware``: the channel count alone cannot tell the layouts apart).
-    Each such argument is set from the student's config; a teacher config that differs, or an ``args``
-    value that contradicts the configs, is a :class:`DistillConfigError`.
+    A loss class lists the model settings its comparison depends on in ``model_settings = {name: (module,
+    key)}`` (e.g. YOLOv3OutputLoss: ``YOLOv3Head.iou_aware``, which the channel count alone cannot tell,
+    and the anchors). Student and teacher must agree on each, else :class:`DistillConfigError`; a name that
+    is a constructor argument is set from the configs, and an ``args`` value contradicting them is an error.
     """
     from .distiller import loss_class
 
@@ -363,6 +363,8 @@ def fill_model_settings(cfg: dict) -> None:
             raise DistillConfigError(
                 f'{what}: the student config sets {module}.{key}: {student_value} but the teacher config '
                 f'{teacher_value}; their outputs have different layouts and cannot be compared')
+        if arg not in inspect.signature(loss_class(entry['type'])).parameters:
+            continue
         if entry.get('args') is None:
             entry['args'] = {}
         args = entry['args']

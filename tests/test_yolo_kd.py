@@ -209,7 +209,7 @@ def test_iou_aware_layout_matches_numpy(mode):
     assert YOLOv3OutputLoss(A * (6 + C), A * (6 + C), num_classes=C, iou_aware=True).num_anchors == A
 
 
-def yolo_configs(tmp_path, student_iou, teacher_iou, args=None):
+def yolo_configs(tmp_path, student_iou, teacher_iou, args=None, student_head=None, head=None):
     import yaml
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = {}
@@ -217,6 +217,8 @@ def yolo_configs(tmp_path, student_iou, teacher_iou, args=None):
         cfg = {'_BASE_': [os.path.join(root, 'configs', 'demo', f'yolov3_{role}.yml')]}
         if iou is not None:
             cfg['YOLOv3Head'] = {'iou_aware': iou, 'iou_aware_factor': 0.5}
+        for extra in (head, student_head if role == 'student' else None):
+            cfg.setdefault('YOLOv3Head', {}).update(extra or {})
         tmp_path.mkdir(exist_ok=True)
         paths[role] = tmp_path / f'{role}.yml'
         paths[role].write_text(yaml.safe_dump(cfg))
@@ -253,3 +255,23 @@ def test_iou_aware_layout_is_read_from_the_head_config(tmp_path):
 def test_iou_aware_mismatch_is_a_build_error(tmp_path, student_iou, teacher_iou, args, match):
     with pytest.raises(DistillConfigError, match=match):
         build_yolo(*yolo_configs(tmp_path, student_iou, teacher_iou, args))
+
+
+TWO_ANCHORS = {'anchors': [[6, 8], [12, 18], [22, 32], [30, 42], [56, 76], [80, 104]],
+               'anchor_masks': [[4, 5], [2, 3], [0, 1]]}
+
+
+def test_anchors_per_level_come_from_the_head_config(tmp_path):
+    """2 anchors x (5 + 10 classes) = 30 channels, which also splits as 3 x 10: the count is read from
+    anchor_masks, not assumed."""
+    d = build_yolo(*yolo_configs(tmp_path, None, None, {'mode': 'all'}, head=TWO_ANCHORS))
+    assert [t.pair.student_shape[1] for t in d._terms] == [30] * 3
+    assert [loss.num_anchors for loss in d.distill_losses] == [2] * 3
+    with pytest.raises(DistillConfigError, match=r'num_anchors=3 but the head has 2 anchors at level 0'):
+        build_yolo(*yolo_configs(tmp_path / 'b', None, None, {'num_anchors': 3}, head=TWO_ANCHORS))
+
+
+def test_student_and_teacher_anchors_must_agree(tmp_path):
+    moved = {'anchors': [[7, 8], [9, 13], [12, 18], [16, 24], [22, 32], [30, 42], [40, 56], [56, 76], [80, 104]]}
+    with pytest.raises(DistillConfigError, match=r'YOLOv3Head.anchors: \[\[7, 8\].* but the teacher config'):
+        build_yolo(*yolo_configs(tmp_path, None, None, None, moved))

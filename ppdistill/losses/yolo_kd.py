@@ -65,24 +65,41 @@ class YOLOv3OutputLoss(nn.Layer):
         student_channels, teacher_channels: ``A*(5+C)`` of the level; must be equal (no align conv).
         mode: one of ``all``, ``cls``, ``obj_thresh``, ``obj_scaled``.
         obj_thresh: teacher objectness probability threshold of ``obj_thresh`` mode (default 0.5).
-        num_anchors: anchors per cell (YOLOv3: 3), used when ``num_classes`` is not given.
+        num_anchors: anchors per cell, used when ``num_classes`` is not given; default: the level's
+            ``anchor_masks`` entry, else 3 (YOLOv3).
         num_classes: foreground classes ``C`` (optional; checks the layout).
         loss_weight: overall weight.
         iou_aware: the outputs start with ``A`` IoU logits (filled from ``YOLOv3Head.iou_aware``).
+        anchor_masks: the head's anchor indices per level (filled from ``YOLOv3Head.anchor_masks``).
+        level, num_levels: this level's index among the tapped levels and their number (from the distiller).
     """
 
-    # Loss arguments fixed by the models' configs: {argument: (ppdet module, key)} (see ppdistill.build).
-    model_settings = {'iou_aware': ('YOLOv3Head', 'iou_aware')}
+    # Model settings student and teacher must share, {name: (ppdet module, key)}; those that are arguments
+    # here are passed from the configs (ppdistill.build.fill_model_settings). Outputs are compared anchor by
+    # anchor, so the anchors must be the same too.
+    model_settings = {'iou_aware': ('YOLOv3Head', 'iou_aware'), 'anchor_masks': ('YOLOv3Head', 'anchor_masks'),
+                      'anchors': ('YOLOv3Head', 'anchors')}
 
     def __init__(self, student_channels: int, teacher_channels: int, mode: str = 'obj_scaled',
-                 obj_thresh: float = 0.5, num_anchors: int = 3, num_classes: Optional[int] = None,
-                 loss_weight: float = 1000.0, iou_aware: bool = False):
+                 obj_thresh: float = 0.5, num_anchors: Optional[int] = None, num_classes: Optional[int] = None,
+                 loss_weight: float = 1000.0, iou_aware: bool = False, anchor_masks: Optional[list] = None,
+                 level: int = 0, num_levels: Optional[int] = None):
         super().__init__()
         if mode not in YOLO_MODES:
             raise PPDistillError(f'YOLOv3OutputLoss: unknown mode {mode!r}; use one of {", ".join(YOLO_MODES)}')
         channels = same_output_channels('YOLOv3OutputLoss', student_channels, teacher_channels)
         self.iou_aware = bool(iou_aware)
         per_anchor = 6 if self.iou_aware else 5  # values per anchor besides the classes
+        if anchor_masks is not None:
+            if num_levels is not None and len(anchor_masks) != num_levels or not 0 <= level < len(anchor_masks):
+                raise PPDistillError(f'YOLOv3OutputLoss: anchor_masks {anchor_masks} has no entry for level {level} '
+                                     f'of {num_levels}; tap the head outputs in the order of anchor_masks')
+            if num_anchors is not None and int(num_anchors) != len(anchor_masks[level]):
+                raise PPDistillError(f'YOLOv3OutputLoss: num_anchors={num_anchors} but the head has '
+                                     f'{len(anchor_masks[level])} anchors at level {level} (anchor_masks '
+                                     f'{anchor_masks}); remove num_anchors')
+            num_anchors = len(anchor_masks[level])
+        num_anchors = 3 if num_anchors is None else num_anchors
         if num_classes is not None:
             per = per_anchor + int(num_classes)
             num_anchors = channels // per if channels % per == 0 else 0
