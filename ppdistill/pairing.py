@@ -16,10 +16,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import paddle
 import paddle.nn as nn
+from ppdet.utils.logger import setup_logger
 
 from .errors import PPDistillError
 from .masks import level_stride
 from .taps import TapSet
+
+logger = setup_logger(__name__)
 
 __all__ = ['probe_shapes', 'pair_levels', 'level_strides', 'LevelPair', 'PairingError']
 
@@ -99,8 +102,9 @@ def pair_levels(student: Sequence[Shape], teacher: Sequence[Shape], size: int,
                 levels: Optional[Sequence[int]] = None, what: str = '') -> List[LevelPair]:
     """Pair student levels with the teacher level of the same stride.
 
-    ``levels``: student level indices to distill (default: every level that has a teacher match).
-    Raises :class:`PairingError` naming both shapes when nothing (or a requested level) can be paired.
+    ``levels``: student level indices to distill (default: every level that has a teacher match; the
+    others are named in a warning). Raises :class:`PairingError` naming both shapes when nothing (or a
+    requested level) can be paired.
     """
     for side, shapes in (('student', student), ('teacher', teacher)):
         bad = [s for s in shapes if len(s) != 4]
@@ -109,7 +113,7 @@ def pair_levels(student: Sequence[Shape], teacher: Sequence[Shape], size: int,
     by_stride = {stride: j for j, stride in enumerate(level_strides(teacher, size, what, 'teacher'))}
     student_strides = level_strides(student, size, what, 'student')
     wanted = list(range(len(student))) if levels is None else list(levels)
-    pairs = []
+    pairs, unpaired = [], []
     for i in wanted:
         if not 0 <= i < len(student):
             raise PairingError(f"{what}: student level {i} does not exist (student has {len(student)} "
@@ -119,9 +123,14 @@ def pair_levels(student: Sequence[Shape], teacher: Sequence[Shape], size: int,
             if levels is not None:
                 raise PairingError(f"{what}: student level {i} {student[i]} has no teacher level of the "
                                    f"same stride; teacher levels: {list(teacher)}")
+            unpaired.append(i)
             continue
         pairs.append(LevelPair(i, j, tuple(student[i]), tuple(teacher[j])))
     if not pairs:
         raise PairingError(f"{what}: no student level shares a stride with a teacher level; student "
                            f"{list(student)} vs teacher {list(teacher)} at probe size {size}")
+    if unpaired:
+        logger.warning(f"{what}: student level(s) {unpaired} {[tuple(student[i]) for i in unpaired]} have no "
+                       f"teacher level of the same stride (teacher {list(teacher)}) and are NOT distilled; "
+                       f"set levels: {[p.student_level for p in pairs]} to say so")
     return pairs

@@ -82,3 +82,18 @@ def test_two_levels_of_one_model_with_one_stride_are_an_error():
         pair_levels(ceil_chain(64, [8, 16]), retina, 64, what='x')
     with pytest.raises(PairingError, match='student levels 3'):
         pair_levels(retina, ceil_chain(64, [8, 16]), 64, what='x')
+
+
+def test_student_levels_left_out_by_default_are_named_in_a_warning(caplog):
+    import logging
+    logger = logging.getLogger('ppdistill.pairing')
+    logger.addHandler(caplog.handler)
+    try:
+        pairs = pair_levels(ceil_chain(320, [8, 16, 32, 64, 128]), ceil_chain(320, [8, 16, 32]), 320, what='x')
+        assert [(p.student_level, p.teacher_level) for p in pairs] == [(0, 0), (1, 1), (2, 2)]
+        pair_levels(ceil_chain(320, [8, 16]), ceil_chain(320, [8, 16, 32]), 320, what='y')
+        pair_levels(ceil_chain(320, [8, 16, 32]), ceil_chain(320, [8]), 320, levels=[0], what='z')
+    finally:
+        logger.removeHandler(caplog.handler)
+    found = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(found) == 1 and found[0].startswith('x: student level(s) [3, 4]') and 'levels: [0, 1, 2]' in found[0]
