@@ -132,6 +132,8 @@ def test_num_classes_sets_the_anchor_count():
     ({'teacher_channels': 3 * 16}, 'student 27 channels vs teacher 48'),
     ({'num_classes': 5}, r'27 output channels are not num_anchors x \(5 \+ num_classes\)'),
     ({'num_anchors': 2}, 'not num_anchors'),
+    ({'obj_thresh': 1.0}, 'obj_thresh must satisfy 0 < obj_thresh < 1'),
+    ({'obj_thresh': 0.0}, 'obj_thresh must satisfy'),
     ({'student_channels': {'out': 27}}, 'takes one tap per side'),
 ])
 def test_bad_arguments_are_errors(kw, match):

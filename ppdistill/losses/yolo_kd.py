@@ -110,6 +110,9 @@ class YOLOv3OutputLoss(nn.Layer):
                                  f'{num_classes}, iou_aware={self.iou_aware})')
         self.mode = mode
         self.obj_thresh = float(obj_thresh)
+        if not 0.0 < self.obj_thresh < 1.0:  # a probability: at >= 1 obj_thresh mode distils nothing
+            raise PPDistillError(f'YOLOv3OutputLoss: obj_thresh must satisfy 0 < obj_thresh < 1 (a teacher '
+                                 f'objectness probability), got {obj_thresh}')
         self.num_anchors = num_anchors
         self.loss_weight = float(loss_weight)
 
