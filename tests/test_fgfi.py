@@ -328,3 +328,12 @@ def test_distiller_tells_each_level_its_anchors_and_checks_counts():
     assert float(out['distill_fgfi_l0']) > 0 and float(out['distill_fgfi_l1']) > 0
     with pytest.raises(PPDistillError, match='strides has 3 entries but the student has 2 levels'):
         make({'strides': [4, 8, 16]})
+
+
+def test_strides_that_cannot_give_the_level_size_are_an_error():
+    """Anchors at stride 8 on a stride-4 level would sit at another level's positions and sizes."""
+    d = make({'strides': [8, 16]})
+    d.train()
+    with pytest.raises(PPDistillError, match=r'strides\[0\] = 8 but student level 0 has 8 cells for 32 input '
+                                             r'pixels \(stride 4\)'):
+        d(toy_inputs())
