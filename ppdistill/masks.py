@@ -24,8 +24,8 @@ import paddle
 
 from .errors import PPDistillError
 
-__all__ = ['check_pixel_boxes', 'pad_boxes', 'scale_boxes_to_grid', 'box_cells', 'boxes_cover_grid', 'fgd_masks', 'level_stride',
-           'retina_anchor_wh', 'fgfi_masks']
+__all__ = ['check_pixel_boxes', 'pad_boxes', 'scale_boxes_to_grid', 'box_cells', 'boxes_cover_grid', 'fgd_masks',
+           'level_stride', 'retina_anchor_wh', 'fgfi_masks']
 
 BoxesLike = Union[paddle.Tensor, np.ndarray, Sequence[Union[paddle.Tensor, np.ndarray]]]
 

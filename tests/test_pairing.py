@@ -5,7 +5,7 @@ import math
 import pytest
 from ppdet.core.workspace import merge_config
 
-from ppdistill import Distiller, DistillConfigError
+from ppdistill import Distiller
 from ppdistill.config_scope import create_fresh, isolated_scope
 from ppdistill.pairing import PairingError, pair_levels
 
