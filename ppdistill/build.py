@@ -20,7 +20,7 @@ ppdet's own format (``slim: Distill`` + ``slim_method: FGD`` with the teacher mo
 import difflib
 import inspect
 import os
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import paddle.nn as nn
 import yaml
@@ -130,8 +130,14 @@ def _translate_upstream(raw: dict, path: str) -> dict:
         args['levels'] = levels
     logger.info(f'{path}: ppdet FGD format translated: levels {levels or "all"}, loss_weight {weight} '
                 f'(folded into the term weights), FocalGlobalDistillModel {args}')
-    return {'slim': 'FocalGlobalDistillModel', 'teacher_config': os.path.abspath(path),
-            'teacher_weights': raw.get('pretrain_weights'), 'FocalGlobalDistillModel': args}
+    # ppdet loads the file's pretrain_weights into the teacher; ppdistill's own keys are kept as they are.
+    weights, pretrain = raw.get('teacher_weights'), raw.get('pretrain_weights')
+    if weights and pretrain and weights != pretrain:
+        raise DistillConfigError(f'{path}: teacher_weights ({weights}) and pretrain_weights ({pretrain}) both '
+                                 'name the teacher checkpoint in ppdet\'s distill format; keep one')
+    kept = {k: raw[k] for k in ('allow_random_teacher', 'teacher_min_match') if k in raw}
+    return dict({'slim': 'FocalGlobalDistillModel', 'teacher_config': os.path.abspath(path),
+                 'teacher_weights': weights or pretrain, 'FocalGlobalDistillModel': args}, **kept)
 
 
 def _resolve_config_path(value: str, base_dir: str) -> str:
@@ -142,14 +148,17 @@ def _resolve_config_path(value: str, base_dir: str) -> str:
                              'current directory)')
 
 
-def load_distill_config(path: str) -> dict:
+def load_distill_config(path: str, overrides: Optional[dict] = None) -> dict:
     """Validate a distill config and merge only its distill keys into ppdet's global config.
 
+    ``overrides``: the command line's ``-o`` values; its distill keys (``allow_random_teacher``,
+    ``teacher_weights`` ...) replace the file's before the checks, as they do for the run.
     Sets ``filename`` to the distill config's name, so outputs go to ``<save_dir>/<distill name>/``.
     """
     raw = _read_yaml(path)
     if raw.get('slim') == 'Distill':
         raw = _translate_upstream(raw, path)
+    raw.update({k: v for k, v in (overrides or {}).items() if k in DISTILL_KEYS})
     slim = raw.get('slim')
     if _distiller_class(slim) is None:
         known = _distiller_names()
@@ -241,21 +250,55 @@ def check_teacher_is_not_student(student_config: str, cfg: dict, resume: Optiona
                 'teacher_weights at a trained teacher checkpoint')
 
 
+def _unique_tensors(state: dict) -> Dict[int, List[str]]:
+    """A model's state dict grouped by tensor: names of one tensor registered under several names (PicoHeadV2
+    keeps each class conv in ``head_cls_list.<i>`` and ``head_cls<i>``) count once."""
+    groups: Dict[int, List[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(id(tensor), []).append(name)
+    return groups
+
+
+def _list(names: List[str], limit: int = 3) -> str:
+    more = f' (+{len(names) - limit} more)' if len(names) > limit else ''
+    return ', '.join(names[:limit]) + more
+
+
 def load_checked_weights(model: nn.Layer, path: str, min_match: float = 0.95,
                          role: str = 'teacher') -> Tuple[int, int]:
-    """Load ``path`` into ``model``; fail unless ≥ ``min_match`` of its tensors match by name and shape."""
+    """Load ``path`` into ``model``; returns ``(matched, total)`` distinct tensors (aliases count once).
+
+    A tensor of the file whose name is the model's but whose shape differs (a checkpoint of another class
+    count, width or anchor layout) is an error naming it: that layer would stay random. Fewer than
+    ``min_match`` of the model's tensors found by name is an error; any tensor not found at all is named in
+    a warning (it keeps its initialisation).
+    """
     file = _weights_file(path, 'teacher_weights' if role == 'teacher' else '-o weights=<file>')
     state = load_state_file(file, f'{role} weights')
     own = model.state_dict()
-    matched = {k: v for k, v in state.items()
-               if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    if len(matched) < min_match * len(own):
+    # per distinct tensor: the name it has in the file (None: not in the file)
+    found = [(names, next((n for n in names if n in state), None)) for names in _unique_tensors(own).values()]
+    differ = [f'{k} {list(state[k].shape)} in the file vs {list(own[k].shape)}'
+              for _, k in found if k is not None and tuple(state[k].shape) != tuple(own[k].shape)]
+    total = len(found)
+    if differ:
         raise DistillConfigError(
-            f'{role} weights {file} match only {len(matched)}/{len(own)} {role} tensors by name and shape '
+            f'{role} weights {file}: {len(differ)}/{total} {role} tensors have another shape in the file '
+            f'({_list(differ)}); the {role} config must build the checkpoint\'s model (e.g. the same '
+            'num_classes, widths and anchors)')
+    loaded = [(names, k) for names, k in found if k is not None]
+    missing = [names[0] for names, k in found if k is None]
+    if len(loaded) < min_match * total:
+        raise DistillConfigError(
+            f'{role} weights {file} match only {len(loaded)}/{total} {role} tensors by name '
             f'(need {min_match:.0%}); is it a checkpoint of the {role} config?')
-    model.set_state_dict(matched)
-    logger.info(f'Loaded {role} weights {file}: {len(matched)}/{len(own)} tensors matched')
-    return len(matched), len(own)
+    model.set_state_dict({name: state[k] for names, k in loaded for name in names})
+    if missing:
+        logger.warning(f'{role} weights {file}: {len(missing)}/{total} {role} tensors are not in the '
+                       f'file and keep their initialisation ({_list(missing)}); if they are used, give a '
+                       f'checkpoint of the {role} config')
+    logger.info(f'Loaded {role} weights {file}: {len(loaded)}/{total} tensors matched')
+    return len(loaded), total
 
 
 def build_teacher(config_path: str, weights: Optional[str], allow_random: bool = False,
@@ -279,6 +322,59 @@ def build_teacher(config_path: str, weights: Optional[str], allow_random: bool =
     return teacher, arch
 
 
+def _config_setting(module: str, key: str):
+    """``module.key`` of the current global config (its schema default when not set)."""
+    section = global_config.get(module)
+    return section[key] if isinstance(section, SchemaDict) else None
+
+
+def _teacher_settings(config_path: str, wanted: set) -> dict:
+    """``{(module, key): value}`` of the teacher config, read as :func:`build_teacher` builds it."""
+    with isolated_scope():
+        load_config(config_path)
+        return {mk: _config_setting(*mk) for mk in wanted}
+
+
+def fill_model_settings(cfg: dict) -> None:
+    """Loss arguments that describe the models' outputs come from the model configs.
+
+    A loss class lists the model settings its comparison depends on in ``model_settings = {name: (module,
+    key)}`` (e.g. YOLOv3OutputLoss: ``YOLOv3Head.iou_aware``, which the channel count alone cannot tell,
+    and the anchors). Student and teacher must agree on each, else :class:`DistillConfigError`; a name that
+    is a constructor argument is set from the configs, and an ``args`` value contradicting them is an error.
+    """
+    from .distiller import loss_class
+
+    def settings() -> list:
+        section = global_config.get(cfg['slim'])
+        losses = dict.get(section, 'losses') if isinstance(section, dict) else None
+        entries = [e for e in losses or [] if isinstance(e, dict) and isinstance(e.get('type'), str)
+                   and isinstance(global_config.get(e['type']), SchemaDict)]
+        return [(e, arg, mk) for e in entries
+                for arg, mk in getattr(loss_class(e['type']), 'model_settings', {}).items()]
+    wanted = {mk for _, _, mk in settings()}
+    if not wanted:
+        return
+    teacher = _teacher_settings(cfg['teacher_config'], wanted)  # restores the global config: read entries after
+    for entry, arg, (module, key) in settings():
+        student_value, teacher_value = _config_setting(module, key), teacher[(module, key)]
+        what = f"{cfg['slim']}: loss {entry.get('name') or entry['type']} ({entry['type']})"
+        if student_value != teacher_value:
+            raise DistillConfigError(
+                f'{what}: the student config sets {module}.{key}: {student_value} but the teacher config '
+                f'{teacher_value}; their outputs have different layouts and cannot be compared')
+        if arg not in inspect.signature(loss_class(entry['type'])).parameters:
+            continue
+        if entry.get('args') is None:
+            entry['args'] = {}
+        args = entry['args']
+        if arg in args and args[arg] != student_value:
+            raise DistillConfigError(
+                f'{what}: args.{arg}: {args[arg]} contradicts {module}.{key}: {student_value} of the student '
+                f'and teacher configs; remove {arg} from args (it is read from the model configs)')
+        args[arg] = student_value
+
+
 def build_distiller(cfg: dict) -> Distiller:
     """Student (from the global config) + teacher (isolated) + the configured distiller."""
     cls = _distiller_class(cfg['slim'])
@@ -290,6 +386,7 @@ def build_distiller(cfg: dict) -> Distiller:
     weights = cfg.get('teacher_weights')
     if weights:
         _weights_file(weights)  # fail before building anything
+    fill_model_settings(cfg)
     # Student first: with the same seed it starts from the same init as a plain ppdet run.
     student = create_fresh(cfg['architecture'])
     if cfg.get('pretrain_weights'):

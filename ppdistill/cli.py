@@ -61,7 +61,7 @@ def load_tool_config(flags, mode: str):
             raise PPDistillError(f'slim config not found: {slim}')
         if is_distill_config(slim):
             if mode == 'train':
-                load_distill_config(slim)
+                load_distill_config(slim, flags.opt)  # -o's distill keys count in its checks
                 merge_config(flags.opt)  # -o wins over the distill config as well
                 check_teacher_is_not_student(flags.config, cfg, getattr(flags, 'resume', None))
             else:

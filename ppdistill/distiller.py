@@ -41,6 +41,7 @@ from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
 from .presets import LOGIT_ROLES, PRESETS, init_prefixes, resolve_tap
 from .losses.base import DistillLoss, loss_total
 from .taps import TapSet
+from .watch import TermWatch
 
 logger = setup_logger(__name__)
 
@@ -349,6 +350,7 @@ class Distiller(nn.Layer):
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight']))
         self.distill_losses = nn.LayerList(modules)
+        self.watch = TermWatch.from_losses([t.key for t in self._terms], modules)  # first steps: warns once
         _keep_float32(self.distill_losses)
         for param in self.distill_losses.parameters():
             param.optimize_attr['learning_rate'] = float(distill_lr_mult)
@@ -537,6 +539,7 @@ class Distiller(nn.Layer):
             return self.student_model(inputs)
         outputs, terms = self.step_terms(inputs)
         distill_loss = self._checked_sum({t.key: terms[t.key] for t in self._terms})  # sub-terms: logged only
+        self.watch.update(outputs['loss'], [terms[t.key] for t in self._terms])
         outputs.update(terms)
         outputs['distill_loss'] = distill_loss
         outputs['loss'] = outputs['loss'] + distill_loss

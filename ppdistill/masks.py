@@ -22,8 +22,10 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import paddle
 
-__all__ = ['pad_boxes', 'scale_boxes_to_grid', 'box_cells', 'boxes_cover_grid', 'fgd_masks', 'level_stride',
-           'retina_anchor_wh', 'fgfi_masks']
+from .errors import PPDistillError
+
+__all__ = ['check_pixel_boxes', 'pad_boxes', 'scale_boxes_to_grid', 'box_cells', 'boxes_cover_grid', 'fgd_masks',
+           'level_stride', 'retina_anchor_wh', 'fgfi_masks']
 
 BoxesLike = Union[paddle.Tensor, np.ndarray, Sequence[Union[paddle.Tensor, np.ndarray]]]
 
@@ -82,6 +84,32 @@ def pad_boxes(gt_bbox: BoxesLike,
                              f'{list(boxes.shape)}')
         valid = paddle.logical_and(valid, gt_mask > 0.0)
     return boxes, valid
+
+
+_PIXEL_BOXES_SEEN = False  # set by the first batch whose boxes pass check_pixel_boxes
+
+
+def check_pixel_boxes(boxes: paddle.Tensor, valid: paddle.Tensor, input_size: Sequence[float]) -> None:
+    """Stop when the boxes are normalised to ``[0, 1]`` instead of input pixels.
+
+    ppdet's YOLOv3 and SSD readers normalise ``gt_bbox`` (``NormalizeBox``, YOLO also to ``cx, cy, w, h``)
+    for their own losses; read as pixels, every box shrinks into the first cell and the masks are silently
+    wrong. A batch whose valid boxes all lie within ``[0, 1]`` on an input of at least 8 pixels is taken
+    as normalised. Checked until the first batch with boxes passes (one host read each), then never again
+    in the process, so training pays no per-step synchronisation.
+    """
+    global _PIXEL_BOXES_SEEN
+    if _PIXEL_BOXES_SEEN or int(boxes.shape[1]) == 0 or min(float(v) for v in input_size) < 8:
+        return
+    valid_boxes = boxes * paddle.cast(valid, boxes.dtype).unsqueeze(-1)
+    if not bool(paddle.any(valid)):
+        return
+    if float(paddle.max(valid_boxes)) <= 1.0:
+        raise PPDistillError(
+            'gt_bbox is normalised to [0, 1] (the reader\'s NormalizeBox, as in ppdet\'s YOLOv3 and SSD readers) '
+            'but GT-box masks (FGD, FGFI) need x1, y1, x2, y2 in input pixels; use a reader without '
+            'NormalizeBox/BboxXYXY2XYWH or a method without GT masks (MGD, CWD, PKD, output KD)')
+    _PIXEL_BOXES_SEEN = True
 
 
 def scale_boxes_to_grid(boxes: paddle.Tensor, input_size: Sequence[int], height: int,
@@ -161,6 +189,7 @@ def fgd_masks(gt_bbox: BoxesLike, input_size: Sequence[int], height: int, width:
     num = int(boxes.shape[0])
     if len(input_size) != 2:
         raise ValueError(f'input_size must be (Hp, Wp), got {input_size}')
+    check_pixel_boxes(boxes, valid, input_size)
     if int(boxes.shape[1]) == 0:
         mask_fg = paddle.zeros([num, height, width], dtype='float32')
     else:
@@ -255,6 +284,7 @@ def fgfi_masks(gt_bbox: BoxesLike, anchor_wh, height: int, width: int, stride_h:
     height, width = int(height), int(width)
     boxes, valid = pad_boxes(gt_bbox, pad_gt_mask)
     num, max_boxes = int(boxes.shape[0]), int(boxes.shape[1])
+    check_pixel_boxes(boxes, valid, (height * float(stride_h), width * float(stride_w)))
     if max_boxes == 0:
         mask = paddle.zeros([num, height, width], dtype='float32')
         mask.stop_gradient = True

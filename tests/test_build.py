@@ -97,13 +97,20 @@ def test_teacher_weights_are_checked_by_name_and_shape(pair, tmp_path):
     loaded, _ = build_teacher(teacher, str(tmp_path / 'teacher'))  # suffix optional, like ppdet
     for k, v in t.state_dict().items():
         np.testing.assert_array_equal(loaded.state_dict()[k].numpy(), v.numpy())
+    # a narrower model's checkpoint: every shared name has another shape -> named, never skipped
     with pytest.raises(DistillConfigError) as err:
         build_teacher(teacher, str(tmp_path / 'student.pdparams'))
-    total = len(t.state_dict())
-    matched = sum(1 for k, v in s.state_dict().items()
-                  if k in t.state_dict() and v.shape == t.state_dict()[k].shape)
-    assert f'match only {matched}/{total} teacher tensors' in str(err.value)
-    assert 'student.pdparams' in str(err.value)
+    own, other = t.state_dict(), s.state_dict()
+    distinct = {id(v) for v in own.values()}
+    differ = {id(own[k]) for k, v in other.items() if k in own and v.shape != own[k].shape}
+    assert f'{len(differ)}/{len(distinct)} teacher tensors have another shape' in str(err.value)
+    assert 'student.pdparams' in str(err.value) and '\n' not in str(err.value)
+    # a checkpoint lacking most tensors: the matched count
+    partial = {k: v for i, (k, v) in enumerate(t.state_dict().items()) if i % 2}
+    paddle.save(partial, str(tmp_path / 'partial.pdparams'))
+    matched = len({id(own[k]) for k in partial})
+    with pytest.raises(DistillConfigError, match=f'match only {matched}/{len(distinct)} teacher tensors'):
+        build_teacher(teacher, str(tmp_path / 'partial.pdparams'))
     with pytest.raises(DistillConfigError, match='weights file not found: .*absent.pdparams'):
         build_teacher(teacher, str(tmp_path / 'absent'))
     with pytest.raises(DistillConfigError, match='teacher_weights is not set'):
@@ -158,6 +165,49 @@ def test_upstream_fgd_format_is_translated_without_leaking_the_teacher(pair, tmp
     after = yaml.safe_load(watched())
     after['filename'] = yaml.safe_load(before)['filename']
     assert after == yaml.safe_load(before)
+
+
+def upstream_fgd(path, teacher, **keys):
+    path.write_text(yaml.safe_dump(dict({'_BASE_': [teacher], 'slim': 'Distill', 'slim_method': 'FGD'}, **keys)))
+    return str(path)
+
+
+@pytest.mark.parametrize('keys, want', [
+    ({'allow_random_teacher': True}, {'allow_random_teacher': True, 'teacher_weights': None}),
+    ({'teacher_weights': 'tw', 'teacher_min_match': 0.9}, {'teacher_weights': 'tw', 'teacher_min_match': 0.9}),
+    ({'pretrain_weights': 'pw'}, {'teacher_weights': 'pw'}),
+])
+def test_upstream_format_keeps_ppdistill_teacher_keys(pair, tmp_path, keys, want):
+    load_config(pair[0])
+    load_distill_config(upstream_fgd(tmp_path / 'up.yml', pair[1], **keys))
+    assert {k: global_config.get(k) for k in want} == want
+
+
+def test_upstream_format_with_two_teacher_checkpoints_is_an_error(pair, tmp_path):
+    with pytest.raises(DistillConfigError, match=r'teacher_weights \(tw\) and pretrain_weights \(pw\)'):
+        load_distill_config(upstream_fgd(tmp_path / 'up.yml', pair[1], teacher_weights='tw', pretrain_weights='pw'))
+
+
+def test_command_line_overrides_reach_the_distill_checks(pair, tmp_path, monkeypatch):
+    """`-o allow_random_teacher=true` on a file without teacher weights: the check reads the merged values."""
+    from ppdistill import cli
+    student, teacher = pair
+    no_weights = distill_yaml(tmp_path / 'kd.yml', teacher_config=teacher)
+    upstream = upstream_fgd(tmp_path / 'up.yml', teacher)
+    for path in (no_weights, upstream):
+        with config_scope(), pytest.raises(DistillConfigError, match='teacher_weights is missing'):
+            load_distill_config(path)
+        with config_scope():
+            load_distill_config(path, {'allow_random_teacher': True, 'epoch': 7})
+            assert global_config['allow_random_teacher'] is True and 'epoch' not in global_config
+    monkeypatch.setattr(cli, '_check_dataset', lambda cfg, mode: None)  # no dataset needed to reach the checks
+    flags = cli.arg_parser().parse_args(['-c', student, '--slim_config', no_weights,
+                                         '-o', 'allow_random_teacher=true', 'teacher_min_match=0.5'])
+    cfg = cli.load_tool_config(flags, 'train')
+    assert cfg['allow_random_teacher'] is True and cfg['teacher_min_match'] == 0.5
+    flags = cli.arg_parser().parse_args(['-c', student, '--slim_config', no_weights])
+    with pytest.raises(DistillConfigError, match='teacher_weights is missing'):
+        cli.load_tool_config(flags, 'train')
 
 
 # -- teacher isolation from the student's config (issue 6, defect 4) --------------------------------

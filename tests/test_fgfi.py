@@ -293,9 +293,21 @@ def test_bad_anchor_config_is_a_one_line_error(anchors, level, num_levels, match
     assert '\n' not in str(err.value)
 
 
-def test_psi_out_of_range_is_an_error():
-    with pytest.raises(PPDistillError, match='psi'):
-        FGFILoss(4, 4, psi=0.0)
+@pytest.mark.parametrize('psi', [0.0, 1.0, 1.5])
+def test_psi_out_of_range_is_an_error(psi):
+    with pytest.raises(PPDistillError, match='psi must satisfy 0 < psi < 1'):
+        FGFILoss(4, 4, psi=psi)
+
+
+def test_every_accepted_psi_imitates_something():
+    """The strict threshold IoU > psi * best: at psi = 1 no anchor passes (the range's former upper end);
+    just below 1 the best anchors of every box do."""
+    boxes = [np.array([[3.0, 5.0, 37.0, 29.0], [40.0, 40.0, 60.0, 70.0]], 'float32')]
+    assert not np_fgfi_mask(boxes, [(16, 16), (24, 12)], 6, 6, 12, 12, psi=1.0).any()
+    for psi in (0.01, 0.5, 0.999):
+        mask = fgfi_masks(boxes, [[16, 16], [24, 12]], 6, 6, 12, 12, psi=psi).numpy()
+        np.testing.assert_array_equal(mask, np_fgfi_mask(boxes, [(16, 16), (24, 12)], 6, 6, 12, 12, psi=psi))
+        assert mask.sum() >= 2, psi
 
 
 # ----------------------------------------------------------------------------- through the distiller
@@ -316,3 +328,12 @@ def test_distiller_tells_each_level_its_anchors_and_checks_counts():
     assert float(out['distill_fgfi_l0']) > 0 and float(out['distill_fgfi_l1']) > 0
     with pytest.raises(PPDistillError, match='strides has 3 entries but the student has 2 levels'):
         make({'strides': [4, 8, 16]})
+
+
+def test_strides_that_cannot_give_the_level_size_are_an_error():
+    """Anchors at stride 8 on a stride-4 level would sit at another level's positions and sizes."""
+    d = make({'strides': [8, 16]})
+    d.train()
+    with pytest.raises(PPDistillError, match=r'strides\[0\] = 8 but student level 0 has 8 cells for 32 input '
+                                             r'pixels \(stride 4\)'):
+        d(toy_inputs())

@@ -184,3 +184,20 @@ def test_degenerate_boxes_cover_nothing_and_masks_stay_finite():
     fg, bg = check(boxes, (64, 96), 8, 12)
     assert np.isfinite(fg).all() and np.isfinite(bg).all()
     assert (fg[1] == 0).all() and bg[1].sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('mask_fn', ['fgd', 'fgfi'])
+def test_normalised_boxes_are_an_error_not_a_corner_mask(monkeypatch, mask_fn):
+    """ppdet's YOLOv3/SSD readers normalise gt_bbox (NormalizeBox): read as pixels every box would fall
+    into the first cell. Pixel boxes pass, and after one passing batch nothing is read on the host again."""
+    import ppdistill.masks as masks
+    from ppdistill.errors import PPDistillError
+    monkeypatch.setattr(masks, '_PIXEL_BOXES_SEEN', False)
+    make = {'fgd': lambda b: masks.fgd_masks(b, (64, 64), 8, 8),
+            'fgfi': lambda b: masks.fgfi_masks(b, [[16, 16]], 8, 8, 8, 8)}[mask_fn]
+    normalised = paddle.to_tensor([[[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 0.0, 0.0]]], dtype='float32')
+    with pytest.raises(PPDistillError, match='gt_bbox is normalised to'):
+        make(normalised)
+    make(normalised * 64.0)
+    assert masks._PIXEL_BOXES_SEEN
+    make(normalised)  # checked once per process: no more host reads

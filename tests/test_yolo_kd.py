@@ -1,6 +1,7 @@
 """YOLOv3OutputLoss vs NumPy references of each mode and vs ppdet 2.6's own ``DistillYOLOv3Loss``;
 FeatureMSELoss (the neck-feature variant); the YOLOv3 preset on a real ppdet YOLOv3."""
 import ppdistill  # noqa: F401  (import order: ppdet before paddle)
+import os
 import types
 
 import numpy as np
@@ -131,6 +132,8 @@ def test_num_classes_sets_the_anchor_count():
     ({'teacher_channels': 3 * 16}, 'student 27 channels vs teacher 48'),
     ({'num_classes': 5}, r'27 output channels are not num_anchors x \(5 \+ num_classes\)'),
     ({'num_anchors': 2}, 'not num_anchors'),
+    ({'obj_thresh': 1.0}, 'obj_thresh must satisfy 0 < obj_thresh < 1'),
+    ({'obj_thresh': 0.0}, 'obj_thresh must satisfy'),
     ({'student_channels': {'out': 27}}, 'takes one tap per side'),
 ])
 def test_bad_arguments_are_errors(kw, match):
@@ -185,3 +188,92 @@ def test_yolov3_preset_taps_every_output_conv_and_the_neck():
                                                  r'\(1, 30, 2, 2\): YOLOv3OutputLoss: student 27 channels'):
         Distiller(student_model=tiny_yolov3(0.25, [32, 24, 16]), teacher_model=tiny_yolov3(0.25, [32, 24, 16], 5),
                   student_arch='YOLOv3', teacher_arch='YOLOv3', losses=losses[:1], probe_size=64)
+
+
+# -- IoU-aware heads (PP-YOLO, PP-YOLOv2): A IoU logits first, then A*(5+C) --------------------------------
+
+def iou_level(rng, n=2, h=4, w=5):
+    return np.concatenate([rng.standard_normal((n, A, h, w)).astype('float32') * 2, level(rng, n, h, w)], 1)
+
+
+@pytest.mark.parametrize('mode', ['all', 'cls', 'obj_thresh', 'obj_scaled'])
+def test_iou_aware_layout_matches_numpy(mode):
+    rng = np.random.default_rng(6)
+    s, t = iou_level(rng), iou_level(rng)
+    assert s.shape[1] == A * (6 + C)
+    loss = YOLOv3OutputLoss(A * (6 + C), A * (6 + C), mode=mode, iou_aware=True)
+    want = np_yolo_kd(s[:, A:], t[:, A:], mode)
+    if mode != 'cls':  # the IoU logits join the box term, weighted like x, y
+        o = np_sigmoid(t[:, A:].reshape(2, A, 5 + C, 4, 5)[:, :, 4].astype(np.float64))
+        w = {'all': 1.0, 'obj_thresh': (o > 0.5) * 1.0, 'obj_scaled': o}[mode]
+        want += 1000.0 * (w * np_bce(s[:, :A].astype(np.float64), np_sigmoid(t[:, :A].astype(np.float64)))).mean()
+    np.testing.assert_allclose(float(loss(tensor(s), tensor(t))), want, rtol=1e-5)
+    assert YOLOv3OutputLoss(A * (6 + C), A * (6 + C), num_classes=C, iou_aware=True).num_anchors == A
+
+
+def yolo_configs(tmp_path, student_iou, teacher_iou, args=None, student_head=None, head=None):
+    import yaml
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = {}
+    for role, iou in (('student', student_iou), ('teacher', teacher_iou)):
+        cfg = {'_BASE_': [os.path.join(root, 'configs', 'demo', f'yolov3_{role}.yml')]}
+        if iou is not None:
+            cfg['YOLOv3Head'] = {'iou_aware': iou, 'iou_aware_factor': 0.5}
+        for extra in (head, student_head if role == 'student' else None):
+            cfg.setdefault('YOLOv3Head', {}).update(extra or {})
+        tmp_path.mkdir(exist_ok=True)
+        paths[role] = tmp_path / f'{role}.yml'
+        paths[role].write_text(yaml.safe_dump(cfg))
+    distill = {'slim': 'Distiller', 'teacher_config': str(paths['teacher']), 'allow_random_teacher': True,
+               'Distiller': {'probe_size': 64, 'losses': [
+                   {'type': 'YOLOv3OutputLoss', 'student': 'yolo_output', 'args': args}]}}
+    (tmp_path / 'kd.yml').write_text(yaml.safe_dump(distill))
+    return str(paths['student']), str(tmp_path / 'kd.yml')
+
+
+def build_yolo(student, distill):
+    from ppdet.core.workspace import global_config, load_config
+    from ppdistill.build import build_distiller, load_distill_config
+    from ppdistill.config_scope import config_scope
+    with config_scope():
+        load_config(student)
+        load_distill_config(distill)
+        return build_distiller(global_config)
+
+
+def test_iou_aware_layout_is_read_from_the_head_config(tmp_path):
+    d = build_yolo(*yolo_configs(tmp_path, True, True, {'mode': 'all'}))
+    classes = d.student_model.yolo_head.num_classes
+    assert [t.pair.student_shape[1] for t in d._terms] == [A * (6 + classes)] * 3
+    assert all(loss.iou_aware and loss.num_anchors == A for loss in d.distill_losses)
+    plain = build_yolo(*yolo_configs(tmp_path / 'x', None, False, {'mode': 'all'}))
+    assert not any(loss.iou_aware for loss in plain.distill_losses)
+
+
+@pytest.mark.parametrize('student_iou, teacher_iou, args, match', [
+    (False, True, None, 'student config sets YOLOv3Head.iou_aware: False but the teacher config True'),
+    (True, True, {'iou_aware': False}, r'args.iou_aware: False contradicts YOLOv3Head.iou_aware: True'),
+])
+def test_iou_aware_mismatch_is_a_build_error(tmp_path, student_iou, teacher_iou, args, match):
+    with pytest.raises(DistillConfigError, match=match):
+        build_yolo(*yolo_configs(tmp_path, student_iou, teacher_iou, args))
+
+
+TWO_ANCHORS = {'anchors': [[6, 8], [12, 18], [22, 32], [30, 42], [56, 76], [80, 104]],
+               'anchor_masks': [[4, 5], [2, 3], [0, 1]]}
+
+
+def test_anchors_per_level_come_from_the_head_config(tmp_path):
+    """2 anchors x (5 + 10 classes) = 30 channels, which also splits as 3 x 10: the count is read from
+    anchor_masks, not assumed."""
+    d = build_yolo(*yolo_configs(tmp_path, None, None, {'mode': 'all'}, head=TWO_ANCHORS))
+    assert [t.pair.student_shape[1] for t in d._terms] == [30] * 3
+    assert [loss.num_anchors for loss in d.distill_losses] == [2] * 3
+    with pytest.raises(DistillConfigError, match=r'num_anchors=3 but the head has 2 anchors at level 0'):
+        build_yolo(*yolo_configs(tmp_path / 'b', None, None, {'num_anchors': 3}, head=TWO_ANCHORS))
+
+
+def test_student_and_teacher_anchors_must_agree(tmp_path):
+    moved = {'anchors': [[7, 8], [9, 13], [12, 18], [16, 24], [22, 32], [30, 42], [40, 56], [56, 76], [80, 104]]}
+    with pytest.raises(DistillConfigError, match=r'YOLOv3Head.anchors: \[\[7, 8\].* but the teacher config'):
+        build_yolo(*yolo_configs(tmp_path, None, None, None, moved))

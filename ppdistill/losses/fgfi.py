@@ -9,6 +9,7 @@ The student imitates the teacher only near objects: at the cells whose anchors o
 IoU above ``psi`` times that box's best anchor IoU (:func:`ppdistill.masks.fgfi_masks`).
 """
 import inspect
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -102,10 +103,19 @@ class LevelAnchors:
         return values[self.level]
 
     def strides(self, image_hw: Sequence[int], feature_hw: Sequence[int]) -> Tuple[float, float]:
-        """``(stride_h, stride_w)``: the configured stride, else measured from the padded input size."""
-        if self.stride is not None:
-            return self.stride, self.stride
-        return (level_stride(image_hw[0], feature_hw[0]), level_stride(image_hw[1], feature_hw[1]))
+        """``(stride_h, stride_w)``: the configured stride, else measured from the padded input size.
+
+        A configured stride that cannot give this feature size (``ceil`` or ``floor`` of input / stride)
+        is an error: the anchors would sit at another level's positions and sizes."""
+        if self.stride is None:
+            return (level_stride(image_hw[0], feature_hw[0]), level_stride(image_hw[1], feature_hw[1]))
+        for image, feature in zip(image_hw, feature_hw):
+            if int(feature) not in (math.ceil(image / self.stride), math.floor(image / self.stride)):
+                raise PPDistillError(
+                    f'FGFILoss anchors: strides[{self.level}] = {self.stride:g} but student level {self.level} '
+                    f'has {feature} cells for {image} input pixels (stride {level_stride(image, feature):g}); '
+                    'fix strides (one per tapped student level, in tap order) or drop it to measure them')
+        return self.stride, self.stride
 
     def anchor_wh(self, stride_h: float, stride_w: float) -> np.ndarray:
         """``[A, 2]`` anchor widths/heights of this level (sizes from the mean stride when they differ)."""
@@ -161,7 +171,8 @@ class FGFILoss(FeatureLoss):
         student_channels (int): student channels ``Cs``.
         teacher_channels (int): teacher channels ``Ct``; the adaptation layer maps ``Cs -> Ct`` (it replaces
             the 1x1 align conv of other losses, and exists even when ``Cs == Ct``, as in the reference).
-        psi (float): IoU threshold factor, ``0 < psi <= 1``. Default 0.5 (the paper).
+        psi (float): IoU threshold factor, ``0 < psi < 1`` (the threshold is strict, so at 1 no anchor
+            would pass and the mask would be empty on every image). Default 0.5 (the paper).
         anchors (dict): the student level's anchors (see :class:`LevelAnchors`); default ppdet's
             ``RetinaAnchorGenerator`` settings.
         loss_weight (float): imitation weight. Default 0.01 (the reference's ``--ilw`` default for its
@@ -174,6 +185,9 @@ class FGFILoss(FeatureLoss):
     """
 
     per_level = True  # per-level anchor lists: the distiller passes level and num_levels
+    # What the runtime watch (ppdistill.watch) suggests when the loss is 0 on every early step.
+    silent_hint = ('No cell passed the anchor test on any image: check FGFI anchors (sizes, strides) against '
+                   "the student's anchor generator, and psi.")
 
     def __init__(self,
                  student_channels: int,
@@ -190,8 +204,9 @@ class FGFILoss(FeatureLoss):
             raise PPDistillError(f'channel counts must be positive, got student={student_channels}')
         self.student_channels = int(student_channels)
         self.psi = float(psi)
-        if not 0.0 < self.psi <= 1.0:
-            raise PPDistillError(f'FGFILoss psi must satisfy 0 < psi <= 1, got {psi}')
+        if not 0.0 < self.psi < 1.0:
+            raise PPDistillError(f'FGFILoss psi must satisfy 0 < psi < 1, got {psi} (cells pass where an anchor\'s '
+                                 'IoU > psi x the box\'s best anchor IoU: at 1 none does and nothing is imitated)')
         self.loss_weight = float(loss_weight)
         self.anchors = LevelAnchors(anchors, level, num_levels)
         self.adaptation = _adaptation(self.student_channels, self.teacher_channels, bool(adapt_relu))
