@@ -3,7 +3,6 @@ windowed ratios read back from step records, ``train_log.jsonl`` written by the 
 detection loss taken from the student itself), and the distiller's sub-term logging (FGD fg/bg/mask/rela)."""
 import ppdistill  # noqa: F401  (import order: ppdet before paddle)
 import io
-import json
 import logging
 import types
 

@@ -61,7 +61,8 @@ def _recorded_table(exp, name, command, seeds, aps, student_cfg=STUDENT_CFG, inp
 
 def _demo_inputs(row, distill_cfg=MGD_CFG, student_cfg=STUDENT_CFG):
     from ppdistill.runs import run_inputs
-    return run_inputs(row, ROOT, os.path.join(ROOT, 'configs/demo/picodet_teacher.yml'), os.path.join(ROOT, student_cfg),
+    teacher = os.path.join(ROOT, 'configs/demo/picodet_teacher.yml')
+    return run_inputs(row, ROOT, teacher, os.path.join(ROOT, student_cfg),
                       None if row == 'student' else os.path.join(ROOT, distill_cfg))
 
 

@@ -248,11 +248,11 @@ def _finished_or_run(plan: 'Plan', row: str, seed: int, prefix: str) -> dict:
                               lambda r: record_run(r, plan.inputs(row), row, seed, run))
 
 
-def _check_inputs(plan: 'Plan') -> None:
+def _check_inputs(plan: 'Plan', rows: List[str]) -> None:
     """A table never mixes runs of different configs: when the recorded runs of a requested row were made
     with other inputs, stop (one line), or with ``--rerun`` drop the recorded runs and start afresh."""
     results = load_results(plan.results)
-    changed = {row: conflicts(results, row, plan.inputs(row)) for row in plan.rows}
+    changed = {row: conflicts(results, row, plan.inputs(row)) for row in rows}
     changed = {row: names for row, names in changed.items() if names}
     if not changed:
         return
@@ -284,7 +284,7 @@ def run_teacher(args) -> dict:
     """Train (or reuse) and evaluate the teacher alone; ``--ship`` copies it to the shipped weights."""
     args.methods, args.seeds = 'none', '1'  # no student rows; one seed keeps the plan valid
     plan = Plan(args)
-    _check_inputs(plan)
+    _check_inputs(plan, ['teacher'])
     _demo_data(args)
     seed = plan.teacher_seed
     results = _finished_or_run(plan, 'teacher', seed, f'[bench] teacher seed {seed}')
@@ -306,7 +306,7 @@ def run_teacher(args) -> dict:
 
 def run_accuracy(args) -> dict:
     plan = Plan(args)
-    _check_inputs(plan)
+    _check_inputs(plan, plan.rows)
     runs = plan.runs()
     print(f"[bench] accuracy {plan.arch}: rows {', '.join(plan.rows)}; {describe_seeds(args.seeds, plan.seeds)}; "
           f'{len(runs)} runs under {os.path.relpath(plan.out)}', flush=True)
@@ -448,8 +448,8 @@ def run_gradients(args) -> dict:
         raise PPDistillError('--steps must be >= 1')
     teacher_cfg, student_cfg, methods = resolve_pair(args)
     if not args.teacher_weights:
-        args.teacher_weights = _shipped(args.arch, run_inputs('teacher', ROOT, teacher_cfg, teacher_opt=args.teacher_opt,
-                                                              teacher_seed=args.teacher_seed))
+        teacher = run_inputs('teacher', ROOT, teacher_cfg, teacher_opt=args.teacher_opt, teacher_seed=args.teacher_seed)
+        args.teacher_weights = _shipped(args.arch, teacher)
         if not args.teacher_weights:
             raise PPDistillError(f'no shipped {args.arch} teacher for these configs: pass --teacher_weights '
                                  '(e.g. output/benchmark/runs/<arch>/teacher/seed0/...)')

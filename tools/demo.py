@@ -101,10 +101,11 @@ def _table_student(report: dict, arch: str) -> str:
 def _recorded(args, student_cfg: str, distill_cfg: str, rows: List[dict]) -> None:
     """Step 6: did these runs reproduce the recorded ones, and what do the tables over seeds say."""
     teacher_cfg, cfg = (os.path.join(ROOT, c) for c in (f'configs/demo/{args.arch}_teacher.yml', student_cfg))
+    distill = os.path.join(ROOT, distill_cfg)
     runs = [(rows[1]['model'], 'student', run_inputs('student', ROOT, teacher_cfg, cfg, teacher_seed=TEACHER_SEED),
              rows[1]['AP']),
-            (rows[2]['model'], args.method, run_inputs(args.method, ROOT, teacher_cfg, cfg, os.path.join(ROOT, distill_cfg),
-                                                       teacher_seed=TEACHER_SEED), rows[2]['AP'])]
+            (rows[2]['model'], args.method,
+             run_inputs(args.method, ROOT, teacher_cfg, cfg, distill, teacher_seed=TEACHER_SEED), rows[2]['AP'])]
     print(f'[demo] against the recorded runs (docs/experiments), seed {args.seed}:')
     for line in reproduction_lines(EXPERIMENTS, args.arch, args.seed, runs, ROOT):
         print('  ' + line)

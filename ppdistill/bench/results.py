@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from ppdistill.runs import changed_inputs, locked, read_json, write_json_atomic
 
-__all__ = ['results_path', 'load_results', 'recorded_inputs', 'conflicts', 'recorded_run', 'update_results', 'record_run',
-           'first_step', 'same_start', 'table_summary', 'SETTINGS']
+__all__ = ['results_path', 'load_results', 'recorded_inputs', 'conflicts', 'recorded_run', 'update_results',
+           'record_run', 'first_step', 'same_start', 'table_summary', 'SETTINGS']
 
 SETTINGS = ('overrides', 'teacher_overrides', 'teacher_seed')
 _NOT_DETECTION = ('epoch', 'step', 'iter', 'lr', 'loss', 'det_loss', 'balance')
