@@ -170,12 +170,9 @@ class TrainLog(Callback):
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         start = getattr(self.model, 'start_epoch', 0)
-        kept = []
-        if start > 0 and os.path.isfile(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)['epoch'] < start]
+        kept = [r for r in read_train_log(self.path) if r['epoch'] < start] if start > 0 else []
         with open(self.path, 'w') as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(r) + '\n' for r in kept)
 
     def on_step_end(self, status):
         if status.get('mode') != 'train' or not self._is_writer():
@@ -199,11 +196,18 @@ class TrainLog(Callback):
 
 
 def read_train_log(path: str) -> List[dict]:
-    """The step records of a ``train_log.jsonl`` (empty when the file is missing)."""
+    """The step records of a ``train_log.jsonl`` (empty when the file is missing); a line cut short by a
+    killed run is left out."""
     if not os.path.isfile(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
 
 
 class DistillTrainer(Trainer):

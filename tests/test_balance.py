@@ -134,7 +134,10 @@ def test_train_log_writes_one_line_per_step_with_the_students_own_loss(tmp_path)
     assert [('balance' in r) for r in lines] == [True, False, True]      # log_iter=2: steps 0 and 2
     assert lines[0]['balance']['ratios']['distill_mgd_l0'] == pytest.approx(lines[0]['distill_mgd_l0'] / own, rel=1e-5)
     assert 'ppdistill balance: epoch 1 step 2' in text
-    # resuming at epoch 2 keeps the lines of the epochs before it; a fresh run starts the file anew
+    # resuming at epoch 2 keeps the lines of the epochs before it (not a line a kill cut short); a fresh
+    # run starts the file anew
+    with open(tmp_path / 'run' / TRAIN_LOG, 'a') as f:
+        f.write('{"epoch": 1, "step": 3, "lo')
     TrainLog(_trainer(tmp_path, d, start_epoch=2)).on_train_begin({})
     assert len(read_train_log(str(tmp_path / 'run' / TRAIN_LOG))) == 3
     TrainLog(_trainer(tmp_path, d, start_epoch=1)).on_train_begin({})
