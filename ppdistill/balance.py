@@ -2,34 +2,24 @@
 
 A distill weight that is too small silently switches a method off; one that is too large drowns the
 detection task (FGD at its reference weights on a 160 px PicoDet pair: distill 0.8x -> 1.7x the detection
-loss within the first epoch). :class:`LossBalanceMonitor` logs, every ``log_iter`` steps, each
-``distill_*`` entry of the model's outputs (terms per level and their sub-terms, e.g.
-``distill_fgd_l0_fg``) divided by the detection loss ``loss - distill_loss``, and warns once per term
-and kind when :func:`balance_warnings` flags it. :func:`parse_balance_log` reads those lines back (the
-benchmark's per-run summary).
+loss within the first epoch). :class:`LossBalance` is fed each training step's losses (the records of
+``train_log.jsonl``, see :class:`ppdistill.trainer.TrainLog`) and, every ``log_iter`` steps, gives each
+``distill_*`` term (terms per level and their sub-terms, e.g. ``distill_fgd_l0_fg``) divided by the
+detection loss, both as means over the last ``log_iter`` steps, plus the warnings of
+:func:`balance_warnings` not given before. The detection loss is the student's own loss (``det_loss``),
+never ``loss - distill_loss``: in float32 that difference is 0 once distill is ~10^7 times larger.
+:func:`balance_summary` reads a run's points back from its records (the benchmark's per-run summary).
 """
-import re
-from typing import Dict, List, Sequence, Tuple
+from collections import deque
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-import paddle.distributed as dist
-from ppdet.engine.callbacks import Callback
-from ppdet.utils.logger import setup_logger
 
-logger = setup_logger(__name__)
-
-__all__ = ['balance_warnings', 'LossBalanceMonitor', 'parse_balance_log', 'balance_summary',
-           'LOW_RATIO', 'HIGH_RATIO', 'TREND']
+__all__ = ['balance_warnings', 'LossBalance', 'balance_summary', 'LOW_RATIO', 'HIGH_RATIO', 'TREND']
 
 LOW_RATIO = 0.01   # a term below 1% of the detection loss barely trains anything
 HIGH_RATIO = 1.0   # a term above the detection loss dominates the gradient
 TREND = 0.1        # "growing"/"falling": the last third's mean moved by more than 10% from the first third's
-
-_LINE = 'ppdistill balance:'
-_WARN = 'ppdistill balance warning:'
-_LINE_RE = re.compile(re.escape(_LINE) + r' epoch (\d+) step (\d+) det_loss (\S+) \|(.*)$', re.M)
-_WARN_RE = re.compile(re.escape(_WARN) + r' (\S+) (low|high|growing): (.*)$', re.M)
-_PAIR_RE = re.compile(r'(\S+) (\S+)')
 
 
 def _thirds(series: Sequence[float]) -> Tuple[float, float]:
@@ -42,7 +32,7 @@ def balance_warnings(det: Sequence[float], terms: Dict[str, Sequence[float]], lo
     """Which distill terms are out of balance with the detection loss, judged on the series so far.
 
     Args:
-        det: detection loss (total minus distill) at each log point, oldest first.
+        det: detection loss at each log point, oldest first.
         terms: per distill term, its value at the same log points.
         low, high: bounds on the latest ``term / det`` ratio.
         trend: relative change that counts as growing/falling.
@@ -74,63 +64,47 @@ def balance_warnings(det: Sequence[float], terms: Dict[str, Sequence[float]], lo
     return found
 
 
-class LossBalanceMonitor(Callback):
-    """Log distill terms relative to the detection loss every ``log_iter`` steps; warn once per finding.
+class LossBalance:
+    """Distill terms against the detection loss, fed one training step at a time.
 
-    Reads ppdet's own training statistics (host values already fetched for logging), so it adds no
-    device synchronisation. Uses window means, so ``mean(loss) - mean(distill_loss)`` is exactly the mean
-    detection loss of the window. Does nothing for a model without ``distill_loss`` in its outputs.
+    ``update(record)`` takes one step's ``{'step', 'det_loss', 'distill_*': value, ...}`` (host floats).
+    At every step with ``step % every == 0`` (ppdet's log points) it returns ``{'det_loss', 'ratios':
+    {term: term / det}, 'warnings': [{'term', 'kind', 'message'}]}``: means over the last ``every`` steps
+    (ppdet's log window), and only the warnings not returned before (one per term and kind).
     """
 
-    def __init__(self, trainer):
-        super().__init__(trainer)
+    def __init__(self, every: int):
+        self.every = max(1, int(every))
+        self.window: deque = deque(maxlen=self.every)
         self.det: List[float] = []
         self.terms: Dict[str, List[float]] = {}
         self.warned = set()
 
-    def on_step_end(self, status):
-        if status.get('mode') != 'train' or (dist.get_world_size() > 1 and dist.get_rank() != 0):
-            return
-        meters = getattr(status.get('training_staus'), 'meters', None)
-        if not meters or 'distill_loss' not in meters or 'loss' not in meters:
-            return
-        if status['step_id'] % self.model.cfg.log_iter != 0:
-            return
-        values = {k: float(m.avg) for k, m in meters.items()}
-        det = values['loss'] - values['distill_loss']
+    def update(self, record: dict) -> Optional[dict]:
+        self.window.append(record)
+        if record['step'] % self.every:
+            return None
+        names = [k for k in record if k.startswith('distill_')]
+        det = float(np.mean([r['det_loss'] for r in self.window]))
+        means = {k: float(np.mean([r[k] for r in self.window if k in r])) for k in names}
         self.det.append(det)
-        names = [k for k in meters if k.startswith('distill_')]
-        for name in names:
-            self.terms.setdefault(name, []).append(values[name])
-        ratios = ' '.join(f'{k} {values[k] / det:.4g}' if det > 0 else f'{k} nan' for k in names)
-        logger.info(f"{_LINE} epoch {status['epoch_id']} step {status['step_id']} det_loss {det:.4g} |"
-                    f" {ratios}")
-        for name, kind, message in balance_warnings(self.det, self.terms):
-            if (name, kind) not in self.warned:
-                self.warned.add((name, kind))
-                logger.warning(f'{_WARN} {name} {kind}: {message}')
+        for k in names:
+            self.terms.setdefault(k, []).append(means[k])
+        new = []
+        for term, kind, message in balance_warnings(self.det, self.terms):
+            if (term, kind) not in self.warned:
+                self.warned.add((term, kind))
+                new.append({'term': term, 'kind': kind, 'message': message})
+        ratios = {k: (means[k] / det if det > 0 else float('nan')) for k in names}
+        return {'det_loss': det, 'ratios': ratios, 'warnings': new}
 
 
-def parse_balance_log(text: str) -> Tuple[List[dict], List[dict]]:
-    """The monitor's lines from a training log: ``(points, warnings)``.
-
-    ``points``: ``{'epoch', 'step', 'det_loss', 'ratios': {term: term / det}}`` per log point;
-    ``warnings``: ``{'term', 'kind', 'message'}``.
-    """
-    points = []
-    for m in _LINE_RE.finditer(text):
-        ratios = {k: float(v) for k, v in _PAIR_RE.findall(m.group(4))}
-        points.append({'epoch': int(m.group(1)), 'step': int(m.group(2)), 'det_loss': float(m.group(3)),
-                       'ratios': ratios})
-    warnings = [{'term': m.group(1), 'kind': m.group(2), 'message': m.group(3).strip()}
-                for m in _WARN_RE.finditer(text)]
-    return points, warnings
-
-
-def balance_summary(text: str) -> dict:
-    """Per term its ratio to the detection loss at the first and the last log point, plus the warnings."""
-    points, warnings = parse_balance_log(text)
-    if not points:
+def balance_summary(records: Iterable[dict]) -> dict:
+    """Per term its ratio to the detection loss at the first and the last log point, plus the warnings,
+    from a run's step records (those carrying the ``balance`` point :class:`LossBalance` gave)."""
+    points = [r['balance'] for r in records if r.get('balance')]
+    warnings = [w for p in points for w in p['warnings']]
+    if not points or not points[0]['ratios']:
         return {'terms': {}, 'warnings': warnings}
     first, last = points[0]['ratios'], points[-1]['ratios']
     return {'terms': {k: {'start': first[k], 'end': last.get(k)} for k in first},

@@ -1,15 +1,15 @@
-"""Running the tools as subprocesses, with progress, and reading what they log.
+"""Running the tools as subprocesses, with progress; what decides a run, and where it came from.
 
 Shared by ``tools/demo.py`` and ``tools/benchmark.py``: one run = one tool invocation whose output goes
 to a log file; while it runs, the ETA that ppdet's training log prints (``eta: 0:01:23``) is echoed on one
-progress line; a failing run prints its log tail and stops the caller. Also: a stamp (hash) of the files
-and settings that decide a run's result, so finished runs can be reused, and a parser for ppdet's
-training log lines.
+progress line; a failing run prints its log tail and stops the caller. Also: the inputs that decide a
+run (its configs' contents with their ``_BASE_`` files, and settings such as overrides and seeds), so a
+recorded run is reused only while they are unchanged; the provenance of a run (git commit, paddle and
+ppdet versions); and a file lock for two tool calls that share an output folder.
 """
-import ast
+import contextlib
 import datetime
 import glob
-import hashlib
 import json
 import os
 import re
@@ -18,17 +18,14 @@ import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-__all__ = ['RunFailed', 'run_tool', 'stamp', 'config_files', 'param_count', 'last_eta',
-           'parse_train_log', 'format_duration', 'teacher_stamp', 'shipped_teacher', 'ship_teacher',
-           'WEIGHTS_DIR', 'discover_methods', 'discover_archs', 'training_source_files', 'run_stamp',
-           'read_json', 'load_record']
+__all__ = ['RunFailed', 'run_tool', 'config_files', 'config_contents', 'changed_inputs', 'run_inputs', 'provenance',
+           'locked', 'param_count', 'last_eta', 'format_duration', 'now_utc', 'shipped_teacher',
+           'ship_teacher', 'WEIGHTS_DIR', 'discover_methods', 'discover_archs', 'read_json',
+           'write_json_atomic']
 
 PY = sys.executable
-
-# ppdet's LogPrinter: "Epoch: [0] [ 20/125] learning_rate: 0.04 loss: 1.23 ... eta: 0:01:23 batch_cost: ..."
-_TRAIN_LINE = re.compile(r'Epoch: \[(\d+)\]\s*\[\s*(\d+)/\s*(\d+)\]\s*learning_rate: (\S+)\s+(.*?)\s*eta: ')
-_METER = re.compile(r'(\w+): (-?(?:\d+\.?\d*(?:e[-+]?\d+)?|nan|inf))')
 _ETA = re.compile(r'eta: ((?:\d+ days?, )?\d+:\d\d:\d\d)')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RunFailed(RuntimeError):
@@ -106,60 +103,6 @@ def run_tool(name: str, args: Sequence[str], log: str, cwd: str, prefix: str = '
     return took
 
 
-def _decisive_bytes(path: str) -> bytes:
-    """What of a file decides a run: a Python file's code (its AST without docstrings, so comments and
-    docstrings do not matter), any other file's bytes."""
-    with open(path, 'rb') as f:
-        data = f.read()
-    if not path.endswith('.py'):
-        return data
-    tree = ast.parse(data, filename=path)
-    for node in ast.walk(tree):
-        body = getattr(node, 'body', None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree).encode()
-
-
-def stamp(paths: Iterable[str], extra: Iterable[str] = ()) -> str:
-    """Hash of the files (e.g. configs, dataset meta, code) and settings (overrides, seed) that decide a
-    run. Python files count by their code only (see :func:`_decisive_bytes`)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(_decisive_bytes(path))
-    for item in extra:
-        digest.update(b'\0' + str(item).encode())
-    return digest.hexdigest()[:16]
-
-
-# Bookkeeping of the tools, never imported by a training run: editing it must not retrain anything.
-_NOT_IN_TRAINING = ('runs.py',)
-
-
-def training_source_files() -> List[str]:
-    """ppdistill's code that decides a distilled run (losses, distiller, build, the train tool), for the
-    stamp; by its code only (:func:`_decisive_bytes`), so editing a docstring or comment keeps finished runs."""
-    pkg = os.path.dirname(os.path.abspath(__file__))
-    files = glob.glob(os.path.join(pkg, '*.py')) + glob.glob(os.path.join(pkg, 'losses', '*.py'))
-    return sorted([f for f in files if os.path.basename(f) not in _NOT_IN_TRAINING]
-                  + [os.path.join(pkg, 'tools', 'train.py')])
-
-
-def run_stamp(student_cfg: str, row: str, seed: int, opt: Sequence[str] = (), method_cfg: Optional[str] = None,
-              teacher: Optional[str] = None) -> str:
-    """Stamp of a student run: the plain student (``row='student'``), or the student distilled with
-    ``method_cfg`` from the teacher whose stamp is ``teacher`` (ppdistill's training code counts too).
-    The benchmark keys its runs by it and the demo finds the recorded run of the same configs and seed."""
-    files = config_files(student_cfg)
-    extra = [row, seed] + list(opt)
-    if method_cfg is not None:
-        files += [method_cfg] + training_source_files()
-        extra += [teacher]
-    return stamp(files, extra)
-
-
 def config_files(config: str) -> List[str]:
     """A ppdet config and its ``_BASE_`` files, recursively (paths as given, joined with the bases)."""
     import yaml
@@ -174,6 +117,87 @@ def config_files(config: str) -> List[str]:
     return sorted(files)
 
 
+def config_contents(configs: Iterable[str], root: str) -> Dict[str, str]:
+    """``{path: text}`` of the configs and all their ``_BASE_`` files; paths relative to ``root`` when
+    inside it (so records made in one checkout match in another), else absolute."""
+    out = {}
+    for config in configs:
+        for path in config_files(config):
+            rel = os.path.relpath(os.path.abspath(path), root)
+            with open(path) as f:
+                out[os.path.abspath(path) if rel.startswith('..') else rel] = f.read()
+    return out
+
+
+def changed_inputs(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """The names (config paths, settings) in ``current`` whose recorded value differs or is missing."""
+    return sorted(k for k, v in current.items() if k not in recorded or recorded[k] != v)
+
+
+def run_inputs(row: str, root: str, teacher_cfg: str, student_cfg: Optional[str] = None,
+               method_cfg: Optional[str] = None, opt: Sequence[str] = (), teacher_opt: Sequence[str] = (),
+               teacher_seed: int = 0) -> Dict[str, Any]:
+    """What decides a run besides the code, the data and the student's seed: the teacher
+    (``row='teacher'``: its configs, seed and overrides), the plain student (its configs and overrides),
+    or a distilled student (both, and ``method_cfg``)."""
+    teacher = {**config_contents([teacher_cfg], root), 'teacher_seed': teacher_seed,
+               'teacher_overrides': list(teacher_opt)}
+    if row == 'teacher':
+        return teacher
+    student = {**config_contents([student_cfg], root), 'overrides': list(opt)}
+    return student if method_cfg is None else {**student, **teacher, **config_contents([method_cfg], root)}
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(['git', *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance() -> Dict[str, str]:
+    """Where a run comes from: ppdistill's git commit (``<sha>-dirty`` when its Python code has
+    uncommitted changes; ``unknown`` outside a checkout) and the paddle and ppdet versions."""
+    from importlib.metadata import PackageNotFoundError, version
+    commit = _git('rev-parse', 'HEAD') or 'unknown'
+    if commit != 'unknown' and _git('status', '--porcelain', '--untracked-files=no', '--', 'ppdistill', 'tools'):
+        commit += '-dirty'
+    found = {}
+    for name, dists in (('paddle', ('paddlepaddle', 'paddlepaddle-gpu')), ('ppdet', ('paddledet',))):
+        for dist in dists:
+            try:
+                found[name] = version(dist)
+                break
+            except PackageNotFoundError:
+                found[name] = 'unknown'
+    return {'commit': commit, **found}
+
+
+@contextlib.contextmanager
+def locked(path: str, on_wait: Optional[str] = None):
+    """Hold ``<path>.lock`` exclusively (two tool calls on one output folder: one runs a shared run or
+    rewrites a shared file while the other waits); print ``on_wait`` when it has to wait. No-op where
+    ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.lock', 'w') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if on_wait:
+                print(on_wait, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def param_count(weights: str) -> int:
     """Parameters in a checkpoint (``<weights>.pdparams``), BatchNorm running statistics excluded."""
     import numpy as np
@@ -182,42 +206,23 @@ def param_count(weights: str) -> int:
     return int(sum(np.prod(v.shape) for k, v in state.items() if not k.endswith(('_mean', '_variance'))))
 
 
-def parse_train_log(text: str) -> List[Dict[str, float]]:
-    """Every ppdet training log line as ``{'epoch', 'step', 'steps_per_epoch', 'iter', 'lr', <meters>}``.
-
-    ``iter`` is the global step ``epoch * steps_per_epoch + step``; meters are ppdet's logged values
-    (medians over the last ``log_iter`` steps): ``loss``, the detector's terms, ``distill_*`` terms.
-    """
-    rows = []
-    for m in _TRAIN_LINE.finditer(text):
-        epoch, step, per_epoch = int(m.group(1)), int(m.group(2)), int(m.group(3))
-        row = {'epoch': epoch, 'step': step, 'steps_per_epoch': per_epoch,
-               'iter': epoch * per_epoch + step, 'lr': float(m.group(4))}
-        row.update({k: float(v) for k, v in _METER.findall(m.group(5))})
-        rows.append(row)
-    return rows
-
-
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
 
 
 # -- shipped demo teachers ----------------------------------------------------------------------------
 # A demo teacher is trained once and shipped as ``configs/demo/weights/<arch>_teacher.pdparams`` (a plain
-# ppdet checkpoint) with ``<arch>_teacher.json``: the stamp of the run that made it, the command, date and
-# its COCO metrics. The demo and the benchmark use it while the stamp still matches the teacher's configs.
+# ppdet checkpoint) with ``<arch>_teacher.json``: the inputs of the run that made it (its configs'
+# contents, seed, overrides), the command, date and its COCO metrics. The demo and the benchmark use it
+# while those inputs are unchanged.
 WEIGHTS_DIR = os.path.join('configs', 'demo', 'weights')
 
 
-def teacher_stamp(teacher_cfg: str, seed: int, opt: Sequence[str] = ()) -> str:
-    """Stamp of a teacher run: its config chain (contents), its seed and overrides."""
-    return stamp(config_files(teacher_cfg), ['teacher', seed] + list(opt))
-
-
-def shipped_teacher(weights_dir: str, arch: str, want_stamp: str) -> Optional[str]:
-    """``<weights_dir>/<arch>_teacher`` (no suffix) if shipped for exactly this stamp, else ``None``."""
+def shipped_teacher(weights_dir: str, arch: str, inputs: Dict[str, Any]) -> Optional[str]:
+    """``<weights_dir>/<arch>_teacher`` (no suffix) if shipped for exactly these inputs, else ``None``."""
     base = os.path.join(weights_dir, f'{arch}_teacher')
-    found = load_record(base + '.json', want_stamp) is not None
+    record = read_json(base + '.json')
+    found = isinstance(record, dict) and not changed_inputs(record.get('inputs', {}), inputs)
     return base if found and os.path.isfile(base + '.pdparams') else None
 
 
@@ -239,13 +244,6 @@ def read_json(path: str) -> Any:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def load_record(path: str, want_stamp: str) -> Optional[dict]:
-    """A run's record (a benchmark ``run.json``, a shipped teacher's ``.json``) if it exists and was made
-    for exactly ``want_stamp``, else ``None``."""
-    record = read_json(path)
-    return record if isinstance(record, dict) and record.get('stamp') == want_stamp else None
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -1,4 +1,5 @@
-"""ppdet's ``Trainer`` with distillation-aware checkpoints, resume and a cross-rank check.
+"""ppdet's ``Trainer`` with distillation-aware checkpoints, resume, a cross-rank check and a structured
+training log (``train_log.jsonl``: every step's losses, for the loss-balance report and the benchmark).
 
 Training itself (loop, LR, AMP, EMA, logging, VisualDL, ``--eval``) is ppdet's, unchanged.
 """
@@ -13,14 +14,16 @@ from ppdet.engine import Trainer
 from ppdet.engine.callbacks import Callback, Checkpointer, ComposeCallback
 from ppdet.utils.logger import setup_logger
 
-from .balance import LossBalanceMonitor
+from .balance import LossBalance
 from .checkpoint import resume_checkpoint, save_checkpoint
 from .ema import ema_from_config
 
 logger = setup_logger(__name__)
 
-__all__ = ['DistillTrainer', 'DistillCheckpointer', 'RankConsistencyCheck', 'MetricsSaver',
-           'param_fingerprints', 'run_output_dir']
+__all__ = ['DistillTrainer', 'DistillCheckpointer', 'RankConsistencyCheck', 'MetricsSaver', 'TrainLog',
+           'param_fingerprints', 'run_output_dir', 'TRAIN_LOG', 'read_train_log']
+
+TRAIN_LOG = 'train_log.jsonl'
 
 
 def run_output_dir(cfg) -> str:
@@ -129,6 +132,84 @@ class MetricsSaver(Callback):
             json.dump(results, f, indent=1)
 
 
+def _host(value) -> float:
+    return float(np.asarray(value, dtype='float64').reshape(-1)[0])
+
+
+class TrainLog(Callback):
+    """Every training step's losses as one JSON line in ``<save_dir>/<config name>/train_log.jsonl``.
+
+    A line: ``{"epoch", "step", "iter", "lr", "loss", <the detector's terms>, "det_loss", "distill_*"}``
+    (``iter = epoch * steps_per_epoch + step``). ``det_loss`` is the student's own loss, read from its
+    forward (a post-hook on ``student_model``), never ``loss - distill_loss``: that difference is
+    rounded in float32, to 0 once distill is ~10^7 times larger. The other values are the host copies
+    ppdet's training statistics already made. On a distilled run every ``log_iter``-th line also has a
+    ``balance`` point (see :class:`ppdistill.balance.LossBalance`), which is logged as
+    ``ppdistill balance: ...`` with a warning per new finding. Rank 0 only; a resumed run keeps the
+    lines of the epochs before the resumed one and appends.
+    """
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self.path = os.path.join(run_output_dir(trainer.cfg), TRAIN_LOG)
+        self.student = getattr(trainer.model, 'student_model', None)
+        self.balance = LossBalance(trainer.cfg.log_iter) if self.student is not None else None
+        self._det = None
+        if self.student is not None:
+            self.student.register_forward_post_hook(self._keep_det_loss)
+
+    def _keep_det_loss(self, layer, inputs, outputs):
+        if layer.training and isinstance(outputs, dict) and 'loss' in outputs:
+            self._det = outputs['loss'].detach()
+
+    def _is_writer(self) -> bool:
+        return dist.get_world_size() < 2 or dist.get_rank() == 0
+
+    def on_train_begin(self, status):
+        if not self._is_writer():
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        start = getattr(self.model, 'start_epoch', 0)
+        kept = [r for r in read_train_log(self.path) if r['epoch'] < start] if start > 0 else []
+        with open(self.path, 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in kept)
+
+    def on_step_end(self, status):
+        if status.get('mode') != 'train' or not self._is_writer():
+            return
+        meters = getattr(status.get('training_staus'), 'meters', None) or {}
+        epoch, step = status['epoch_id'], status['step_id']
+        record = {'epoch': epoch, 'step': step, 'iter': epoch * status['steps_per_epoch'] + step,
+                  'lr': float(status.get('learning_rate', float('nan')))}
+        record.update({k: _host(m.value) for k, m in meters.items()})
+        if 'loss' in record:
+            record['det_loss'] = _host(self._det.numpy()) if self._det is not None else record['loss']
+        point = self.balance.update(record) if self.balance and 'distill_loss' in record else None
+        if point is not None:
+            record['balance'] = point
+            ratios = ' '.join(f'{k} {v:.4g}' for k, v in point['ratios'].items())
+            logger.info(f"ppdistill balance: epoch {epoch} step {step} det_loss {point['det_loss']:.4g} | {ratios}")
+            for w in point['warnings']:
+                logger.warning(f"ppdistill balance warning: {w['term']} {w['kind']}: {w['message']}")
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+def read_train_log(path: str) -> List[dict]:
+    """The step records of a ``train_log.jsonl`` (empty when the file is missing); a line cut short by a
+    killed run is left out."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
 class DistillTrainer(Trainer):
     """``ppdet.engine.Trainer`` whose checkpoints, EMA and resume understand the distiller."""
 
@@ -147,7 +228,7 @@ class DistillTrainer(Trainer):
         if self.mode != 'train':
             return
         self._callbacks = [DistillCheckpointer(self) if type(cb) is Checkpointer else cb
-                           for cb in self._callbacks] + [RankConsistencyCheck(self), LossBalanceMonitor(self)]
+                           for cb in self._callbacks] + [RankConsistencyCheck(self), TrainLog(self)]
         self._compose_callback = ComposeCallback(self._callbacks)
 
     def resume_weights(self, weights: str) -> None:

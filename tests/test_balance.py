@@ -1,5 +1,6 @@
-"""Loss-balance report: the warning rules on synthetic series, the callback's log lines read back, and the
-distiller's sub-term logging (FGD fg/bg/mask/rela)."""
+"""Loss-balance report and the structured training log: the warning rules on synthetic series, the
+windowed ratios read back from step records, ``train_log.jsonl`` written by the trainer's callback (the
+detection loss taken from the student itself), and the distiller's sub-term logging (FGD fg/bg/mask/rela)."""
 import ppdistill  # noqa: F401  (import order: ppdet before paddle)
 import io
 import logging
@@ -11,15 +12,16 @@ import pytest
 from ppdet.utils.stats import TrainingStats
 
 from ppdistill import Distiller
-from ppdistill.balance import LossBalanceMonitor, balance_summary, balance_warnings, parse_balance_log
+from ppdistill.balance import LossBalance, balance_summary, balance_warnings
+from ppdistill.trainer import TRAIN_LOG, TrainLog, read_train_log
 from toy_models import ToyDet, toy_inputs
 
 
 def logged(run):
-    """What ``run()`` logs through ppdistill.balance's logger (ppdet's handlers bypass pytest capture)."""
+    """What ``run()`` logs through ppdistill.trainer's logger (ppdet's handlers bypass pytest capture)."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    logger = logging.getLogger('ppdistill.balance')
+    logger = logging.getLogger('ppdistill.trainer')
     logger.addHandler(handler)
     try:
         run()
@@ -61,47 +63,114 @@ def test_issue_example_fgd_rising_above_detection_loss_is_flagged_high_and_growi
     assert found == [('distill_loss', 'growing'), ('distill_loss', 'high')]
 
 
-def _status(stats, step):
-    return {'mode': 'train', 'epoch_id': 0, 'step_id': step, 'training_staus': stats}
-
-
-def test_monitor_logs_ratios_and_warns_once_and_the_log_parses_back():
-    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(log_iter=2))
-    monitor = LossBalanceMonitor(trainer)
-    stats = TrainingStats(window_size=2)
+def test_balance_points_are_window_means_and_warn_once():
+    balance = LossBalance(every=2)
     det = [3.0, 3.0, 2.5, 2.5, 2.0, 2.0, 1.5, 1.5]
     small = [0.001] * 8                              # 0.03% .. 0.07% of det: low
     big = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0]   # grows while det falls, ends > det
-
-    def train():
-        for step in range(8):
-            out = {'loss': det[step] + small[step] + big[step], 'distill_loss': small[step] + big[step],
-                   'distill_x_l0': small[step], 'distill_y_l0': big[step]}
-            stats.update({k: paddle.to_tensor(v, dtype='float64') for k, v in out.items()})
-            monitor.on_step_end(_status(stats, step))
-    text = logged(train)
-    points, warnings = parse_balance_log(text)
-    assert [p['step'] for p in points] == [0, 2, 4, 6]
-    # window means over log_iter=2 steps: step 0 sees one value, step 2 sees steps 1..2
+    records = []
+    for step in range(8):
+        record = {'step': step, 'det_loss': det[step], 'distill_loss': small[step] + big[step],
+                  'distill_x_l0': small[step], 'distill_y_l0': big[step]}
+        point = balance.update(record)
+        assert (point is None) == (step % 2 == 1)
+        records.append(dict(record, balance=point) if point else record)
+    points = [r['balance'] for r in records if 'balance' in r]
+    # window means over every=2 steps: step 0 sees one value, step 2 sees steps 1..2
     want_det = [3.0, (3.0 + 2.5) / 2, (2.5 + 2.0) / 2, (2.0 + 1.5) / 2]
-    np.testing.assert_allclose([p['det_loss'] for p in points], want_det, rtol=1e-3)
+    np.testing.assert_allclose([p['det_loss'] for p in points], want_det)
     want_big = [1.0, 1.5, 2.5, 3.5]
-    np.testing.assert_allclose([p['ratios']['distill_y_l0'] for p in points],
-                               np.array(want_big) / np.array(want_det), rtol=1e-3)
-    assert sorted((w['term'], w['kind']) for w in warnings) == [
-        ('distill_loss', 'growing'), ('distill_loss', 'high'), ('distill_x_l0', 'low'),
-        ('distill_y_l0', 'growing'), ('distill_y_l0', 'high')]  # once each, though true at many points
-    summary = balance_summary(text)
-    assert summary['terms']['distill_y_l0']['start'] == pytest.approx(1.0 / 3.0, rel=1e-3)
-    assert summary['terms']['distill_y_l0']['end'] == pytest.approx(3.5 / 1.75, rel=1e-3)
+    np.testing.assert_allclose([p['ratios']['distill_y_l0'] for p in points], np.divide(want_big, want_det))
+    warned = [(w['term'], w['kind']) for p in points for w in p['warnings']]
+    assert sorted(warned) == [('distill_loss', 'growing'), ('distill_loss', 'high'), ('distill_x_l0', 'low'),
+                              ('distill_y_l0', 'growing'), ('distill_y_l0', 'high')]  # once each
+    summary = balance_summary(records)
+    assert summary['terms']['distill_y_l0'] == {'start': pytest.approx(1.0 / 3.0), 'end': pytest.approx(3.5 / 1.75)}
+    assert summary['det_loss'] == {'start': 3.0, 'end': 1.75} and len(summary['warnings']) == 5
+    assert balance_summary([{'step': 0, 'det_loss': 1.0}]) == {'terms': {}, 'warnings': []}
 
 
-def test_monitor_ignores_runs_without_distillation():
-    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(log_iter=1))
-    monitor = LossBalanceMonitor(trainer)
-    stats = TrainingStats(window_size=1)
-    stats.update({'loss': paddle.to_tensor(1.0)})
-    assert logged(lambda: monitor.on_step_end(_status(stats, 0))) == ''
+def _trainer(tmp_path, model, log_iter=1, start_epoch=0):
+    cfg = types.SimpleNamespace(save_dir=str(tmp_path), filename='run', log_iter=log_iter)
+    return types.SimpleNamespace(cfg=cfg, model=model, start_epoch=start_epoch)
+
+
+def _train_steps(callback, model, inputs, steps, epoch=0, steps_per_epoch=10, window=1):
+    """What ppdet's training loop does around the callback: forward, statistics update, on_step_end."""
+    stats = TrainingStats(window_size=window)
+    callback.on_train_begin({})
+    outputs = []
+    for step in range(steps):
+        out = model(inputs)
+        stats.update(out)
+        callback.on_step_end({'mode': 'train', 'epoch_id': epoch, 'step_id': step, 'steps_per_epoch': steps_per_epoch,
+                              'learning_rate': 0.1, 'training_staus': stats})
+        outputs.append({k: float(v) for k, v in out.items()})
+    return outputs
+
+
+def _distiller(weight):
+    paddle.seed(3)
+    losses = [{'type': 'MGDLoss', 'student': 'neck', 'teacher': 'neck', 'weight': weight,
+               'args': {'lambda_mgd': 0.0, 'alpha_mgd': 1.0}}]
+    return Distiller(student_model=ToyDet(width=8, neck_ch=4, levels=2, dropout=0.0),
+                     teacher_model=ToyDet(width=16, neck_ch=8, levels=2, dropout=0.0), losses=losses, probe_size=32)
+
+
+def test_train_log_writes_one_line_per_step_with_the_students_own_loss(tmp_path):
+    d = _distiller(1.0)
+    d.train()
+    inputs = toy_inputs()
+    callback = TrainLog(_trainer(tmp_path, d, log_iter=2))
+    text = logged(lambda: _train_steps(callback, d, inputs, steps=3, epoch=1))
+    lines = read_train_log(str(tmp_path / 'run' / TRAIN_LOG))
+    assert [(r['epoch'], r['step'], r['iter']) for r in lines] == [(1, 0, 10), (1, 1, 11), (1, 2, 12)]
+    # independently: the student alone on the same batch (no dropout: deterministic)
+    own = float(d.student_model(inputs)['loss'])
+    for r in lines:
+        assert r['det_loss'] == pytest.approx(own, rel=1e-6) and r['lr'] == 0.1
+        assert r['loss'] == pytest.approx(r['det_loss'] + r['distill_loss'], rel=1e-5)
+        assert {'loss_cls', 'distill_mgd_l0', 'distill_mgd_l1'} <= set(r)
+    assert [('balance' in r) for r in lines] == [True, False, True]      # log_iter=2: steps 0 and 2
+    assert lines[0]['balance']['ratios']['distill_mgd_l0'] == pytest.approx(lines[0]['distill_mgd_l0'] / own, rel=1e-5)
+    assert 'ppdistill balance: epoch 1 step 2' in text
+    # resuming at epoch 2 keeps the lines of the epochs before it (not a line a kill cut short); a fresh
+    # run starts the file anew
+    with open(tmp_path / 'run' / TRAIN_LOG, 'a') as f:
+        f.write('{"epoch": 1, "step": 3, "lo')
+    TrainLog(_trainer(tmp_path, d, start_epoch=2)).on_train_begin({})
+    assert len(read_train_log(str(tmp_path / 'run' / TRAIN_LOG))) == 3
+    TrainLog(_trainer(tmp_path, d, start_epoch=1)).on_train_begin({})
+    assert read_train_log(str(tmp_path / 'run' / TRAIN_LOG)) == []
+
+
+def test_balance_ratios_when_distill_dwarfs_the_detection_loss(tmp_path):
+    """With distill ~10^9 times the detection loss, ``loss - distill_loss`` in float32 is 0: the monitor
+    then printed det_loss 0 and every ratio nan. The ratios now come from the student's own loss."""
+    d = _distiller(1e9)
+    d.train()
+    inputs = toy_inputs()
+    out = d(inputs)
+    assert float(out['loss'] - out['distill_loss']) == 0.0   # the case meant: the difference is lost
+    own = float(d.student_model(inputs)['loss'])
+    callback = TrainLog(_trainer(tmp_path, d))
+    text = logged(lambda: _train_steps(callback, d, inputs, steps=1))
+    point = read_train_log(str(tmp_path / 'run' / TRAIN_LOG))[0]['balance']
+    assert point['det_loss'] == pytest.approx(own, rel=1e-6) and own > 0
+    for term in ('distill_mgd_l0', 'distill_loss'):
+        assert np.isfinite(point['ratios'][term]) and point['ratios'][term] > 1e6
+    ratio = float(out['distill_mgd_l0']) / own
+    assert point['ratios']['distill_mgd_l0'] == pytest.approx(ratio, rel=1e-5)
+    assert 'nan' not in text and 'det_loss 0 ' not in text
+
+
+def test_train_log_of_a_plain_model_has_no_balance(tmp_path):
+    model = ToyDet(width=8, neck_ch=4, levels=2, dropout=0.0)
+    model.train()
+    callback = TrainLog(_trainer(tmp_path, model))
+    assert logged(lambda: _train_steps(callback, model, toy_inputs(), steps=2)) == ''
+    lines = read_train_log(str(tmp_path / 'run' / TRAIN_LOG))
+    assert len(lines) == 2 and all(r['det_loss'] == r['loss'] and 'balance' not in r for r in lines)
 
 
 def test_distiller_logs_fgd_sub_terms_and_sums_them_once():

@@ -111,17 +111,16 @@ def test_paired_rows_use_the_per_seed_differences():
 
 
 def test_runs_pair_when_their_first_detection_losses_match():
-    from ppdistill.runs import parse_train_log
-    same_start = _benchmark_module().same_start
-    line = ('Epoch: [0] [  0/250] learning_rate: 0.004000 loss_vfl: 1.009536 loss_bbox: 1.746961 {extra}'
-            'loss: {loss} eta: 0:07:15 batch_cost: 0.5808')
-    student = parse_train_log(line.format(extra='', loss='2.756497'))
-    same = parse_train_log(line.format(extra='distill_mgd_l0: 0.36 ', loss='3.116497'))
-    other = parse_train_log(line.replace('1.009536', '1.788019').format(extra='', loss='3.53498'))
-    later = parse_train_log(line.replace('[  0/250]', '[ 20/250]').format(extra='', loss='2.756497'))
+    from ppdistill.bench.results import first_step, same_start
+    step0 = {'epoch': 0, 'step': 0, 'iter': 0, 'lr': 0.004, 'loss_vfl': 1.009536, 'loss_bbox': 1.746961}
+    student = first_step([dict(step0, loss=2.756497, det_loss=2.756497)])
+    same = first_step([dict(step0, loss=3.116497, det_loss=2.756497, distill_mgd_l0=0.36, distill_loss=0.36)])
+    other = first_step([dict(step0, loss_vfl=1.788019, loss=3.53498, det_loss=3.53498)])
+    later = first_step([dict(step0, step=20, iter=20, loss=2.756497)])
+    assert student == {'loss_vfl': 1.009536, 'loss_bbox': 1.746961} == same
     assert same_start(student, same) is True
     assert same_start(student, other) is False
-    assert same_start(student, later) is False and same_start(student, []) is False
+    assert later == {} and same_start(student, later) is False and same_start(student, None) is False
 
 
 # -- no host synchronisation inside the losses ---------------------------------------------------------
@@ -262,39 +261,88 @@ def work(tmp_path_factory):
     return wd
 
 
+def _checkout(tmp_path):
+    """A copy of the code and configs (no git, docs or weights), run as a user runs a checkout's tools."""
+    import shutil
+    copy = tmp_path / 'checkout'
+    ignore = shutil.ignore_patterns('__pycache__', 'weights', '*.pdparams')
+    for name in ('ppdistill', 'tools', 'configs'):
+        shutil.copytree(os.path.join(ROOT, name), copy / name, ignore=ignore)
+    return copy
+
+
 @pytest.mark.integration
-def test_accuracy_benchmark_on_tiny_configs_and_resume(work):
-    args = ['benchmark.py', 'accuracy', '--config_dir', TINY, '--methods', 'fgd', '--seeds', '2',
-            '-o', 'log_iter=1']
-    out = run(args, work)
-    assert out.count('train: done') == 5 and out.count('eval: done') == 5  # teacher + 2 x (student, fgd)
-    bench = work / 'output' / 'benchmark'
+def test_accuracy_table_records_reprints_adds_seeds_and_refuses_config_changes(work, tmp_path):
+    """One results file per table: the first call trains and records every run; the same command reprints
+    the table without training, also after an unrelated code edit; more seeds train only those; a config
+    change stops the tool before training."""
+    from ppdistill.bench.results import load_results, table_summary
+    code = _checkout(tmp_path)
+    tiny = str(code / 'configs' / 'demo' / 'tiny')
+
+    def bench(*extra, ok=True):
+        cmd = [sys.executable, str(code / 'tools' / 'benchmark.py'), 'accuracy', '--config_dir', tiny,
+               '--methods', 'fgd', '--out', 'tab', '-o', 'log_iter=1'] + list(extra)
+        proc = subprocess.run(cmd, cwd=str(work), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=1200)
+        assert (proc.returncode == 0) == ok, proc.stdout[-5000:]
+        return proc.stdout
+    out = bench('--seeds', '1')
+    assert out.count('train: done') == 3 and out.count('eval: done') == 3  # teacher, student, fgd
+    tab = work / 'tab'
+    results = load_results(str(tab / 'accuracy_picodet.json'))
+    assert results['table']['seeds'] == [0] and results['table']['rows'] == ['teacher', 'student', 'fgd']
+    assert results['settings'] == {'overrides': ['log_iter=1'], 'teacher_overrides': [], 'teacher_seed': 0}
+    student_cfg, key = os.path.join(tiny, 'picodet_student.yml'), 'configs/demo/tiny/picodet_student.yml'
+    assert results['configs'][key] == open(student_cfg).read()
+    assert results['runs']['fgd']['0']['paddle'] == paddle.__version__
+    steps = [json.loads(line) for line in
+             open(tab / 'runs' / 'picodet' / 'fgd' / 'seed0' / 'fgd_picodet_teacher_to_student' / 'train_log.jsonl')]
+    balance = results['runs']['fgd']['0']['losses']['balance']
+    first = steps[0]['balance']['ratios']
+    assert balance['terms']['distill_fgd_l0_fg']['start'] == first['distill_fgd_l0_fg']
+    assert first['distill_loss'] == pytest.approx(steps[0]['distill_loss'] / steps[0]['det_loss'])
+    md = (tab / 'accuracy_picodet.md').read_text()
+
+    # the same command reprints the table from the records, without training, to the byte
+    (tab / 'accuracy_picodet.md').unlink()
+    again = bench('--seeds', '1')
+    assert 'reusing 3 recorded runs' in again and 'train: done' not in again and 'eval: done' not in again
+    assert (tab / 'accuracy_picodet.md').read_text() == md
+    # an unrelated code edit (a new loss file, a log message) keeps every recorded run
+    (code / 'ppdistill' / 'losses' / 'unrelated.py').write_text('X = 1\n')
+    trainer = code / 'ppdistill' / 'trainer.py'
+    trainer.write_text(trainer.read_text().replace("'Cross-rank check: ", "'Cross-rank check passed: "))
+    assert 'train: done' not in bench('--seeds', '1')
+    # a second seed trains only its two runs
+    more = bench('--seeds', '2')
+    assert 'reusing 3 recorded runs' in more and more.count('train: done') == 2
     for name in ('accuracy_picodet.md', 'accuracy_picodet.json', 'accuracy_picodet.png', 'losses_picodet.png'):
-        assert (bench / name).stat().st_size > 0, name
-    result = json.loads((bench / 'accuracy_picodet.json').read_text())
-    assert result['seeds'] == [0, 1] and 'Welch' in result['criterion']
-    rows = {r['row']: r for r in result['rows']}
-    assert list(rows) == ['teacher', 'student', 'fgd']
-    assert rows['teacher']['n'] == 1 and rows['student']['n'] == 2 and rows['fgd']['n'] == 2
-    for row in rows.values():
-        for run_ in row['runs']:
-            metrics = json.loads(open(os.path.join(ROOT, run_['run_dir'], 'metrics.json')).read())['bbox']
-            assert run_['AP'] == pytest.approx(metrics[0]) and run_['APl'] == pytest.approx(metrics[5])
+        assert (tab / name).stat().st_size > 0, name
+    results = load_results(str(tab / 'accuracy_picodet.json'))
+    assert sorted(results['runs']['fgd']) == ['0', '1'] and results['table']['seeds'] == [0, 1]
+    for row, seeds in results['runs'].items():
+        for seed, rec in seeds.items():
+            run_dir = tab / 'runs' / 'picodet' / row / f'seed{seed}'
+            assert rec['bbox'] == json.loads((run_dir / 'metrics.json').read_text())['bbox']
             # every evaluation writes its detections into its own run directory: two benchmark calls
             # side by side (disjoint --seeds) once overwrote each other's output/bbox.json
-            assert os.path.getsize(os.path.join(ROOT, run_['run_dir'], 'bbox.json')) > 0
-        assert row['mean']['AP'] == pytest.approx(np.mean([r['AP'] for r in row['runs']]))
+            assert (run_dir / 'bbox.json').stat().st_size > 0
     assert not (work / 'output' / 'bbox.json').exists()
-    assert {'delta_ap', 'gap_closed', 'beyond_noise'} <= set(rows['fgd'])
+    rows = {r['row']: r for r in table_summary(results, ['teacher', 'student', 'fgd'], [0, 1])}
     assert rows['fgd']['test'] == 'paired'  # same seed: same initial weights and first batch
-    balance = rows['fgd']['runs'][0]['balance']['terms']
-    assert {'distill_loss', 'distill_fgd_l0', 'distill_fgd_l0_fg', 'distill_fgd_l0_rela'} <= set(balance)
-    assert balance['distill_loss']['start'] > 0 and balance['distill_loss']['end'] > 0
-    md = (bench / 'accuracy_picodet.md').read_text()
-    assert 'seeds: [0, 1]' in md and 'benchmark.py accuracy' in md and '| fgd | 2 |' in md
-    # a second call reuses every finished run
-    again = run(args, work)
-    assert 'reusing 5 finished runs' in again and 'train: done' not in again
+    assert rows['student']['mean']['AP'] == pytest.approx(np.mean([results['runs']['student'][s]['bbox'][0]
+                                                                   for s in ('0', '1')]))
+    md = (tab / 'accuracy_picodet.md').read_text()
+    assert 'seeds: [0, 1]' in md and "--seeds 2" in md and '| fgd | 2 |' in md
+    # a changed config: one line before any training, the records untouched
+    with open(student_cfg, 'a') as f:
+        f.write('snapshot_epoch: 1\n')
+    refused = bench('--seeds', '2', ok=False)
+    assert 'train: done' not in refused and 'Traceback' not in refused
+    error = [ln for ln in refused.splitlines() if ln.startswith('ppdistill: error:')]
+    assert len(error) == 1 and key in error[0] and '--rerun' in error[0]
+    assert load_results(str(tab / 'accuracy_picodet.json')) == results
 
 
 def _benchmark_module():
@@ -314,55 +362,49 @@ def test_methods_are_discovered_by_config_name(tmp_path):
     assert benchmark.describe_seeds('2,', [2]) == 'seeds [2]'
 
 
-def test_run_stamps_follow_what_decides_each_run():
+def test_run_inputs_follow_what_decides_each_run(tmp_path):
     benchmark = _benchmark_module()
+    from ppdistill.runs import changed_inputs
 
     def plan(*extra):
         return benchmark.Plan(benchmark.parse_args(['accuracy', '--config_dir', TINY, '--methods', 'fgd']
                                                    + list(extra)))
     base, other_opt, other_teacher = plan('-o', 'epoch=1'), plan('-o', 'epoch=2'), \
         plan('-o', 'epoch=1', '--teacher_opt', 'epoch=3')
-    assert base.stamp('student', 0) == plan('-o', 'epoch=1').stamp('student', 0)  # deterministic
-    assert base.stamp('student', 0) != base.stamp('student', 1)                   # seed
-    assert base.stamp('student', 0) != base.stamp('fgd', 0)                       # row
-    assert base.stamp('student', 0) != other_opt.stamp('student', 0)              # student overrides
-    assert base.stamp('teacher', 0) == other_opt.stamp('teacher', 0)              # ... not the teacher's
-    assert base.stamp('teacher', 0) != other_teacher.stamp('teacher', 0)          # teacher overrides
-    assert base.stamp('fgd', 0) != other_teacher.stamp('fgd', 0)                  # a new teacher: new fgd
-    assert base.stamp('student', 0) == other_teacher.stamp('student', 0)          # ... same plain student
-
-
-def test_another_student_config_keeps_the_teacher(tmp_path):
-    benchmark = _benchmark_module()
+    assert changed_inputs(base.inputs('student'), other_opt.inputs('student')) == ['overrides']
+    assert changed_inputs(base.inputs('teacher'), other_opt.inputs('teacher')) == []      # not the teacher's
+    assert changed_inputs(base.inputs('teacher'), other_teacher.inputs('teacher')) == ['teacher_overrides']
+    assert changed_inputs(base.inputs('fgd'), other_teacher.inputs('fgd')) == ['teacher_overrides']  # new teacher
+    assert changed_inputs(base.inputs('student'), other_teacher.inputs('student')) == []  # same plain student
+    fgd = base.inputs('fgd')
+    key = os.path.relpath(os.path.join(TINY, 'picodet_student.yml'), ROOT)  # repository-relative
+    assert fgd[key] == open(os.path.join(TINY, 'picodet_student.yml')).read()
+    assert any(k.endswith('fgd_picodet_teacher_to_student.yml') for k in fgd)
+    assert set(base.inputs('student')) < set(fgd) and set(base.inputs('teacher')) < set(fgd)
+    # another student recipe keeps the teacher
     longer = tmp_path / 'picodet_student_long.yml'
     longer.write_text(f"_BASE_: ['{os.path.join(TINY, 'picodet_student.yml')}']\nepoch: 2\n")
-    args = ['accuracy', '--config_dir', TINY, '--methods', 'fgd']
-    base = benchmark.Plan(benchmark.parse_args(args))
-    other = benchmark.Plan(benchmark.parse_args(args + ['--student_config', str(longer)]))
+    other = plan('--student_config', str(longer))
     assert other.student_cfg == str(longer) and other.teacher_cfg == base.teacher_cfg
-    assert other.stamp('teacher', 0) == base.stamp('teacher', 0)
-    assert other.stamp('student', 0) != base.stamp('student', 0) and other.stamp('fgd', 0) != base.stamp('fgd', 0)
+    assert other.inputs('teacher') == plan().inputs('teacher')
+    assert changed_inputs(plan().inputs('student'), other.inputs('student')) == [str(longer)]
     with pytest.raises(benchmark.PPDistillError, match='--student_config'):
-        benchmark.Plan(benchmark.parse_args(args + ['--student_config', str(tmp_path / 'missing.yml')]))
+        plan('--student_config', str(tmp_path / 'missing.yml'))
 
 
 def _fake_runs(benchmark, monkeypatch) -> list:
-    """Replace training + evaluation with a record written after a pause; return the list of runs made."""
+    """Replace training + evaluation with a run record made after a pause; return the list of runs made."""
     import time
     made = []
 
-    def run_one(plan, row, seed, records, prefix):
+    def run_one(plan, row, seed, results, prefix):
         made.append((row, seed))
         time.sleep(0.5)  # a call side by side looks for the same run meanwhile
-        os.makedirs(plan.run_dir(row, seed), exist_ok=True)
-        record = {'stamp': plan.stamp(row, seed), 'row': row, 'seed': seed, 'seconds': 1.0,
-                  'bbox': [0.1 + seed / 10] * 12, 'params': 1}
-        with open(os.path.join(plan.run_dir(row, seed), 'run.json'), 'w') as f:
-            json.dump(record, f)
-        return record
+        return {'bbox': [0.1 + seed / 10] * 12, 'params': 1, 'seconds': 1.0, 'shipped': False, 'commit': 'c',
+                'finished': time.time(), 'losses': {'first_step': {}}}
     monkeypatch.setattr(benchmark, '_run_one', run_one)
     monkeypatch.setattr(benchmark, '_demo_data', lambda args: None)
-    monkeypatch.setattr(benchmark, 'write_accuracy_report', lambda plan, summary, curves: summary)
+    monkeypatch.setattr(benchmark, 'write_accuracy_report', lambda plan, results, summary: summary)
     return made
 
 
@@ -398,29 +440,64 @@ def test_a_json_write_that_fails_leaves_the_old_record(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {'stamp': 'old'} and os.listdir(tmp_path) == ['run.json']
 
 
-def test_a_shipped_teacher_is_found_by_its_stamp_only(tmp_path):
+def test_a_shipped_teacher_is_found_by_its_inputs_only(tmp_path):
     from ppdistill.runs import ship_teacher, shipped_teacher
     (tmp_path / 'run').mkdir()
     (tmp_path / 'run' / 'model_final.pdparams').write_bytes(b'weights')
+    inputs = {'a.yml': 'epoch: 1\n', 'teacher_seed': 0}
     base = ship_teacher(str(tmp_path / 'run' / 'model_final'), str(tmp_path / 'weights'), 'picodet',
-                        {'stamp': 'abc', 'bbox': [0.5]})
+                        {'inputs': inputs, 'bbox': [0.5]})
     assert open(base + '.pdparams', 'rb').read() == b'weights'
-    assert shipped_teacher(str(tmp_path / 'weights'), 'picodet', 'abc') == base
-    assert shipped_teacher(str(tmp_path / 'weights'), 'picodet', 'other') is None
+    assert shipped_teacher(str(tmp_path / 'weights'), 'picodet', inputs) == base
+    assert shipped_teacher(str(tmp_path / 'weights'), 'picodet', dict(inputs, teacher_seed=1)) is None
+    assert shipped_teacher(str(tmp_path / 'weights'), 'picodet', dict(inputs, **{'a.yml': 'epoch: 2\n'})) is None
     assert sorted(os.listdir(tmp_path / 'weights')) == ['picodet_teacher.json', 'picodet_teacher.pdparams']
 
 
-def test_a_redo_keeps_the_earlier_run_until_it_is_replaced(tmp_path, monkeypatch):
+def test_the_shipped_demo_teacher_matches_its_configs():
+    """The demo and the benchmark use the shipped PicoDet teacher only while its configs are unchanged."""
+    from ppdistill.runs import WEIGHTS_DIR, run_inputs, shipped_teacher
+    inputs = run_inputs('teacher', ROOT, os.path.join(ROOT, 'configs', 'demo', 'picodet_teacher.yml'))
+    assert shipped_teacher(os.path.join(ROOT, WEIGHTS_DIR), 'picodet', inputs)
+
+
+def test_a_config_change_is_refused_and_rerun_starts_the_table_afresh(tmp_path, monkeypatch):
+    """A table never mixes runs of different configs: other overrides or another config text with recorded
+    runs stop the tool before any run (one line naming what changed); ``--rerun`` drops the recorded runs
+    and trains the requested ones again."""
+    from ppdistill.bench.results import load_results
+    benchmark = _benchmark_module()
+    made = _fake_runs(benchmark, monkeypatch)
+    student = tmp_path / 'student.yml'
+    student.write_text(f"_BASE_: ['{os.path.join(TINY, 'picodet_student.yml')}']\nepoch: 1\n")
+    base = ['accuracy', '--config_dir', TINY, '--methods', 'none', '--student_config', str(student),
+            '--out', str(tmp_path / 'out')]
+    benchmark.run_accuracy(benchmark.parse_args(base + ['--seeds', '2']))
+    assert sorted(made) == [('student', 0), ('student', 1), ('teacher', 0)]
+    results = tmp_path / 'out' / 'accuracy_picodet.json'
+    recorded = load_results(str(results))
+    with pytest.raises(benchmark.PPDistillError, match=r'records runs of student made with other .*\(overrides\)'):
+        benchmark.run_accuracy(benchmark.parse_args(base + ['--seeds', '2', '-o', 'epoch=2']))
+    student.write_text(student.read_text().replace('epoch: 1', 'epoch: 3'))
+    with pytest.raises(benchmark.PPDistillError, match=f'{student}.*--rerun'):
+        benchmark.run_accuracy(benchmark.parse_args(base + ['--seeds', '3']))
+    assert len(made) == 3 and load_results(str(results)) == recorded   # nothing run, nothing written
+    benchmark.run_accuracy(benchmark.parse_args(base + ['--seeds', '1,', '--rerun']))
+    assert made[3:] == [('teacher', 0), ('student', 1)]
+    now = load_results(str(results))
+    assert sorted(now['runs']['student']) == ['1']          # seed 0 of the old configs is gone
+    assert now['configs'][str(student)].endswith('epoch: 3\n')
+
+
+def test_rerun_retrains_recorded_runs_of_unchanged_configs(tmp_path, monkeypatch):
     benchmark = _benchmark_module()
     made = _fake_runs(benchmark, monkeypatch)
     base = ['accuracy', '--config_dir', TINY, '--methods', 'none', '--seeds', '0,', '--out', str(tmp_path)]
-    benchmark.run_accuracy(benchmark.parse_args(base + ['-o', 'epoch=1']))
-    student = tmp_path / 'runs' / 'picodet' / 'student' / 'seed0'
-    first = json.loads((student / 'run.json').read_text())['stamp']
-    benchmark.run_accuracy(benchmark.parse_args(base + ['-o', 'epoch=2']))  # new overrides: a new student run
-    assert made.count(('student', 0)) == 2 and made.count(('teacher', 0)) == 1
-    assert json.loads((student.parent / 'seed0.previous' / 'run.json').read_text())['stamp'] == first
-    assert json.loads((student / 'run.json').read_text())['stamp'] != first
+    benchmark.run_accuracy(benchmark.parse_args(base))
+    benchmark.run_accuracy(benchmark.parse_args(base))                 # reused
+    benchmark.run_accuracy(benchmark.parse_args(base + ['--retrain_teacher']))
+    benchmark.run_accuracy(benchmark.parse_args(base + ['--rerun']))
+    assert made == [('teacher', 0), ('student', 0), ('teacher', 0), ('teacher', 0), ('student', 0)]
 
 
 @pytest.mark.integration
@@ -462,15 +539,6 @@ def test_unknown_method_is_a_one_line_error(tmp_path):
 LOG_LINE = ('[12/02 00:43:22] ppdet.engine INFO: Epoch: [1] [ 3/10] learning_rate: 0.040000 loss: 2.500000 '
             'loss_vfl: 1.000000 distill_fgd_l0: 0.250000 distill_loss: 0.500000 eta: 0:01:05 '
             'batch_cost: 0.5000 data_cost: 0.0100 ips: 8.0000 images/s')
-
-
-def test_parse_train_log_and_eta():
-    from ppdistill.runs import parse_train_log
-    rows = parse_train_log('noise\n' + LOG_LINE + '\n' + LOG_LINE.replace('[ 3/10]', '[ 4/10]')
-                           .replace('eta: 0:01:05', 'eta: 1 day, 2:00:01'))
-    assert rows[0] == {'epoch': 1, 'step': 3, 'steps_per_epoch': 10, 'iter': 13, 'lr': 0.04, 'loss': 2.5,
-                       'loss_vfl': 1.0, 'distill_fgd_l0': 0.25, 'distill_loss': 0.5}
-    assert rows[1]['iter'] == 14
 
 
 def test_run_tool_reports_eta_and_fails_with_the_log_tail(tmp_path, capsys):
@@ -578,25 +646,6 @@ def test_gradients_report_on_tiny_configs(work, tmp_path):
     assert again['methods']['mgd'] == result['methods']['mgd']
 
 
-def test_stamps_follow_code_not_its_docstrings_or_comments(tmp_path):
-    """Editing a docstring or comment in ppdistill used to change every distilled run's stamp (the files'
-    bytes were hashed), so the benchmark retrained finished runs; a code edit must still change it."""
-    from ppdistill import runs
-    source = 'def f(x):\n    """Doc."""\n    return x + 1\n'
-    path = tmp_path / 'mod.py'
-    path.write_text(source)
-    before = runs.stamp([str(path)])
-    path.write_text('"""Module doc."""\n# why\ndef f(x):\n    """Other doc,\n    two lines."""\n    return x + 1  # note\n')
-    assert runs.stamp([str(path)]) == before
-    path.write_text(source.replace('x + 1', 'x + 2'))
-    assert runs.stamp([str(path)]) != before
-    path.write_text('def f(x):\n    """Doc."""\n')          # a function that is only a docstring
-    assert runs.stamp([str(path)]) != before
-    files = [os.path.relpath(f, ROOT) for f in runs.training_source_files()]
-    assert 'ppdistill/runs.py' not in files             # the tools' bookkeeping
-    assert {'ppdistill/distiller.py', 'ppdistill/losses/mgd.py', 'ppdistill/tools/train.py'} <= set(files)
-
-
 def test_speed_summary_reads_ratios_step_by_step():
     """The per-step quartiles of distill/limit come from each step's own variants, so a load swing that
     slows a whole step (here 3x on step 2) leaves them where the work puts them."""
@@ -617,20 +666,41 @@ def test_speed_summary_reads_ratios_step_by_step():
 
 
 def test_benchmark_records_under_docs_are_kept_and_weights_are_not():
-    """A report made with ``--out docs/experiments/<name>`` is committed with its runs' records, so a
-    later call (another machine, more seeds) reuses them; weights, detections and locks stay out."""
-    if not os.path.isdir(os.path.join(ROOT, '.git')):
+    """A table made with ``--out docs/experiments/<name>`` is committed with its results file and each run's
+    metrics and logs, so a later call (another machine, more seeds) reuses them; weights, detections,
+    per-step loss files and locks stay out."""
+    if not os.path.exists(os.path.join(ROOT, '.git')):
         pytest.skip('not a git checkout')
     run = 'docs/experiments/x/runs/picodet/mgd/seed0'
-    paths = {f'{run}/run.json': False, f'{run}/train.log': False, f'{run}/eval.log': False,
+    paths = {'docs/experiments/x/accuracy_picodet.json': False, f'{run}/train.log': False, f'{run}/eval.log': False,
              f'{run}/metrics.json': False, f'{run}/bbox.json': True, f'{run}/cfg/model_final.pdparams': True,
              f'{run}/cfg/model_final.pdopt': True, f'{run}/cfg/0.pdema': True,
-             f'{run}/cfg/model_final.pddistill': True,
+             f'{run}/cfg/model_final.pddistill': True, f'{run}/cfg/train_log.jsonl': True,
              'docs/experiments/x/runs/picodet/mgd/seed0.lock': True,
-             'docs/experiments/x/runs/picodet/mgd/seed0.previous/run.json': True}
+             'docs/experiments/x/accuracy_picodet.json.lock': True}
     out = subprocess.run(['git', 'check-ignore', '--no-index', '--stdin'], cwd=ROOT, input='\n'.join(paths),
                          capture_output=True, text=True).stdout.split()
     assert {p: p in out for p in paths} == paths
+
+
+def test_committed_tables_reprint_from_their_results_files(tmp_path, capsys):
+    """Every committed table: its recorded command, pointed at a copy of its results file, reprints the
+    committed markdown without training."""
+    import glob
+    import shlex
+    import shutil
+    benchmark = _benchmark_module()
+    found = sorted(glob.glob(os.path.join(ROOT, 'docs', 'experiments', '*', 'accuracy_*.json')))
+    assert len(found) >= 3
+    for i, path in enumerate(found):
+        out = tmp_path / str(i)
+        out.mkdir()
+        shutil.copy(path, out)
+        words = shlex.split(json.loads(open(path).read())['table']['command'])[2:]
+        words[words.index('--out') + 1] = str(out)
+        benchmark.run_accuracy(benchmark.parse_args(words))
+        assert 'train: ' not in capsys.readouterr().out
+        assert (out / os.path.basename(path)).with_suffix('.md').read_text() == open(path[:-5] + '.md').read(), path
 
 
 def test_teacher_subcommand_runs_the_teacher_alone(tmp_path, monkeypatch, capsys):
@@ -639,7 +709,7 @@ def test_teacher_subcommand_runs_the_teacher_alone(tmp_path, monkeypatch, capsys
     benchmark = _benchmark_module()
     made = _fake_runs(benchmark, monkeypatch)
     record = benchmark.run_teacher(benchmark.parse_args(['teacher', '--config_dir', TINY, '--out', str(tmp_path)]))
-    assert made == [('teacher', 0)] and record['row'] == 'teacher'
+    assert made == [('teacher', 0)] and record['bbox'][0] == pytest.approx(0.1)
     assert 'teacher picodet: AP 0.100' in capsys.readouterr().out
     benchmark.run_teacher(benchmark.parse_args(['teacher', '--config_dir', TINY, '--out', str(tmp_path)]))
     assert made == [('teacher', 0)]  # finished: reused

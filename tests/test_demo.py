@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from conftest import tool_module
+from ppdistill.bench.results import SETTINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = ("import sys; sys.path.insert(0, 'tools'); import demo, os; "
@@ -39,47 +40,56 @@ def _write_json(path, obj):
     path.write_text(json.dumps(obj))
 
 
-def _recorded_table(exp, name, command, seeds, aps):
-    """A benchmark report as tools/benchmark.py writes it: aggregate() rows (teacher, student, methods
-    paired by seed) plus each row's runs. ``aps``: row -> AP per seed."""
-    from ppdistill.bench.stats import aggregate
-    per_row = {'teacher': [dict.fromkeys(('AP', 'AP50', 'APs', 'APm', 'APl'), 0.8)]}
-    per_row.update({row: [dict.fromkeys(('AP', 'AP50', 'APs', 'APm', 'APl'), a) for a in ap]
-                    for row, ap in aps.items()})
-    summary = aggregate(per_row, paired={row: True for row in aps})
-    for entry in summary:
-        seed_list = [0] if entry['row'] == 'teacher' else seeds
-        entry['runs'] = [dict(r, seed=s) for r, s in zip(per_row[entry['row']], seed_list)]
-    _write_json(exp / name / 'accuracy_picodet.json',
-                {'command': command, 'date': '2026-12-02 10:00 UTC', 'rows': summary})
+def _recorded_table(exp, name, command, seeds, aps, student_cfg=STUDENT_CFG, inputs=None):
+    """A results file as tools/benchmark.py writes it: per row and seed the run's COCO numbers (AP first),
+    the runs of every seed paired (same first step), the configs' contents of ``inputs``. ``aps``:
+    row -> AP per seed."""
+    runs = {'teacher': {'0': {'bbox': [0.8] * 12, 'params': 1, 'seconds': 1.0, 'commit': 'teachercommit'}}}
+    for row, ap in aps.items():
+        runs[row] = {str(s): {'bbox': [a] * 12, 'params': 1, 'seconds': 1.0, 'commit': f'c{row}{s}',
+                              'losses': {'first_step': {'loss_vfl': 1.0 + s}}} for s, a in zip(seeds, ap)}
+    inputs = inputs or {}
+    _write_json(exp / name / 'accuracy_picodet.json', {
+        'format': 1, 'arch': 'picodet', 'student_config': student_cfg, 'teacher_config': 'x', 'methods': {},
+        'configs': {k: v for k, v in inputs.items() if k not in SETTINGS},
+        'settings': {'overrides': [], 'teacher_overrides': [], 'teacher_seed': 0,
+                     **{k: v for k, v in inputs.items() if k in SETTINGS}},
+        'table': {'command': command, 'date': '2026-12-02 10:00 UTC', 'rows': ['teacher'] + list(aps),
+                  'seeds': seeds},
+        'runs': runs})
 
 
-def test_demo_says_whether_it_reproduced_the_recorded_runs_and_prints_the_tables(tmp_path, monkeypatch, capsys):
-    """One seed is not a result: after its table the demo compares its two runs with the recorded runs of
-    the same configs, code and seed (by stamp), then summarises every recorded table of the arch."""
+def _demo_inputs(row, distill_cfg=MGD_CFG, student_cfg=STUDENT_CFG):
+    from ppdistill.runs import run_inputs
+    teacher = os.path.join(ROOT, 'configs/demo/picodet_teacher.yml')
+    return run_inputs(row, ROOT, teacher, os.path.join(ROOT, student_cfg),
+                      None if row == 'student' else os.path.join(ROOT, distill_cfg))
+
+
+def test_demo_compares_its_runs_with_the_recorded_seed_and_prints_the_tables(tmp_path, monkeypatch, capsys):
+    """One seed is not a result: after its table the demo prints each run's AP next to the recorded run of
+    the same configs and seed (with that run's commit), then summarises every recorded table of the arch."""
     from argparse import Namespace
-    from ppdistill.runs import run_stamp, teacher_stamp
     demo = tool_module('demo')
     exp = tmp_path / 'experiments'
     seeds, student_ap, mgd_ap = [0, 1, 2, 3], [0.20, 0.10, 0.15, 0.12], [0.25, 0.09, 0.19, 0.18]
     _recorded_table(exp, 't3', 'python tools/benchmark.py accuracy --arch picodet --seeds 4 --out x', seeds,
-                    {'student': student_ap, 'mgd': mgd_ap})
-    teacher = teacher_stamp(os.path.join(ROOT, 'configs/demo/picodet_teacher.yml'), 0)
-    stamps = {'student': run_stamp(os.path.join(ROOT, STUDENT_CFG), 'student', 0),
-              'mgd': run_stamp(os.path.join(ROOT, STUDENT_CFG), 'mgd', 0, (), os.path.join(ROOT, MGD_CFG), teacher)}
-    for row, ap in (('student', 0.20), ('mgd', 0.25)):
-        _write_json(exp / 't3' / 'runs' / 'picodet' / row / 'seed0' / 'run.json',
-                    {'stamp': stamps[row], 'bbox': [ap] + [0.0] * 11})
-    # a record of other configs at the same place must not count
-    _write_json(exp / 'other' / 'runs' / 'picodet' / 'student' / 'seed0' / 'run.json',
-                {'stamp': 'not-this-one', 'bbox': [0.99] + [0.0] * 11})
+                    {'student': student_ap, 'mgd': mgd_ap}, inputs=_demo_inputs('mgd'))
+    # a table of other configs with the same rows and seeds must not count
+    other = dict(_demo_inputs('mgd'), overrides=['epoch=9'])
+    _recorded_table(exp, 'u_other', 'python tools/benchmark.py accuracy --arch picodet --seeds 1 -o epoch=9',
+                    [0], {'student': [0.99], 'mgd': [0.98]}, inputs=other)
     monkeypatch.setattr(demo, 'EXPERIMENTS', str(exp))
     rows = [{'model': 'teacher', 'AP': 0.8}, {'model': 'student', 'AP': 0.20},
             {'model': 'student + MGD', 'AP': 0.24}]
     demo._recorded(Namespace(arch='picodet', method='mgd', seed=0), STUDENT_CFG, MGD_CFG, rows)
     out = capsys.readouterr().out
-    assert 'student: AP 0.2000, identical to the recorded run' in out
-    assert 'student + MGD: AP 0.2400 here, 0.2500 in the recorded run' in out
+    assert 'student: AP 0.2000 here, 0.2000 recorded (' in out
+    assert 't3/accuracy_picodet.json, commit cstudent0): identical' in out
+    assert 'student + MGD: AP 0.2400 here, 0.2500 recorded (' in out
+    assert 't3/accuracy_picodet.json, commit cmgd0; same configs and seed)' in out
+    compared = out.split('[demo] recorded tables')[0]
+    assert '0.99' not in compared and '0.98' not in compared
     diff = np.subtract(mgd_ap, student_ap)
     expected = (f'mgd  {diff.mean():+.3f} ± {diff.std(ddof=1):.3f} AP, ahead on {int((diff > 0).sum())}/4 seeds, '
                 f'p = {stats.ttest_rel(mgd_ap, student_ap).pvalue:.3f}: within the seed noise')
@@ -89,10 +99,11 @@ def test_demo_says_whether_it_reproduced_the_recorded_runs_and_prints_the_tables
 
     assert 'no recorded method beats the plain picodet student beyond the seed noise yet' in out
 
-    # another seed: nothing recorded for it, said so rather than compared with seed 0
+    # another seed: nothing recorded for it, said so rather than compared with seed 0's runs
     demo._recorded(Namespace(arch='picodet', method='mgd', seed=5), STUDENT_CFG, MGD_CFG, rows)
-    assert out.count('no recorded run') == 0
-    assert capsys.readouterr().out.count('no recorded run of these configs, code and seed 5') == 2
+    seed5 = capsys.readouterr().out
+    assert seed5.count('no recorded run of these configs and seed 5') == 2
+    assert 'recorded (' not in seed5 and 'identical' not in seed5
 
 
 def test_demo_points_at_the_recorded_configuration_where_a_method_pays_most(tmp_path, monkeypatch, capsys):

@@ -6,22 +6,27 @@
     python tools/benchmark.py gradients [--arch picodet] [--methods mgd,fgd] [--student_weights <ckpt>]
 
 ``teacher`` trains (or reuses) the teacher run alone and evaluates it; ``--ship`` copies it to
-``configs/demo/weights/<arch>_teacher.pdparams`` with a record (stamp, command, date, metrics), which the
-demo and ``accuracy`` then use instead of training a teacher while the teacher's configs are unchanged
-(``--retrain_teacher`` ignores it).
+``configs/demo/weights/<arch>_teacher.pdparams`` with a record (its inputs: configs' contents, seed and
+overrides; command, date, metrics), which the demo and ``accuracy`` then use instead of training a teacher
+while those inputs are unchanged (``--retrain_teacher`` ignores it).
 
 ``accuracy`` trains (or reuses) the teacher once, then for every seed the plain student and the student
 distilled with each method (same config, schedule and data; ``tools/train.py``), evaluates every run with
-``tools/eval.py`` (COCO), and writes ``<out>/accuracy_<arch>.{md,json,png}`` and
-``<out>/losses_<arch>.png``: AP, AP50, APs/m/l as mean ± std over seeds, the teacher row, the gap closed
+``tools/eval.py`` (COCO), records every run in the table's results file ``<out>/accuracy_<arch>.json``
+(:mod:`ppdistill.bench.results`: the configs' contents, settings, and per run its COCO metrics, loss
+summary, git commit and paddle/ppdet versions) and prints the table from it into
+``<out>/accuracy_<arch>.{md,png}`` (and ``losses_<arch>.png`` from the runs' ``train_log.jsonl``): AP,
+AP50, APs/m/l as mean ± std over seeds, the teacher row, the gap closed
 ``(AP_method - AP_student) / (AP_teacher - AP_student)`` and whether the difference to the plain student
 exceeds the seed noise (a two-sided t-test on the per-seed APs, p < 0.05: paired by seed when both runs
 of every seed started from the same weights on the same batches, else Welch's; see
 :mod:`ppdistill.bench.stats`), plus each run's loss balance (distill terms relative to the detection loss
-at the first and last log point, and the warnings). A run whose stamp (hash of its configs, overrides,
-seed, the teacher's stamp and, for distilled rows, ppdistill's training code: its code only, not docstrings
-or comments) matches a finished run under ``<out>/runs/`` is reused, so an interrupted benchmark resumes.
-Dataset files are not hashed: after changing the data, use a new ``--out``.
+at the first and last log point, and the warnings). A recorded run is reused while the configs (with
+their ``_BASE_`` files), overrides and seeds that decide it are unchanged, so the command reprints its
+table without training and more seeds train only those. The code is not compared: after a code change,
+``--rerun`` retrains (each run records its commit). A table never mixes configs: when a requested row's
+recorded runs were made with other configs or overrides the tool stops, and with ``--rerun`` drops them
+and retrains. Dataset files are not compared: after changing the data, use a new ``--out``.
 
 Methods: every ``<distill_dir>/<method>_<arch>_teacher_to_student.yml`` (so new methods appear by adding
 their config); ``--config_dir`` holds ``<arch>_teacher.yml`` and ``<arch>_student.yml``;
@@ -38,19 +43,19 @@ detection loss in value but 0.40x in gradient at the start of training
 import _path  # noqa: F401  (repo root on sys.path)
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
-import shutil
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
 from ppdistill._env import apply_cpu_defaults
 from ppdistill.errors import PPDistillError
-from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_methods, format_duration, load_record, now_utc,
-                            run_stamp, run_tool, ship_teacher, shipped_teacher, teacher_stamp, write_json_atomic)
+from ppdistill.bench.results import (conflicts, first_step, load_results, record_run, recorded_run,
+                                     results_path, table_summary, update_results)
+from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_methods, format_duration, locked, now_utc, run_inputs,
+                            run_tool, ship_teacher, shipped_teacher)
 
 ROOT = _path.ROOT
 TOOLS = os.path.join(ROOT, 'tools')
@@ -114,7 +119,8 @@ def resolve_pair(args) -> Tuple[str, str, Dict[str, str]]:
 
 
 class Plan:
-    """The runs of an accuracy benchmark and where each lives (``<out>/runs/<arch>/<row>/seed<k>``)."""
+    """The runs of an accuracy benchmark, where each lives (``<out>/runs/<arch>/<row>/seed<k>``), what
+    decides each (:func:`ppdistill.runs.run_inputs`) and the results file they are recorded in."""
 
     def __init__(self, args):
         self.arch = args.arch
@@ -124,9 +130,12 @@ class Plan:
         self.opt = list(args.opt or [])
         self.teacher_opt = list(args.teacher_opt or [])
         self.teacher_seed = args.teacher_seed
-        self.teacher_stamp = teacher_stamp(self.teacher_cfg, self.teacher_seed, self.teacher_opt)
-        self.shipped = None if args.retrain_teacher else _shipped(self.arch, self.teacher_stamp)
+        self.rerun = getattr(args, 'rerun', False)
+        self.retrain_teacher = args.retrain_teacher
+        self.shipped = None if args.retrain_teacher else _shipped(self.arch, self.inputs('teacher'))
         self.rows = ['teacher', 'student'] + list(self.methods)
+        self.results = results_path(self.out, self.arch)
+        self.started = time.time()
 
     def run_dir(self, row: str, seed: int) -> str:
         return os.path.join(self.out, 'runs', self.arch, row, f'seed{seed}')
@@ -135,27 +144,44 @@ class Plan:
         """``(row, seed)`` in execution order: the teacher, then all rows seed by seed."""
         return [('teacher', self.teacher_seed)] + [(row, s) for s in self.seeds for row in self.rows[1:]]
 
-    def stamp(self, row: str, seed: int) -> str:
-        if row == 'teacher':
-            return self.teacher_stamp
-        return run_stamp(self.student_cfg, row, seed, self.opt, self.methods.get(row), self.teacher_stamp)
+    def inputs(self, row: str) -> dict:
+        return run_inputs(row, ROOT, self.teacher_cfg, self.student_cfg, self.methods.get(row), self.opt,
+                          self.teacher_opt, self.teacher_seed)
 
-    def weights(self, row: str, seed: int) -> str:
-        if row == 'teacher' and self.shipped:
-            return self.shipped
+    def header(self) -> dict:
+        return {'arch': self.arch, 'teacher_config': _show(self.teacher_cfg),
+                'student_config': _show(self.student_cfg),
+                'methods': {m: _show(p) for m, p in self.methods.items()}}
+
+    def reusable(self, results: Optional[dict], row: str, seed: int) -> Optional[dict]:
+        """The recorded run to reuse: recorded with these inputs (checked for the whole table before any
+        run), and not to be re-run, unless a call side by side recorded it after this one started."""
+        run = recorded_run(results, row, seed)
+        redo = self.rerun or (row == 'teacher' and self.retrain_teacher)
+        if run is None or (redo and run.get('finished', 0) < self.started):
+            return None
+        return run
+
+    def weights(self, row: str, seed: int, results: Optional[dict] = None) -> str:
+        """A run's weights (no suffix); the teacher's are the shipped ones when its recorded run (or, with
+        none recorded, this plan) uses them."""
+        if row == 'teacher':
+            run = recorded_run(results, 'teacher', seed)
+            if (run['shipped'] if run else self.shipped) and self.shipped:
+                return self.shipped
         name = os.path.splitext(os.path.basename(
             self.methods[row] if row in self.methods else (self.teacher_cfg if row == 'teacher'
                                                            else self.student_cfg)))[0]
         return os.path.join(self.run_dir(row, seed), name, 'model_final')
 
-    def train_args(self, row: str, seed: int) -> List[str]:
+    def train_args(self, row: str, seed: int, results: Optional[dict] = None) -> List[str]:
         cfg = self.teacher_cfg if row == 'teacher' else self.student_cfg
         args = [os.path.join(TOOLS, 'train.py'), '-c', cfg, '--seed', str(seed)]
         opt = self.teacher_opt if row == 'teacher' else self.opt
         if row in self.methods:
             args += ['--slim_config', self.methods[row]]
             opt = [f'teacher_config={self.teacher_cfg}',
-                   f'teacher_weights={self.weights("teacher", self.teacher_seed)}'] + opt
+                   f'teacher_weights={self.weights("teacher", self.teacher_seed, results)}'] + opt
         return args + ['-o', f'save_dir={self.run_dir(row, seed)}'] + opt
 
     def eval_args(self, row: str, seed: int) -> List[str]:
@@ -168,79 +194,78 @@ class Plan:
                 '-o', f'weights={self.weights(row, seed)}'] + opt + [f'output_eval={self.run_dir(row, seed)}']
 
 
-def _expected(records: Dict[tuple, dict], row: str, key: str = 'seconds') -> Optional[float]:
+def _expected(results: Optional[dict], row: str, key: str = 'seconds') -> Optional[float]:
     """Expected seconds (``key``: the whole run, ``train_seconds`` or ``eval_seconds``): the mean of
-    finished runs of the same row, else of any student row."""
-    same = [r[key] for (name, _), r in records.items() if name == row and key in r]
-    other = [r[key] for (name, _), r in records.items() if name != 'teacher' and key in r]
+    recorded runs of the same row, else of any student row."""
+    runs = [(name, r) for name, seeds in (results or {}).get('runs', {}).items() for r in seeds.values()]
+    same = [r[key] for name, r in runs if name == row and key in r]
+    other = [r[key] for name, r in runs if name != 'teacher' and key in r]
     pool = same or other
     return sum(pool) / len(pool) if pool else None
 
 
-def _run_one(plan: 'Plan', row: str, seed: int, records: Dict[tuple, dict], prefix: str) -> dict:
-    """Train (a shipped teacher: skip) and evaluate one run; write and return its ``run.json`` record."""
-    from ppdistill.runs import param_count
+def _run_one(plan: 'Plan', row: str, seed: int, results: Optional[dict], prefix: str) -> dict:
+    """Train (a shipped teacher: skip) and evaluate one run; return its record for the results file."""
+    from ppdistill.balance import balance_summary
+    from ppdistill.runs import param_count, provenance
+    from ppdistill.trainer import TRAIN_LOG, read_train_log
     run_dir = plan.run_dir(row, seed)
     os.makedirs(run_dir, exist_ok=True)
     start = time.time()
+    shipped = bool(row == 'teacher' and plan.shipped)
     try:
         train_s = 0.0
-        if not (row == 'teacher' and plan.shipped):
-            train_s = run_tool('train', plan.train_args(row, seed), os.path.join(run_dir, 'train.log'),
-                               os.getcwd(), prefix, _expected(records, row, 'train_seconds'))
+        if not shipped:
+            train_s = run_tool('train', plan.train_args(row, seed, results), os.path.join(run_dir, 'train.log'),
+                               os.getcwd(), prefix, _expected(results, row, 'train_seconds'))
         eval_s = run_tool('eval', plan.eval_args(row, seed), os.path.join(run_dir, 'eval.log'),
-                          os.getcwd(), prefix, _expected(records, row, 'eval_seconds'))
+                          os.getcwd(), prefix, _expected(results, row, 'eval_seconds'))
     except RunFailed as err:
         sys.stdout.write(err.log_tail)
         sys.exit(f'[bench] {row} seed {seed}: {err}')
     with open(os.path.join(run_dir, 'metrics.json')) as f:
         bbox = json.load(f)['bbox']
-    record = {'stamp': plan.stamp(row, seed), 'row': row, 'seed': seed, 'seconds': time.time() - start,
-              'train_seconds': train_s, 'eval_seconds': eval_s, 'shipped': bool(row == 'teacher' and plan.shipped),
-              'bbox': bbox, 'params': param_count(plan.weights(row, seed))}
-    write_json_atomic(os.path.join(run_dir, 'run.json'), record)
-    return record
+    weights = plan.weights(row, seed)
+    steps = [] if shipped else read_train_log(os.path.join(os.path.dirname(weights), TRAIN_LOG))
+    losses = {'first_step': first_step(steps)}
+    if row in plan.methods:
+        losses['balance'] = balance_summary(steps)
+    return {'bbox': bbox, 'params': param_count(weights), 'seconds': time.time() - start,
+            'train_seconds': train_s, 'eval_seconds': eval_s, 'shipped': shipped, **provenance(),
+            'date': now_utc(), 'finished': time.time(), 'losses': losses}
 
 
-@contextlib.contextmanager
-def _run_lock(run_dir: str, prefix: str):
-    """Hold ``<run_dir>.lock`` exclusively. Two benchmark calls side by side (disjoint ``--seeds``, one
-    ``--out``) share the teacher's run: without the lock both evaluated it into the same directory and one
-    read the other's half-written bbox.json. No-op where ``fcntl`` is missing (Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
-    with open(run_dir + '.lock', 'w') as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            print(f'{prefix}: waiting for another benchmark call that runs it', flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _finished_or_run(plan: 'Plan', row: str, seed: int, records: Dict[tuple, dict], prefix: str) -> dict:
-    """The run's record: reused when finished with this stamp (maybe by a call side by side that held the
-    lock), else run now. A finished run made with other configs is kept as ``seed<k>.previous`` until
-    this one replaces it, so an interrupted redo loses nothing."""
-    run_dir = plan.run_dir(row, seed)
-    with _run_lock(run_dir, prefix):
-        record = load_record(os.path.join(run_dir, 'run.json'), plan.stamp(row, seed))
-        if record is not None:
+def _finished_or_run(plan: 'Plan', row: str, seed: int, prefix: str) -> dict:
+    """The run's record: reused when recorded (maybe by a call side by side that held the run's lock
+    meanwhile), else run now and recorded. Returns the results file."""
+    with locked(plan.run_dir(row, seed), f'{prefix}: waiting for another benchmark call that runs it'):
+        results = load_results(plan.results)
+        if plan.reusable(results, row, seed) is not None:
             print(f'{prefix}: reusing the run another benchmark call finished', flush=True)
-            return record
-        if os.path.isfile(os.path.join(run_dir, 'run.json')):
-            previous = run_dir + '.previous'
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(run_dir, previous)
-            print(f'{prefix}: configs changed; the earlier run is kept in {os.path.relpath(previous)}', flush=True)
-        return _run_one(plan, row, seed, records, prefix)
+            return results
+        run = _run_one(plan, row, seed, results, prefix)
+        return update_results(plan.results, plan.header(),
+                              lambda r: record_run(r, plan.inputs(row), row, seed, run))
+
+
+def _check_inputs(plan: 'Plan', rows: List[str]) -> None:
+    """A table never mixes runs of different configs: when the recorded runs of a requested row were made
+    with other inputs, stop (one line), or with ``--rerun`` drop the recorded runs and start afresh."""
+    results = load_results(plan.results)
+    changed = {row: conflicts(results, row, plan.inputs(row)) for row in rows}
+    changed = {row: names for row, names in changed.items() if names}
+    if not changed:
+        return
+    names = sorted({n for found in changed.values() for n in found})
+    what = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
+    where = os.path.relpath(plan.results)
+    if not plan.rerun:
+        raise PPDistillError(f'{where} records runs of {", ".join(changed)} made with other configs or settings '
+                             f'({what}): --rerun retrains this table (its recorded runs are dropped), '
+                             'or use another --out')
+    count = sum(len(seeds) for seeds in results['runs'].values())
+    os.remove(plan.results)
+    print(f'[bench] --rerun: {what} changed, so the {count} runs recorded in {where} are dropped', flush=True)
 
 
 def _demo_data(args) -> None:
@@ -259,77 +284,62 @@ def run_teacher(args) -> dict:
     """Train (or reuse) and evaluate the teacher alone; ``--ship`` copies it to the shipped weights."""
     args.methods, args.seeds = 'none', '1'  # no student rows; one seed keeps the plan valid
     plan = Plan(args)
+    _check_inputs(plan, ['teacher'])
     _demo_data(args)
-    want = plan.stamp('teacher', plan.teacher_seed)
-    record = load_record(os.path.join(plan.run_dir('teacher', plan.teacher_seed), 'run.json'), want)
-    if record is None:
-        record = _finished_or_run(plan, 'teacher', plan.teacher_seed, {}, f'[bench] teacher seed {plan.teacher_seed}')
+    seed = plan.teacher_seed
+    results = _finished_or_run(plan, 'teacher', seed, f'[bench] teacher seed {seed}')
+    record = recorded_run(results, 'teacher', seed)
     print(f"[bench] teacher {plan.arch}: AP {record['bbox'][0]:.3f}, AP50 {record['bbox'][1]:.3f}", flush=True)
     if args.ship and not record.get('shipped'):
-        shipped = ship_teacher(plan.weights('teacher', plan.teacher_seed), os.path.join(ROOT, WEIGHTS_DIR),
+        shipped = ship_teacher(plan.weights('teacher', seed, results), os.path.join(ROOT, WEIGHTS_DIR),
                                plan.arch, {
-                                   'stamp': want, 'arch': plan.arch, 'config': _show(plan.teacher_cfg),
-                                   'seed': plan.teacher_seed, 'overrides': plan.teacher_opt,
+                                   'inputs': plan.inputs('teacher'), 'arch': plan.arch,
+                                   'config': _show(plan.teacher_cfg), 'seed': seed, 'overrides': plan.teacher_opt,
                                    'trained_by': 'python ' + ' '.join(shlex.quote(_show(a) if os.path.isabs(a) else a)
-                                                                     for a in plan.train_args('teacher', plan.teacher_seed)),
+                                                                     for a in plan.train_args('teacher', seed)),
                                    'regenerate': f'python tools/benchmark.py teacher --arch {plan.arch} --ship',
-                                   'date': now_utc(), 'bbox': record['bbox'], 'params': record['params']})
+                                   'date': now_utc(), 'commit': record.get('commit'), 'bbox': record['bbox'],
+                                   'params': record['params']})
         print(f'[bench] shipped {os.path.relpath(shipped)}.pdparams (+ .json)', flush=True)
     return record
 
 
 def run_accuracy(args) -> dict:
-    from ppdistill.balance import balance_summary
-    from ppdistill.bench.stats import aggregate, coco_row
-    from ppdistill.runs import parse_train_log
-
     plan = Plan(args)
-    _demo_data(args)
+    _check_inputs(plan, plan.rows)
     runs = plan.runs()
     print(f"[bench] accuracy {plan.arch}: rows {', '.join(plan.rows)}; {describe_seeds(args.seeds, plan.seeds)}; "
           f'{len(runs)} runs under {os.path.relpath(plan.out)}', flush=True)
-    records: Dict[tuple, dict] = {}
-    todo = []
-    for row, seed in runs:
-        record = load_record(os.path.join(plan.run_dir(row, seed), 'run.json'), plan.stamp(row, seed))
-        if record is not None:
-            records[(row, seed)] = record
-        else:
-            todo.append((row, seed))
-    if len(records):
-        print(f'[bench] reusing {len(records)} finished runs (same configs, overrides and seed)', flush=True)
-    if plan.shipped:
+    results = load_results(plan.results)
+    todo = [(row, seed) for row, seed in runs if plan.reusable(results, row, seed) is None]
+    if len(runs) > len(todo):
+        print(f'[bench] reusing {len(runs) - len(todo)} recorded runs (same configs, overrides and seeds; '
+              f'--rerun retrains them, e.g. after a code change)', flush=True)
+    if plan.shipped and ('teacher', plan.teacher_seed) in todo:
         print(f'[bench] teacher: shipped {os.path.relpath(plan.shipped)}.pdparams (its configs are unchanged; '
               '--retrain_teacher trains it)', flush=True)
+    teacher_weights = plan.weights('teacher', plan.teacher_seed, results) + '.pdparams'
+    if ('teacher', plan.teacher_seed) not in todo and any(r in plan.methods for r, _ in todo) \
+            and not os.path.isfile(teacher_weights):
+        raise PPDistillError(f'the recorded teacher run has no weights here ({os.path.relpath(teacher_weights)}; '
+                             'records keep none) and new distilled runs need them: put them there, or pass '
+                             '--retrain_teacher to train the teacher again')
+    if todo:
+        _demo_data(args)
     for i, (row, seed) in enumerate(todo, 1):
-        left = sum(_expected(records, r) or 0.0 for r, _ in todo[i - 1:])
+        left = sum(_expected(results, r) or 0.0 for r, _ in todo[i - 1:])
         total = f', all ~{format_duration(left)}' if left else ''
-        records[(row, seed)] = _finished_or_run(plan, row, seed, records,
-                                                f'[bench] ({i}/{len(todo)}{total}) {row} seed {seed}')
+        results = _finished_or_run(plan, row, seed, f'[bench] ({i}/{len(todo)}{total}) {row} seed {seed}')
 
-    per_row: Dict[str, list] = {row: [] for row in plan.rows}
-    details: Dict[str, list] = {row: [] for row in plan.rows}
-    curves: Dict[str, dict] = {row: {} for row in plan.rows}
-    for row, seed in runs:
-        record = records[(row, seed)]
-        per_row[row].append(coco_row(record['bbox']))
-        log_file = os.path.join(plan.run_dir(row, seed), 'train.log')
-        log = ''
-        if os.path.isfile(log_file):  # a shipped teacher has no training log here
-            with open(log_file, errors='replace') as f:
-                log = f.read()
-        curves[row][seed] = parse_train_log(log)
-        detail = {'seed': seed, **coco_row(record['bbox']), 'params': record['params'],
-                  'seconds': round(record['seconds'], 1), 'run_dir': _show(plan.run_dir(row, seed))}
-        if row in plan.methods:
-            detail['balance'] = balance_summary(log)
-        details[row].append(detail)
-    paired = {row: all(same_start(curves['student'].get(s), curves[row].get(s)) for s in plan.seeds)
-              for row in plan.methods}
-    summary = aggregate(per_row, paired=paired)
-    for entry in summary:
-        entry['runs'] = details[entry['row']]
-    return write_accuracy_report(plan, summary, curves)
+    table = {'command': _command_line(), 'date': now_utc(), 'rows': plan.rows, 'seeds': plan.seeds}
+
+    def keep_or_set_table(r):
+        old = r.get('table') or {}
+        if todo or (old.get('rows'), old.get('seeds')) != (plan.rows, plan.seeds):
+            r['table'] = table  # the recorded command and date stay while the table is the same
+    results = update_results(plan.results, plan.header(), keep_or_set_table)
+    summary = table_summary(results, plan.rows, plan.seeds)
+    return write_accuracy_report(plan, results, summary)
 
 
 def _command_line() -> str:
@@ -337,21 +347,9 @@ def _command_line() -> str:
     return 'python tools/benchmark.py ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _shipped(arch: str, want_stamp: str) -> Optional[str]:
-    """The repository's shipped teacher weights (no suffix) if shipped for exactly this teacher stamp."""
-    return shipped_teacher(os.path.join(ROOT, WEIGHTS_DIR), arch, want_stamp)
-
-
-def same_start(student_log: Optional[list], method_log: Optional[list]) -> bool:
-    """True when two runs' first logged step (iteration 0) has the same detection-loss terms: the same
-    initial weights on the same first batch, i.e. the seed paired them. The total ``loss`` and the
-    ``distill_*`` terms are left out (the distilled run adds its own)."""
-    if not student_log or not method_log or student_log[0]['iter'] != 0 or method_log[0]['iter'] != 0:
-        return False
-    a, b = student_log[0], method_log[0]
-    keys = [k for k in a if k in b and k not in ('epoch', 'step', 'steps_per_epoch', 'iter', 'lr', 'loss')
-            and not k.startswith('distill')]
-    return bool(keys) and all(a[k] == b[k] for k in keys)
+def _shipped(arch: str, inputs: dict) -> Optional[str]:
+    """The repository's shipped teacher weights (no suffix) if shipped for exactly these inputs."""
+    return shipped_teacher(os.path.join(ROOT, WEIGHTS_DIR), arch, inputs)
 
 
 def _balance_lines(summary: List[dict]) -> List[str]:
@@ -389,16 +387,29 @@ def _show(path: str) -> str:
     return path if rel.startswith('..') else rel
 
 
-def write_accuracy_report(plan: Plan, summary: List[dict], curves: dict) -> dict:
+def _curves(plan: Plan, results: dict) -> Dict[str, dict]:
+    """row -> seed -> the step records of each run's ``train_log.jsonl`` found under ``--out``."""
+    from ppdistill.trainer import TRAIN_LOG, read_train_log
+    curves: Dict[str, dict] = {row: {} for row in plan.rows}
+    for row, seed in plan.runs():
+        steps = read_train_log(os.path.join(os.path.dirname(plan.weights(row, seed)), TRAIN_LOG))
+        if steps:
+            curves[row][seed] = steps
+    return curves
+
+
+def write_accuracy_report(plan: Plan, results: dict, summary: List[dict]) -> dict:
+    """``<out>/accuracy_<arch>.md`` and the AP picture from the results file, and the loss curves from the
+    runs' step logs where ``--out`` has them (records committed without them keep their picture)."""
     from ppdistill.bench.plots import plot_accuracy, plot_losses
     from ppdistill.bench.stats import ALPHA, markdown_table
     os.makedirs(plan.out, exist_ok=True)
-    command = _command_line()
+    table = results['table']
     header = [f'# Accuracy benchmark: {plan.arch}', '',
-              f'- date: {now_utc()}', f'- command: `{command}`', f'- seeds: {plan.seeds} '
+              f"- date: {table['date']}", f"- command: `{table['command']}`", f'- seeds: {plan.seeds} '
               f'(teacher: one run, seed {plan.teacher_seed})',
-              f'- student config: `{_show(plan.student_cfg)}`; teacher: `{_show(plan.teacher_cfg)}`; methods: '
-              + ', '.join(f'{m} (`{_show(p)}`)' for m, p in plan.methods.items()), '', '']
+              f"- student config: `{results['student_config']}`; teacher: `{results['teacher_config']}`; methods: "
+              + ', '.join(f"{m} (`{results['methods'][m]}`)" for m in plan.methods), '', '']
     notes = ['', f'Mean ± sample std (ddof=1) over seeds. Gap closed = (AP_method − AP_student) / '
              '(AP_teacher − AP_student) on mean AP. "Beyond seed noise": a two-sided t-test of the row\'s '
              f'per-seed AP against the plain student\'s, p < {ALPHA} (needs ≥ 2 seeds per row): paired by seed '
@@ -409,22 +420,17 @@ def write_accuracy_report(plan: Plan, summary: List[dict], curves: dict) -> dict
     md = '\n'.join(header) + markdown_table(summary) + '\n' + '\n'.join(notes) + '\n' + \
         ('\n'.join(_balance_lines(summary)) or '(no balance lines in the logs)') + '\n'
     base = os.path.join(plan.out, f'accuracy_{plan.arch}')
-    result = {'date': now_utc(), 'command': command, 'arch': plan.arch, 'seeds': plan.seeds,
-              'teacher_seed': plan.teacher_seed, 'overrides': plan.opt, 'teacher_overrides': plan.teacher_opt,
-              'student_config': plan.student_cfg, 'teacher_config': plan.teacher_cfg,
-              'methods': plan.methods,
-              'criterion': f'two-sided t-test on per-seed AP (paired by seed where the runs share their '
-                           f'start, else Welch), p < {ALPHA}',
-              'rows': summary}
     with open(base + '.md', 'w') as f:
         f.write(md)
-    with open(base + '.json', 'w') as f:
-        json.dump(result, f, indent=1)
     plot_accuracy(summary, base + '.png', f'{plan.arch}, seeds {plan.seeds}')
-    plot_losses(curves, os.path.join(plan.out, f'losses_{plan.arch}.png'))
+    curves = _curves(plan, results)
+    wrote = f'{base}.md/.png'
+    if any(curves.values()):
+        plot_losses(curves, os.path.join(plan.out, f'losses_{plan.arch}.png'))
+        wrote += f' and losses_{plan.arch}.png'
     print('\n' + md, flush=True)
-    print(f'[bench] wrote {base}.md/.json/.png and losses_{plan.arch}.png', flush=True)
-    return result
+    print(f'[bench] wrote {wrote} (the table from {plan.results})', flush=True)
+    return {'results': results, 'rows': summary}
 
 
 def run_speed(args) -> dict:
@@ -442,7 +448,8 @@ def run_gradients(args) -> dict:
         raise PPDistillError('--steps must be >= 1')
     teacher_cfg, student_cfg, methods = resolve_pair(args)
     if not args.teacher_weights:
-        args.teacher_weights = _shipped(args.arch, teacher_stamp(teacher_cfg, args.teacher_seed, args.teacher_opt))
+        teacher = run_inputs('teacher', ROOT, teacher_cfg, teacher_opt=args.teacher_opt, teacher_seed=args.teacher_seed)
+        args.teacher_weights = _shipped(args.arch, teacher)
         if not args.teacher_weights:
             raise PPDistillError(f'no shipped {args.arch} teacher for these configs: pass --teacher_weights '
                                  '(e.g. output/benchmark/runs/<arch>/teacher/seed0/...)')
@@ -473,7 +480,11 @@ def parse_args(argv=None):
         p.add_argument('--teacher_seed', type=int, default=0)
         if name in ('accuracy', 'teacher'):
             p.add_argument('--retrain_teacher', action='store_true',
-                           help='train the teacher even when shipped weights match its configs')
+                           help='train the teacher even when shipped weights match its configs or its run is '
+                                'recorded in --out')
+            p.add_argument('--rerun', action='store_true',
+                           help='train every requested run again instead of reusing recorded ones (e.g. after '
+                                'a code change); recorded runs made with other configs are dropped')
         if name == 'teacher':
             p.add_argument('--ship', action='store_true', help=f'copy it to {WEIGHTS_DIR}/<arch>_teacher.*')
         elif name == 'accuracy':

@@ -15,9 +15,10 @@ Steps, each the command a user would type (logs in output/demo_logs/):
    2-thread runs in a row);
 5. ``tools/eval.py`` scores both students (side by side) and a teacher trained here with the COCO metric
    (a shipped teacher's metrics come from its record); a table is printed and saved;
-6. one seed is not a result: the demo says whether its two runs reproduced the recorded runs of the same
-   configs, code and seed (``docs/experiments/*/runs``), then prints the recorded tables over seeds for
-   this architecture (``tools/benchmark.py accuracy``; :mod:`ppdistill.bench.recorded`).
+6. one seed is not a result: the demo prints each of its two runs' AP next to the recorded run of the same
+   configs and seed (``docs/experiments/*/accuracy_<arch>.json``) with that run's commit, then the
+   recorded tables over seeds for this architecture (``tools/benchmark.py accuracy``;
+   :mod:`ppdistill.bench.recorded`).
 
 This is a smoke-scale run on a CPU: minutes of training on a toy dataset. Its numbers show that the
 pipeline works end to end; they are not a reproduction of the papers' COCO results. At the default
@@ -41,8 +42,8 @@ USER_SET_THREADS = 'OMP_NUM_THREADS' in os.environ
 from ppdistill.bench.recorded import (ap_by_seed, load_reports, reproduction_lines, seeds_ahead,  # noqa: E402
                                       strongest_effect, student_config_of, summary_lines)
 from ppdistill.bench.stats import format_delta  # noqa: E402
-from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_archs, discover_methods, param_count,  # noqa: E402
-                            run_stamp, run_tool, shipped_teacher, teacher_stamp)
+from ppdistill.runs import (WEIGHTS_DIR, RunFailed, changed_inputs, discover_archs, discover_methods,  # noqa: E402
+                            param_count, read_json, run_inputs, run_tool, shipped_teacher, write_json_atomic)
 
 ROOT = _path.ROOT
 EXPERIMENTS = os.path.join(ROOT, 'docs', 'experiments')
@@ -72,24 +73,23 @@ TEACHER_SEED = 0  # one teacher for every student seed (the shipped one is seed 
 
 def _teacher(arch: str, teacher_cfg: str, retrain: bool, logs: str) -> Tuple[str, Optional[list]]:
     """The teacher's weights (no suffix): shipped, cached from an earlier demo, or trained now; and, for the
-    shipped one, the COCO metrics recorded next to it (measured on this val split when it was made)."""
-    want = teacher_stamp(os.path.join(ROOT, teacher_cfg), TEACHER_SEED)
+    shipped one, the COCO metrics recorded next to it (measured on this val split when it was made).
+    Shipped and cached teachers are used while their configs (contents), seed and overrides are unchanged."""
+    want = run_inputs('teacher', ROOT, os.path.join(ROOT, teacher_cfg), teacher_seed=TEACHER_SEED)
     shipped = None if retrain else shipped_teacher(os.path.join(ROOT, WEIGHTS_DIR), arch, want)
     if shipped:
         print(f'[demo] teacher: shipped {os.path.relpath(shipped, ROOT)}.pdparams (--retrain_teacher to '
               'train it)', flush=True)
-        with open(shipped + '.json') as f:
-            return shipped, json.load(f).get('bbox')
+        return shipped, read_json(shipped + '.json').get('bbox')
     weights = f'output/{arch}_teacher/model_final'
-    stamp_file = os.path.join(ROOT, f'output/{arch}_teacher/demo_stamp.txt')
-    cached = (not retrain and os.path.isfile(os.path.join(ROOT, weights + '.pdparams'))
-              and os.path.isfile(stamp_file) and open(stamp_file).read().strip() == want)
-    if cached:
+    inputs_file = os.path.join(ROOT, f'output/{arch}_teacher/demo_inputs.json')
+    cached = read_json(inputs_file)
+    if (not retrain and os.path.isfile(os.path.join(ROOT, weights + '.pdparams')) and isinstance(cached, dict)
+            and not changed_inputs(cached, want)):
         print(f'[demo] teacher: reusing {weights}.pdparams (configs unchanged; --retrain_teacher to redo)')
     else:
         _run('train_teacher', ['tools/train.py', '-c', teacher_cfg, '--seed', str(TEACHER_SEED)], logs)
-        with open(stamp_file, 'w') as f:
-            f.write(want + '\n')
+        write_json_atomic(inputs_file, want)
     return weights, None
 
 
@@ -100,11 +100,12 @@ def _table_student(report: dict, arch: str) -> str:
 
 def _recorded(args, student_cfg: str, distill_cfg: str, rows: List[dict]) -> None:
     """Step 6: did these runs reproduce the recorded ones, and what do the tables over seeds say."""
-    teacher = teacher_stamp(os.path.join(ROOT, f'configs/demo/{args.arch}_teacher.yml'), TEACHER_SEED)
-    cfg = os.path.join(ROOT, student_cfg)
-    runs = [(rows[1]['model'], 'student', run_stamp(cfg, 'student', args.seed), rows[1]['AP']),
-            (rows[2]['model'], args.method, run_stamp(cfg, args.method, args.seed, (),
-                                                      os.path.join(ROOT, distill_cfg), teacher), rows[2]['AP'])]
+    teacher_cfg, cfg = (os.path.join(ROOT, c) for c in (f'configs/demo/{args.arch}_teacher.yml', student_cfg))
+    distill = os.path.join(ROOT, distill_cfg)
+    runs = [(rows[1]['model'], 'student', run_inputs('student', ROOT, teacher_cfg, cfg, teacher_seed=TEACHER_SEED),
+             rows[1]['AP']),
+            (rows[2]['model'], args.method,
+             run_inputs(args.method, ROOT, teacher_cfg, cfg, distill, teacher_seed=TEACHER_SEED), rows[2]['AP'])]
     print(f'[demo] against the recorded runs (docs/experiments), seed {args.seed}:')
     for line in reproduction_lines(EXPERIMENTS, args.arch, args.seed, runs, ROOT):
         print('  ' + line)

@@ -1,11 +1,13 @@
 """The benchmark's pictures (matplotlib, written as PNG without a display)."""
 from typing import Dict, List
 
+from ppdistill.optional import require
+
 __all__ = ['plot_accuracy', 'plot_losses']
 
 
 def _pyplot():
-    import matplotlib
+    matplotlib = require('matplotlib', 'the benchmark pictures')
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
@@ -35,10 +37,10 @@ def _is_term(key: str, keys) -> bool:
 
 
 def plot_losses(curves: Dict[str, Dict[int, List[dict]]], path: str) -> None:
-    """Training curves from ppdet's log lines (see :func:`ppdistill.runs.parse_train_log`).
+    """Training curves from the runs' step records (``train_log.jsonl``, see :class:`ppdistill.trainer.TrainLog`).
 
-    ``curves``: row -> seed -> logged rows. Panels: total loss; detection loss (``loss - distill_loss``);
-    each distill term per level. One colour per row, one line per seed.
+    ``curves``: row -> seed -> step records. Panels: total loss; detection loss (the student's own,
+    ``det_loss``); each distill term per level. One colour per row, one line per seed.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -52,13 +54,13 @@ def plot_losses(curves: Dict[str, Dict[int, List[dict]]], path: str) -> None:
             label = row if j == 0 else None
             axes[0].plot(iters, [r.get('loss', float('nan')) for r in logged], color=colour, alpha=0.7,
                          label=label)
-            axes[1].plot(iters, [r.get('loss', float('nan')) - r.get('distill_loss', 0.0) for r in logged],
+            axes[1].plot(iters, [r.get('det_loss', float('nan')) for r in logged],
                          color=colour, alpha=0.7, label=label)
             keys = set().union(*logged)
             for k, term in enumerate(sorted(k for k in keys if _is_term(k, keys))):
                 axes[2].plot(iters, [r.get(term, float('nan')) for r in logged], color=colour, alpha=0.7,
                              ls=['-', '--', ':', '-.'][k % 4], label=f'{row}: {term}' if j == 0 else None)
-    for ax, title in zip(axes, ['training loss (total)', 'detection loss (total - distill)',
+    for ax, title in zip(axes, ['training loss (total)', 'detection loss (the student\'s own)',
                                 'distill terms per level']):
         ax.set_title(title)
         ax.set_xlabel('iteration')

@@ -1,41 +1,48 @@
 """Recorded results: the accuracy tables committed under ``docs/experiments/`` and their runs.
 
-``tools/benchmark.py accuracy --out docs/experiments/<name>`` writes ``accuracy_<arch>.json`` there and
-keeps every run's record (``runs/<arch>/<row>/seed<k>/run.json``: its stamp and COCO metrics). The demo
-trains one seed; after its own table it prints these tables over seeds (one seed is not a result), and
-says whether its runs reproduced the recorded runs of the same configs, code and seed (same stamp).
+``tools/benchmark.py accuracy --out docs/experiments/<name>`` records every run of a table in its results
+file ``accuracy_<arch>.json`` (:mod:`ppdistill.bench.results`). The demo trains one seed; after its own
+table it compares each of its runs with the recorded run of the same configs and seed (printing both APs
+and the recorded run's commit), then prints these tables over seeds (one seed is not a result).
 """
 import glob
 import os
 import shlex
 from typing import Dict, List, Optional, Tuple
 
+from ppdistill.bench.results import conflicts, load_results, recorded_run, table_summary
 from ppdistill.bench.stats import format_delta, format_p
-from ppdistill.runs import load_record, read_json
 
 __all__ = ['load_reports', 'find_recorded_run', 'ap_by_seed', 'seeds_ahead', 'summary_lines', 'reproduction_lines',
            'strongest_effect', 'student_config_of']
 
 
 def load_reports(experiments_dir: str, arch: str) -> List[dict]:
-    """Every ``<experiments_dir>/<name>/accuracy_<arch>.json`` (sorted by name), each with ``'dir'`` set
-    to its folder. Unreadable files are skipped: recorded tables are context, never a reason to fail."""
+    """Every ``<experiments_dir>/<name>/accuracy_<arch>.json`` (sorted by name) as its table:
+    ``{'command', 'date', 'rows'}`` (rows: :func:`ppdistill.bench.results.table_summary`), with
+    ``'results'`` (the file) and ``'dir'``. Unreadable files are skipped: recorded tables are context,
+    never a reason to fail."""
     reports = []
     for path in sorted(glob.glob(os.path.join(experiments_dir, '*', f'accuracy_{arch}.json'))):
-        report = read_json(path)
-        if isinstance(report, dict) and isinstance(report.get('rows'), list):
-            reports.append(dict(report, dir=os.path.dirname(path)))
+        results = load_results(path)
+        table = (results or {}).get('table')
+        if not table:
+            continue
+        rows = table_summary(results, table['rows'], table['seeds'])
+        reports.append({'command': table['command'], 'date': table['date'], 'rows': rows, 'results': results,
+                        'path': path, 'dir': os.path.dirname(path)})
     return reports
 
 
-def find_recorded_run(experiments_dir: str, arch: str, row: str, seed: int, stamp: str
+def find_recorded_run(experiments_dir: str, arch: str, row: str, seed: int, inputs: dict
                       ) -> Optional[Tuple[str, dict]]:
-    """``(run dir, run.json record)`` of a recorded run with exactly this stamp, or ``None``."""
-    pattern = os.path.join(experiments_dir, '*', 'runs', arch, row, f'seed{seed}', 'run.json')
-    for path in sorted(glob.glob(pattern)):
-        record = load_record(path, stamp)
-        if record is not None and record.get('bbox'):
-            return os.path.dirname(path), record
+    """``(results file, run)`` of a recorded run of ``row`` and ``seed`` made with exactly these inputs
+    (:func:`ppdistill.runs.run_inputs`), or ``None``."""
+    for path in sorted(glob.glob(os.path.join(experiments_dir, '*', f'accuracy_{arch}.json'))):
+        results = load_results(path)
+        run = recorded_run(results, row, seed)
+        if run is not None and not conflicts(results, row, inputs):
+            return path, run
     return None
 
 
@@ -82,27 +89,28 @@ def summary_lines(report: dict) -> List[str]:
     return lines
 
 
-def reproduction_lines(experiments_dir: str, arch: str, seed: int, runs: List[Tuple[str, str, str, float]],
+def reproduction_lines(experiments_dir: str, arch: str, seed: int, runs: List[Tuple[str, str, dict, float]],
                        root: str = '.') -> List[str]:
-    """Did this machine reproduce the recorded runs? ``runs``: ``(label, row, stamp, AP)`` of the runs
-    just made (row ``student`` or a method name, as in the benchmark). Per run: identical AP, a different
-    AP (another CPU or paddle build: the seed spread is then the noise to read it against), or no recorded
-    run of the same configs, code and seed. Paths are shown relative to ``root``."""
+    """Did this machine reproduce the recorded runs? ``runs``: ``(label, row, inputs, AP)`` of the runs
+    just made (row ``student`` or a method name, as in the benchmark). Per run: its AP and the recorded
+    run's AP with that run's commit (identical, or different: another CPU or paddle build, or code
+    changed since that commit), or that no run of the same configs and seed is recorded. Paths are
+    shown relative to ``root``."""
     lines = []
-    for label, row, stamp, ap in runs:
-        found = find_recorded_run(experiments_dir, arch, row, seed, stamp)
+    for label, row, inputs, ap in runs:
+        found = find_recorded_run(experiments_dir, arch, row, seed, inputs)
         if found is None:
-            lines.append(f'{label}: no recorded run of these configs, code and seed {seed}')
+            lines.append(f'{label}: AP {ap:.4f}; no recorded run of these configs and seed {seed}')
             continue
-        run_dir, record = found
-        recorded = record['bbox'][0]
-        where = os.path.relpath(run_dir, root)
+        path, run = found
+        recorded, commit = run['bbox'][0], run.get('commit', 'unknown')[:12]
+        where = f'{os.path.relpath(path, root)}, commit {commit}'
         if abs(recorded - ap) < 1e-9:
-            lines.append(f'{label}: AP {ap:.4f}, identical to the recorded run ({where})')
+            lines.append(f'{label}: AP {ap:.4f} here, {recorded:.4f} recorded ({where}): identical')
         else:
-            lines.append(f'{label}: AP {ap:.4f} here, {recorded:.4f} in the recorded run ({where}; same '
-                         'configs, code and seed): another CPU or paddle build, so read the difference '
-                         'against the seed spread below')
+            lines.append(f'{label}: AP {ap:.4f} here, {recorded:.4f} recorded ({where}; same configs and '
+                         'seed): another CPU or paddle build, or code changed since that commit, so read the '
+                         'difference against the seed spread below')
     return lines
 
 

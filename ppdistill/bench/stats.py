@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ppdistill.optional import require
+
 __all__ = ['COCO_FIELDS', 'coco_row', 'mean_std', 'gap_closed', 'welch_t_test', 'paired_t_test',
            'beyond_noise', 'aggregate', 'markdown_table', 'format_p', 'format_delta', 'ALPHA']
 
@@ -49,7 +51,7 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, 
     Both samples need >= 2 values. Zero variance in both: ``t = ±inf, p = 0`` if the means differ, else
     ``t = 0, p = 1``.
     """
-    from scipy import stats
+    stats = require('scipy.stats', 'the seed statistics (t-tests)')
     a, b = np.asarray(a, 'float64'), np.asarray(b, 'float64')
     if a.size < 2 or b.size < 2:
         raise ValueError('Welch t-test needs at least 2 values per sample')
@@ -69,7 +71,7 @@ def paired_t_test(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float,
     Needs >= 2 pairs of equal length. Identical differences: ``t = ±inf, p = 0`` if they are not zero,
     else ``t = 0, p = 1``.
     """
-    from scipy import stats
+    stats = require('scipy.stats', 'the seed statistics (t-tests)')
     a, b = np.asarray(a, 'float64'), np.asarray(b, 'float64')
     if a.size != b.size or a.size < 2:
         raise ValueError('paired t-test needs two samples of equal length >= 2')
