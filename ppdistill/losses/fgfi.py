@@ -110,7 +110,7 @@ class LevelAnchors:
         if self.stride is None:
             return (level_stride(image_hw[0], feature_hw[0]), level_stride(image_hw[1], feature_hw[1]))
         for image, feature in zip(image_hw, feature_hw):
-            if int(feature) not in (math.ceil(image / self.stride), math.floor(image / self.stride)):
+            if feature not in (math.ceil(image / self.stride), math.floor(image / self.stride)):
                 raise PPDistillError(
                     f'FGFILoss anchors: strides[{self.level}] = {self.stride:g} but student level {self.level} '
                     f'has {feature} cells for {image} input pixels (stride {level_stride(image, feature):g}); '
