@@ -23,7 +23,7 @@ Steps, each the command a user would type (logs in output/demo_logs/):
 This is a smoke-scale run on a CPU: minutes of training on a toy dataset. Its numbers show that the
 pipeline works end to end; they are not a reproduction of the papers' COCO results. At the default
 3-epoch schedule no method beats the plain student beyond the seed noise; at 6 epochs
-(``--student_config configs/demo/picodet_student_6e.yml``, ~twice the time) MGD and FGD do (README, Results).
+(``--student_config configs/demo/picodet_student_6e.yml``, ~twice the time) MGD and FGD do (docs/results.md).
 """
 import _path  # noqa: F401  (repo root on sys.path)
 
@@ -115,7 +115,7 @@ def _recorded(args, student_cfg: str, distill_cfg: str, rows: List[dict]) -> Non
               f'--arch {args.arch} --seeds 4 --out docs/experiments/<name>')
         return
     print(f'[demo] recorded tables over seeds ({args.arch}; each command reprints its table from the committed '
-          'runs without training; README, Results):')
+          'runs without training; docs/results.md):')
     for report in reports:
         mine = _table_student(report, args.arch) == os.path.normpath(student_cfg)
         lines = summary_lines(report)
@@ -145,7 +145,7 @@ def _suggest(args, student_cfg: str, reports: List[dict]) -> None:
     if args.seed in student and args.seed in method:
         this_seed = f'; seed {args.seed}: {student[args.seed]:.3f} -> {method[args.seed]:.3f}'
     print(f"[demo] where a method pays most on this data: {cmd}  (recorded {row['row']} "
-          f"{format_delta(row)} AP, ahead on {k}/{n} seeds{this_seed}; its time: README, Results)")
+          f"{format_delta(row)} AP, ahead on {k}/{n} seeds{this_seed}; its time: docs/results.md)")
 
 
 def main():

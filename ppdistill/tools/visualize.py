@@ -32,6 +32,7 @@ from ppdistill.cli import arg_parser, load_tool_config, run_main
 from ppdistill.errors import PPDistillError
 from ppdistill.losses import FGDLoss, MGDLoss
 from ppdistill.masks import fgd_masks
+from ppdistill.optional import require
 
 Panels = List[Tuple[str, np.ndarray]]
 
@@ -129,7 +130,7 @@ def _teacher_boxes(teacher_out: dict, threshold: float) -> np.ndarray:
 
 def _save_figure(path: str, image: np.ndarray, valid: Tuple[float, float], boxes: np.ndarray,
                  panels: Panels, title: str) -> None:
-    import matplotlib
+    matplotlib = require('matplotlib', 'tools/visualize.py')
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
