@@ -11,7 +11,9 @@
    unless tapped, so the teacher needs nothing from the student's reader beyond what its tapped layers
    read;
 2. student forward through its own loss path, with taps recording; both tap sets check their call counts
-   against the probe on every step (:class:`~ppdistill.taps.TapCountError`);
+   against the probe on every step (:class:`~ppdistill.taps.TapCountError`). When a loss reads the student
+   head's label assignment (``assignment_keys``), the assigner the preset row names is tapped too and its
+   positives are sliced per level into that loss's student mapping (:mod:`ppdistill.assignment`);
 3. each configured loss on every paired level, in float32 and outside autocast whatever the AMP level
    (features are cast to float32; the distill modules keep float32 weights under ``amp_level: O2``),
    weighted, logged as ``distill_<name>_l<level>`` and added into ``loss``. One ``isfinite`` over all
@@ -24,6 +26,7 @@ sum, for tools that look inside a step (benchmarks, ``tools/visualize.py``).
 Eval/infer: exactly ``student_model(inputs)``. ``parameters()`` is the student's plus the distill
 modules', never the teacher's.
 """
+import contextlib
 import inspect
 import re
 from dataclasses import dataclass
@@ -36,9 +39,10 @@ from ppdet.core.workspace import global_config, register
 from ppdet.core.config.schema import SchemaDict
 from ppdet.utils.logger import setup_logger
 
+from .assignment import Assignment, level_masks, resize_mask
 from .errors import PPDistillError
 from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
-from .presets import LOGIT_ROLES, PRESETS, init_prefixes, resolve_tap
+from .presets import LOGIT_ROLES, init_prefixes, resolve_tap, select_preset
 from .losses.base import DistillLoss, loss_total
 from .taps import TapSet
 
@@ -76,12 +80,14 @@ def _float32(x: paddle.Tensor) -> paddle.Tensor:
 class _Term:
     """One loss module applied to one student/teacher level pair.
 
-    ``student_tap``/``teacher_tap``: a tap spec, or for a multi-tensor loss a mapping ``{name: spec}``."""
+    ``student_tap``/``teacher_tap``: a tap spec, or for a multi-tensor loss a mapping ``{name: spec}``;
+    ``assignment``: the keys of the student head's label assignment its loss reads (``assignment_keys``)."""
     key: str
     student_tap: TapSpec
     teacher_tap: TapSpec
     pair: LevelPair
     weight: float
+    assignment: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,8 @@ class Inspection:
             ``distill_<name>_l<level>`` and, for a loss returning sub-terms, ``<key>_<sub_term>``.
         term_inputs: ``{term key: (student, teacher)}``, what each loss received: float32 ``[N, Cs, H, W]``
             resized to the teacher's ``H, W`` (in the graph) and ``[N, Ct, H, W]`` (detached), or
-            ``{name: tensor}`` per side for a multi-tensor loss.
+            ``{name: tensor}`` per side for a multi-tensor loss; a loss with ``assignment_keys`` also finds
+            them in its student mapping (``pos`` ``[N, 1, H, W]``, ``num_pos`` scalar).
         student_taps, teacher_taps: ``{tap spec: one tensor per level}`` as recorded (native dtype and
             size), e.g. ``{'neck': [[N, C, H/8, W/8], [N, C, H/16, W/16], ...]}``.
         outputs: the student's own outputs (its loss dict in train mode, predictions in eval mode).
@@ -220,6 +227,16 @@ def _make_loss(cls: type, pair: LevelPair, args: dict, what: str, num_levels: in
         raise DistillConfigError(f'{what}: bad argument {bad}: {text}') from None
 
 
+def _assignment_keys(loss: nn.Layer, what: str) -> Tuple[str, ...]:
+    """The assignment keys a built loss reads: its instance's ``assignment_keys``, which may only narrow
+    the class's declaration (:class:`~ppdistill.losses.base.DistillLoss`)."""
+    keys, declared = tuple(loss.assignment_keys), type(loss).assignment_keys
+    if set(keys) - set(declared):
+        raise DistillConfigError(f'{what}: {type(loss).__name__} instance asks for assignment keys {keys} but its '
+                                 f'class declares {declared}')
+    return keys
+
+
 def _reject_duplicates(entries: List[dict]) -> None:
     """Two terms with one logged key would overwrite each other: distinct names, no repeated level."""
     def describe(i: int) -> str:
@@ -265,7 +282,8 @@ class Distiller(nn.Layer):
 
     Args:
         student_model, teacher_model: built ppdet architectures (passed by :mod:`ppdistill.build`).
-        student_arch, teacher_arch: their ``architecture`` names, used to look up tap presets.
+        student_arch, teacher_arch: their ``architecture`` names, which with the models' head classes select
+            the tap presets (:func:`~ppdistill.presets.select_preset`).
         losses: list of entries ``{type, student, teacher, levels, weight, args, name}``: ``type`` a
             registered loss class; ``student``/``teacher`` a preset role (``fpn``) or an exact sublayer
             name; ``levels`` student level indices (default all that pair by stride); ``args`` passed to
@@ -312,7 +330,8 @@ class Distiller(nn.Layer):
             param.trainable = False
         student_arch = student_arch or type(student_model).__name__
         teacher_arch = teacher_arch or type(teacher_model).__name__
-        student_preset, teacher_preset = PRESETS.get(student_arch, {}), PRESETS.get(teacher_arch, {})
+        student_preset = select_preset(student_arch, student_model)
+        teacher_preset = select_preset(teacher_arch, teacher_model)
         if init_student:
             self._init_student_from_teacher(init_prefixes(student_preset))
 
@@ -347,14 +366,33 @@ class Distiller(nn.Layer):
                     _check_equal_channels(pair, channels, cls.__name__, why, what)
                 modules.append(_make_loss(cls, pair, e['args'], what, num_levels, channels))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
-                                         e['teacher'], pair, e['weight']))
+                                         e['teacher'], pair, e['weight'], _assignment_keys(modules[-1], what)))
         self.distill_losses = nn.LayerList(modules)
+        self._assignment = self._assignment_feed(student_preset.get('assignment'), student_arch)
         _keep_float32(self.distill_losses)
         for param in self.distill_losses.parameters():
             param.optimize_attr['learning_rate'] = float(distill_lr_mult)
         logger.info('Distiller: ' + '; '.join(
             f"{t.key}: student {list(t.pair.student_shape[1:])} <- teacher {list(t.pair.teacher_shape[1:])}"
             for t in self._terms) + f' (shapes at probe size {probe_size})')
+
+    def _assignment_feed(self, row: Optional[dict], arch: str) -> Optional[Assignment]:
+        """The reader of the student head's label assignment, if a term needs one (else None): a
+        one-line build error when the student's preset row says nowhere where it comes from."""
+        needing = [t for t in self._terms if t.assignment]
+        if not needing:
+            return None
+        if not row:
+            t = needing[0]
+            raise DistillConfigError(
+                f"{t.key}: the loss reads the student head's label assignment ({', '.join(t.assignment)}), but the "
+                f"preset of architecture '{arch}' has no assignment row (no assigner or reader target is known for "
+                'this head): set normalize: locations (LDLoss: ld_weight: 0 and kd_weight: 0), or add an '
+                'assignment row to ppdistill/presets.py')
+        try:
+            return Assignment(self.student_model, row)
+        except PPDistillError as err:
+            raise DistillConfigError(f"student preset '{arch}': {err}") from None
 
     @classmethod
     def from_config(cls, cfg, student_model=None, teacher_model=None, student_arch=None,
@@ -370,13 +408,15 @@ class Distiller(nn.Layer):
         unknown = set(entry) - {'type', 'student', 'teacher', 'levels', 'weight', 'args', 'name'}
         if unknown:
             raise DistillConfigError(f"distill loss entry {entry['type']}: unknown keys {sorted(unknown)}")
-        loss_class(entry['type'])
+        names = loss_class(entry['type']).tensor_names
         student = entry.get('student', 'fpn')
         try:
             student_tap = _resolve_side(student, *student_preset)
             teacher_tap = _resolve_side(entry.get('teacher', student), *teacher_preset)
         except KeyError as err:
             raise DistillConfigError(err.args[0]) from None
+        if names and len(names) == 1:  # a loss naming one tensor takes a bare tap as that name
+            student_tap, teacher_tap = ({names[0]: v} if isinstance(v, str) else v for v in (student_tap, teacher_tap))
         return {
             'type': entry['type'],
             'student': student_tap,
@@ -442,13 +482,34 @@ class Distiller(nn.Layer):
             self.teacher_taps.clear()
 
     def _student_forward(self, inputs: dict) -> Tuple[dict, Dict[str, List[paddle.Tensor]]]:
-        """The student's own outputs (in its current mode) and its tapped tensors per tap spec."""
+        """The student's own outputs (in its current mode) and its tapped tensors per tap spec; the head's
+        label assignment is recorded on the side when a term reads it (:meth:`_add_assignment`)."""
+        assignment = self._assignment.record() if self._assignment else contextlib.nullcontext()
         try:
-            with self.student_taps.record():
+            with self.student_taps.record(), assignment:
                 outputs = dict(self.student_model(inputs))
             return outputs, {spec: self.student_taps.levels(spec) for spec in self.student_taps.specs}
         finally:
             self.student_taps.clear()
+
+    def _add_assignment(self, pairs: Dict[str, tuple], student: Dict[str, list], inputs: dict) -> None:
+        """Add this step's label assignment to the student mapping of every term that reads it:
+        ``pos`` ``[N, 1, H, W]`` (the assigner's positives sliced to the term's level, levels in head
+        order from the term's first student tap) and ``num_pos`` (scalar, all levels)."""
+        needing = [t for t in self._terms if t.assignment]
+        if not needing:
+            return
+        first = lambda term: next(iter(term.student_tap.values()))  # noqa: E731
+        positive, num_pos = self._assignment.read(inputs, int(student[first(needing[0])][0].shape[1]))
+        masks = {}
+        for term in needing:
+            spec = first(term)
+            if spec not in masks:
+                masks[spec] = level_masks(positive, [t.shape for t in student[spec]])
+            s_map = pairs[term.key][0]
+            fed = {'pos': resize_mask(masks[spec][term.pair.student_level], s_map[next(iter(s_map))].shape[-2:]),
+                   'num_pos': num_pos}
+            s_map.update({k: fed[k] for k in term.assignment})
 
     def _term_inputs(self, student: Dict[str, list], teacher: Dict[str, list]) -> Dict[str, tuple]:
         """``{term key: (student, teacher)}`` from the tapped tensors, float32: ``[N, Cs, H, W]`` and
@@ -499,6 +560,7 @@ class Distiller(nn.Layer):
         teacher = self.teacher_features(inputs)
         outputs, student = self._student_forward(inputs)
         pairs = self._term_inputs(student, teacher)
+        self._add_assignment(pairs, student, inputs)
         terms = self.distill_terms(inputs, pairs)
         return Inspection(terms=terms, term_inputs=pairs, student_taps=student, teacher_taps=teacher,
                           outputs=outputs, det_loss=outputs.get('loss'))
