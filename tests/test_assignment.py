@@ -155,3 +155,20 @@ def test_picodet_terms_get_the_assigners_positives_per_level():
         assert off == labels.shape[1]
     for h in hooks:
         h.remove()
+
+
+def test_a_reader_fed_assignment_reads_the_batch_keys(toy_preset, monkeypatch):
+    """GFL's row: labels and per-image positive counts written by the reader (Gt2GFLTarget); background
+    label = the student's class count."""
+    monkeypatch.setitem(PRESETS, 'ToyAssignDet', {'taps': {'cls_logits': 'head.cls'},
+                                                  'assignment': {'inputs': {'labels': 'labels', 'num_pos': 'pos_num'}}})
+    d = toy_distiller()
+    inputs, labels = toy_batch(())
+    inputs.update(labels=inputs.pop('toy_labels'), pos_num=[paddle.to_tensor([3]), paddle.to_tensor([4])])
+    seen = d.inspect(inputs)
+    fed = seen.term_inputs['distill_probe_l1'][0]
+    np.testing.assert_array_equal(fed['pos'].numpy()[:, 0], (labels[:, 64:] != C).reshape(2, 4, 4))
+    assert float(fed['num_pos']) == 7.0
+    del inputs['pos_num']
+    with pytest.raises(AssignmentError, match=r"the batch has no \['pos_num'\]"):
+        d.inspect(inputs)
