@@ -40,6 +40,7 @@ from ppdet.core.config.schema import SchemaDict
 from ppdet.utils.logger import setup_logger
 
 from .assignment import Assignment, level_masks, resize_mask
+from .crossing import CrossAdapter
 from .errors import PPDistillError
 from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
 from .presets import LOGIT_ROLES, init_prefixes, resolve_tap, select_preset
@@ -88,6 +89,7 @@ class _Term:
     pair: LevelPair
     weight: float
     assignment: Tuple[str, ...] = ()
+    cross: Optional[dict] = None  # CrossKD: {'student': cut tap, 'at': teacher cut tap, 'name': entry name}
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class Inspection:
             size), e.g. ``{'neck': [[N, C, H/8, W/8], [N, C, H/16, W/16], ...]}``.
         outputs: the student's own outputs (its loss dict in train mode, predictions in eval mode).
         det_loss: the student's own scalar ``loss`` in train mode, else None.
+        crossed: CrossKD entries' ``{entry name: {teacher tap spec: one tensor per level}}``, the teacher's
+            outputs on the student's crossed features (in the graph); their terms' student inputs.
     """
     terms: Dict[str, paddle.Tensor]
     term_inputs: Dict[str, tuple]
@@ -112,6 +116,7 @@ class Inspection:
     teacher_taps: Dict[str, List[paddle.Tensor]]
     outputs: dict
     det_loss: Optional[paddle.Tensor]
+    crossed: Dict[str, Dict[str, List[paddle.Tensor]]] = None
 
     @property
     def distill_loss(self) -> paddle.Tensor:
@@ -138,10 +143,38 @@ def _resolve_side(spec, preset: dict, arch: str) -> TapSpec:
     return resolve_tap(spec, preset, arch)
 
 
-def _multi_channels(entry: dict, pair: LevelPair, s_shapes: dict, t_shapes: dict) -> Tuple[dict, dict]:
-    """Per-name channels ``({name: Cs}, {name: Ct})`` of a multi-tensor entry at one level pair."""
-    return ({k: int(s_shapes[v][pair.student_level][1]) for k, v in entry['student'].items()},
+def _multi_channels(entry: dict, pair: LevelPair, s_shapes: dict, t_shapes: dict,
+                    crossed: bool = False) -> Tuple[dict, dict]:
+    """Per-name channels ``({name: Cs}, {name: Ct})`` of a multi-tensor entry at one level pair (a
+    ``crossed`` entry's student tensors are teacher taps: the pair's teacher level on both sides)."""
+    level = pair.teacher_level if crossed else pair.student_level
+    return ({k: int(s_shapes[v][level][1]) for k, v in entry['student'].items()},
             {k: int(t_shapes[v][pair.teacher_level][1]) for k, v in entry['teacher'].items()})
+
+
+def _entry_pairs(entry: dict, s_shapes: dict, t_shapes: dict, probe_size: int,
+                 what: str) -> List[Tuple[LevelPair, Optional[LevelPair]]]:
+    """``(term pair, cut pair)`` per distilled level of an entry. A plain entry pairs its own taps by stride
+    (no cut). A ``cross`` entry pairs the student's and the teacher's cut taps by stride; teacher cut level
+    ``j`` feeds the teacher's level ``j`` outputs, compared with themselves: the term pair is ``(student
+    cut level, j)`` with the teacher's shapes on both sides."""
+    cross = entry['cross']
+    try:
+        if not cross:
+            return [(p, None) for p in pair_levels(s_shapes[_first_spec(entry['student'])],
+                                                   t_shapes[_first_spec(entry['teacher'])], probe_size,
+                                                   entry['levels'], what)]
+        cuts = pair_levels(s_shapes[cross['student']], t_shapes[cross['at']], probe_size, entry['levels'],
+                           f"{what}, cross {cross['student']} -> {cross['at']}")
+    except PairingError as err:
+        raise DistillConfigError(str(err)) from None
+    outputs = t_shapes[_first_spec(entry['teacher'])]
+    if len(outputs) != len(t_shapes[cross['at']]):
+        raise DistillConfigError(f"{what}: the teacher's cut {cross['at']} has {len(t_shapes[cross['at']])} levels "
+                                 f"but its outputs {_first_spec(entry['teacher'])} {len(outputs)}: cut at a "
+                                 'sublayer that runs once per head level')
+    return [(LevelPair(c.student_level, c.teacher_level, outputs[c.teacher_level], outputs[c.teacher_level]), c)
+            for c in cuts]
 
 
 def _check_tensor_names(entry: dict, cls: type, what: str) -> None:
@@ -338,10 +371,11 @@ class Distiller(nn.Layer):
         entries = [self._normalise(e, (student_preset, student_arch), (teacher_preset, teacher_arch))
                    for e in losses]
         _reject_duplicates(entries)
-        self.student_taps = TapSet(student_model, [t for e in entries for t in _tap_specs(e['student'])],
-                                   role='student')
-        self.teacher_taps = TapSet(teacher_model, [t for e in entries for t in _tap_specs(e['teacher'])],
-                                   role='teacher')
+        # a cross entry's student side is the teacher's own output on crossed features: a teacher tap
+        self.student_taps = TapSet(student_model, [t for e in entries for t in (
+            [e['cross']['student']] if e['cross'] else _tap_specs(e['student']))], role='student')
+        self.teacher_taps = TapSet(teacher_model, [t for e in entries for t in _tap_specs(e['teacher']) + (
+            _tap_specs(e['student']) + [e['cross']['at']] if e['cross'] else [])], role='teacher')
         s_shapes = probe_shapes(student_model, self.student_taps, probe_size)
         t_shapes = probe_shapes(teacher_model, self.teacher_taps, probe_size)
 
@@ -349,24 +383,24 @@ class Distiller(nn.Layer):
         for e in entries:
             what = f"{type(self).__name__}: loss '{e['name']}' ({e['type']} on {e['student']} -> {e['teacher']})"
             cls = loss_class(e['type'])
-            _check_multi(e, s_shapes, t_shapes, what)
+            own_shapes = t_shapes if e['cross'] else s_shapes  # where the loss's student tensors come from
+            _check_multi(e, own_shapes, t_shapes, what)
             _check_tensor_names(e, cls, what)
-            try:
-                pairs = pair_levels(s_shapes[_first_spec(e['student'])], t_shapes[_first_spec(e['teacher'])],
-                                    probe_size, e['levels'], what)
-            except PairingError as err:
-                raise DistillConfigError(str(err)) from None
             why = (f'{cls.__name__} compares them element by element' if cls.equal_channels
                    else 'logits are compared class by class' if e['logits'] else None)
-            num_levels = len(s_shapes[_first_spec(e['student'])])
-            for pair in pairs:
-                channels = (_multi_channels(e, pair, s_shapes, t_shapes) if cls.tensor_names
-                            else (pair.student_channels, pair.teacher_channels))
+            num_levels = len(own_shapes[_first_spec(e['student'])])
+            for pair, cut in _entry_pairs(e, s_shapes, t_shapes, probe_size, what):
+                channels = (_multi_channels(e, pair, own_shapes, t_shapes, e['cross'] is not None)
+                            if cls.tensor_names else (pair.student_channels, pair.teacher_channels))
                 if why:
                     _check_equal_channels(pair, channels, cls.__name__, why, what)
                 modules.append(_make_loss(cls, pair, e['args'], what, num_levels, channels))
+                if cut is not None:  # CrossKD: this level's adapter, saved and trained with the loss
+                    modules[-1].add_sublayer('cross_adapter', CrossAdapter(cut.student_channels,
+                                                                           cut.teacher_channels))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
-                                         e['teacher'], pair, e['weight'], _assignment_keys(modules[-1], what)))
+                                         e['teacher'], pair, e['weight'], _assignment_keys(modules[-1], what),
+                                         e['cross'] and dict(e['cross'], name=e['name'])))
         self.distill_losses = nn.LayerList(modules)
         self._assignment = self._assignment_feed(student_preset.get('assignment'), student_arch)
         _keep_float32(self.distill_losses)
@@ -405,14 +439,23 @@ class Distiller(nn.Layer):
     def _normalise(entry: dict, student_preset: tuple, teacher_preset: tuple) -> dict:
         if not isinstance(entry, dict) or 'type' not in entry:
             raise DistillConfigError(f'each distill loss entry needs a type, got {entry!r}')
-        unknown = set(entry) - {'type', 'student', 'teacher', 'levels', 'weight', 'args', 'name'}
+        unknown = set(entry) - {'type', 'student', 'teacher', 'levels', 'weight', 'args', 'name', 'cross'}
         if unknown:
             raise DistillConfigError(f"distill loss entry {entry['type']}: unknown keys {sorted(unknown)}")
         names = loss_class(entry['type']).tensor_names
         student = entry.get('student', 'fpn')
+        cross = entry.get('cross')
+        if cross is not None and (not isinstance(cross, dict) or set(cross) - {'student', 'at'}
+                                  or not isinstance(cross.get('student'), str)):
+            raise DistillConfigError(f"distill loss entry {entry['type']}: cross must be {{student: <student cut "
+                                     f"tap>, at: <teacher cut tap, default the same>}}, got {cross!r}")
         try:
-            student_tap = _resolve_side(student, *student_preset)
+            # crossed outputs are the teacher's: a cross entry's student side names teacher taps
+            student_tap = _resolve_side(student, *(teacher_preset if cross else student_preset))
             teacher_tap = _resolve_side(entry.get('teacher', student), *teacher_preset)
+            if cross:
+                cross = {'student': resolve_tap(cross['student'], *student_preset),
+                         'at': resolve_tap(cross.get('at', cross['student']), *teacher_preset)}
         except KeyError as err:
             raise DistillConfigError(err.args[0]) from None
         if names and len(names) == 1:  # a loss naming one tensor takes a bare tap as that name
@@ -426,6 +469,7 @@ class Distiller(nn.Layer):
             'args': dict(entry.get('args') or {}),
             'name': entry.get('name') or entry['type'].lower().replace('loss', '') or 'kd',
             'logits': any(isinstance(v, str) and v in LOGIT_ROLES for v in (student, entry.get('teacher', student))),
+            'cross': cross,
         }
 
     def _init_student_from_teacher(self, prefixes: Sequence[str]) -> None:
@@ -492,32 +536,71 @@ class Distiller(nn.Layer):
         finally:
             self.student_taps.clear()
 
-    def _add_assignment(self, pairs: Dict[str, tuple], student: Dict[str, list], inputs: dict) -> None:
+    def _add_assignment(self, pairs: Dict[str, tuple], student: Dict[str, list], crossed: Dict[str, dict],
+                        inputs: dict) -> None:
         """Add this step's label assignment to the student mapping of every term that reads it:
         ``pos`` ``[N, 1, H, W]`` (the assigner's positives sliced to the term's level, levels in head
         order from the term's first student tap) and ``num_pos`` (scalar, all levels)."""
         needing = [t for t in self._terms if t.assignment]
         if not needing:
             return
-        first = lambda term: next(iter(term.student_tap.values()))  # noqa: E731
-        positive, num_pos = self._assignment.read(inputs, int(student[first(needing[0])][0].shape[1]))
+        def levels(term: _Term) -> Tuple[List[paddle.Tensor], int]:
+            source, level = self._student_source(term, student, crossed)
+            return source[next(iter(term.student_tap.values()))], level
+        positive, num_pos = self._assignment.read(inputs, int(levels(needing[0])[0][0].shape[1]))
         masks = {}
         for term in needing:
-            spec = first(term)
-            if spec not in masks:
-                masks[spec] = level_masks(positive, [t.shape for t in student[spec]])
+            tensors, level = levels(term)
+            if id(tensors) not in masks:
+                masks[id(tensors)] = level_masks(positive, [t.shape for t in tensors])
             s_map = pairs[term.key][0]
-            fed = {'pos': resize_mask(masks[spec][term.pair.student_level], s_map[next(iter(s_map))].shape[-2:]),
+            fed = {'pos': resize_mask(masks[id(tensors)][level], s_map[next(iter(s_map))].shape[-2:]),
                    'num_pos': num_pos}
             s_map.update({k: fed[k] for k in term.assignment})
 
-    def _term_inputs(self, student: Dict[str, list], teacher: Dict[str, list]) -> Dict[str, tuple]:
+    def _crossed_features(self, inputs: dict, student: Dict[str, list],
+                          teacher: Dict[str, list]) -> Dict[str, Dict[str, List[paddle.Tensor]]]:
+        """CrossKD: per cross entry, the teacher's tapped outputs when its cut sublayer returns the student's
+        cut features instead of its own (:class:`~ppdistill.crossing.CrossAdapter`: 1x1 conv where widths
+        differ, then the teacher's per-channel statistics at the cut). ``{entry name: {tap spec: one tensor
+        per level}}``. A second, partial teacher forward in eval mode, *in* the graph: the teacher's
+        parameters take no gradient, the student's features before the cut do; it stops once every teacher
+        tap has fired."""
+        crossed = {}
+        for name in dict.fromkeys(t.cross['name'] for t in self._terms if t.cross):
+            members = [(t, m) for t, m in zip(self._terms, self.distill_losses) if t.cross and t.cross['name'] == name]
+            cut, at = members[0][0].cross['student'], members[0][0].cross['at']
+            levels = {t.pair.teacher_level: m.cross_adapter(_float32(student[cut][t.pair.student_level]),
+                                                            _float32(teacher[at][t.pair.teacher_level]))
+                      for t, m in members}
+            self.teacher_model.eval()
+            try:
+                with self.teacher_taps.record(stop_early=True), self.teacher_taps.replace(at, levels):
+                    self.teacher_model(dict(inputs))
+                crossed[name] = {spec: self.teacher_taps.levels(spec) for spec in self.teacher_taps.specs}
+            finally:
+                self.teacher_taps.clear()
+        return crossed
+
+    @staticmethod
+    def _student_source(term: _Term, student: Dict[str, list],
+                        crossed: Dict[str, dict]) -> Tuple[Dict[str, list], int]:
+        """Where a term's student tensors come from, and their level: the student's taps, or for a cross
+        term the teacher's outputs on the crossed features (teacher level)."""
+        if term.cross:
+            return crossed[term.cross['name']], term.pair.teacher_level
+        return student, term.pair.student_level
+
+    def _term_inputs(self, student: Dict[str, list], teacher: Dict[str, list],
+                     crossed: Optional[Dict[str, dict]] = None) -> Dict[str, tuple]:
         """``{term key: (student, teacher)}`` from the tapped tensors, float32: ``[N, Cs, H, W]`` and
         ``[N, Ct, H, W]`` (for a multi-tensor term, ``{name: tensor}`` per side); the teacher detached, the
-        student resized to the teacher's ``H, W`` where they differ."""
+        student resized to the teacher's ``H, W`` where they differ. A cross term's student side is its
+        crossed outputs (``crossed``, :meth:`_crossed_features`)."""
         def pair(s_spec: str, t_spec: str, term: _Term) -> tuple:
             t = _float32(teacher[t_spec][term.pair.teacher_level].detach())
-            return _resize_to(_float32(student[s_spec][term.pair.student_level]), t), t
+            source, level = self._student_source(term, student, crossed or {})
+            return _resize_to(_float32(source[s_spec][level]), t), t
 
         pairs = {}
         for term in self._terms:
@@ -559,11 +642,12 @@ class Distiller(nn.Layer):
         """
         teacher = self.teacher_features(inputs)
         outputs, student = self._student_forward(inputs)
-        pairs = self._term_inputs(student, teacher)
-        self._add_assignment(pairs, student, inputs)
+        crossed = self._crossed_features(inputs, student, teacher)
+        pairs = self._term_inputs(student, teacher, crossed)
+        self._add_assignment(pairs, student, crossed, inputs)
         terms = self.distill_terms(inputs, pairs)
         return Inspection(terms=terms, term_inputs=pairs, student_taps=student, teacher_taps=teacher,
-                          outputs=outputs, det_loss=outputs.get('loss'))
+                          outputs=outputs, det_loss=outputs.get('loss'), crossed=crossed)
 
     def _checked_sum(self, terms: Dict[str, paddle.Tensor]) -> paddle.Tensor:
         """Sum of the terms, or (``nonfinite: skip``) a zero that still reaches every distill parameter.
