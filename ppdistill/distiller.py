@@ -14,13 +14,16 @@
    against the probe on every step (:class:`~ppdistill.taps.TapCountError`). When a loss reads the student
    head's label assignment (``assignment_keys``), the assigner the preset row names is tapped too and its
    positives are sliced per level into that loss's student mapping (:mod:`ppdistill.assignment`);
-3. each configured loss on every paired level, in float32 and outside autocast whatever the AMP level
+3. CrossKD entries only (``cross``): a second, partial teacher forward in eval mode and in the graph,
+   whose cut sublayer returns the student's adapted cut features (:mod:`ppdistill.crossing`); the
+   teacher's outputs from it are those terms' student inputs;
+4. each configured loss on every paired level, in float32 and outside autocast whatever the AMP level
    (features are cast to float32; the distill modules keep float32 weights under ``amp_level: O2``),
    weighted, logged as ``distill_<name>_l<level>`` and added into ``loss``. One ``isfinite`` over all
    terms (one host sync per step) guards the sum: a non-finite term stops training naming the term, or
    with ``nonfinite: skip`` drops that step's distill loss with a warning.
 
-:meth:`Distiller.inspect` runs steps 1-3 and returns every tensor (taps, loss inputs, terms) instead of the
+:meth:`Distiller.inspect` runs steps 1-4 and returns every tensor (taps, loss inputs, terms) instead of the
 sum, for tools that look inside a step (benchmarks, ``tools/visualize.py``).
 
 Eval/infer: exactly ``student_model(inputs)``. ``parameters()`` is the student's plus the distill
@@ -29,7 +32,7 @@ modules', never the teacher's.
 import contextlib
 import inspect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import paddle
@@ -116,7 +119,7 @@ class Inspection:
     teacher_taps: Dict[str, List[paddle.Tensor]]
     outputs: dict
     det_loss: Optional[paddle.Tensor]
-    crossed: Dict[str, Dict[str, List[paddle.Tensor]]] = None
+    crossed: Dict[str, Dict[str, List[paddle.Tensor]]] = field(default_factory=dict)
 
     @property
     def distill_loss(self) -> paddle.Tensor:
@@ -324,6 +327,11 @@ class Distiller(nn.Layer):
             per level takes a mapping ``{name: role or sublayer}`` as ``student`` (and ``teacher``), e.g.
             ``{conf: cls_logits, loc: box_reg}``: it gets ``{name: tensor}`` per side and its channels as
             ``{name: C}``; levels pair by stride on the first name, every name must have as many levels.
+            ``cross: {student: <student cut tap>, at: <teacher cut tap, default the same>}`` makes a
+            CrossKD entry: ``student``/``teacher`` then name teacher outputs, compared between the
+            teacher's head run on the student's cut features (levels paired by stride at the cut; a 1x1
+            adapter per level where the widths differ, trained and saved as distill state) and the
+            teacher's own run. The cut must run once per head level and return one tensor.
         probe_size: side of the blank image used at build time to read tap shapes and strides.
         init_student: copy the teacher's neck/head tensors into the student (MGD's ``init_student``). All
             or nothing: the student's neck/head must have the teacher's names and shapes (the references'
@@ -408,6 +416,7 @@ class Distiller(nn.Layer):
             param.optimize_attr['learning_rate'] = float(distill_lr_mult)
         logger.info('Distiller: ' + '; '.join(
             f"{t.key}: student {list(t.pair.student_shape[1:])} <- teacher {list(t.pair.teacher_shape[1:])}"
+            + (f" (teacher head on student {t.cross['student']} at {t.cross['at']})" if t.cross else '')
             for t in self._terms) + f' (shapes at probe size {probe_size})')
 
     def _assignment_feed(self, row: Optional[dict], arch: str) -> Optional[Assignment]:
@@ -570,9 +579,11 @@ class Distiller(nn.Layer):
         for name in dict.fromkeys(t.cross['name'] for t in self._terms if t.cross):
             members = [(t, m) for t, m in zip(self._terms, self.distill_losses) if t.cross and t.cross['name'] == name]
             cut, at = members[0][0].cross['student'], members[0][0].cross['at']
-            levels = {t.pair.teacher_level: m.cross_adapter(_float32(student[cut][t.pair.student_level]),
-                                                            _float32(teacher[at][t.pair.teacher_level]))
-                      for t, m in members}
+            levels = {}
+            for t, m in members:
+                own = _float32(teacher[at][t.pair.teacher_level])
+                levels[t.pair.teacher_level] = m.cross_adapter(_resize_to(_float32(student[cut][t.pair.student_level]),
+                                                                          own), own)
             self.teacher_model.eval()
             try:
                 with self.teacher_taps.record(stop_early=True), self.teacher_taps.replace(at, levels):

@@ -21,7 +21,7 @@ from test_methods_tools import tiny_student
 pytestmark = pytest.mark.integration
 
 DISTILL = os.path.join(ROOT, 'configs', 'slim', 'distill')
-CONFIGS = {'bckd_picodet_teacher_to_student': {},
+CONFIGS = {'bckd_picodet_teacher_to_student': {}, 'crosskd_picodet_teacher_to_student': {},
            'ld_picodet_teacher_to_student': {'ld': ['ld', 'vlr']}}  # config: {entry name: logged sub-terms}
 
 
