@@ -92,7 +92,8 @@ class _Term:
     pair: LevelPair
     weight: float
     assignment: Tuple[str, ...] = ()
-    cross: Optional[dict] = None  # CrossKD: {'student': cut tap, 'at': teacher cut tap, 'name': entry name}
+    # CrossKD: {'name': entry name, 'cuts': [{'student': cut tap, 'at': teacher cut tap}], 'levels': cut pair per cut}
+    cross: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -156,28 +157,32 @@ def _multi_channels(entry: dict, pair: LevelPair, s_shapes: dict, t_shapes: dict
 
 
 def _entry_pairs(entry: dict, s_shapes: dict, t_shapes: dict, probe_size: int,
-                 what: str) -> List[Tuple[LevelPair, Optional[LevelPair]]]:
-    """``(term pair, cut pair)`` per distilled level of an entry. A plain entry pairs its own taps by stride
-    (no cut). A ``cross`` entry pairs the student's and the teacher's cut taps by stride; teacher cut level
-    ``j`` feeds the teacher's level ``j`` outputs, compared with themselves: the term pair is ``(student
-    cut level, j)`` with the teacher's shapes on both sides."""
-    cross = entry['cross']
+                 what: str) -> List[Tuple[LevelPair, List[LevelPair]]]:
+    """``(term pair, cut pairs)`` per distilled level of an entry. A plain entry pairs its own taps by stride
+    (no cuts). A ``cross`` entry pairs the student's and the teacher's taps of each cut by stride (every cut
+    the same levels); teacher cut level ``j`` feeds the teacher's level ``j`` outputs, compared with
+    themselves: the term pair is ``(student cut level, j)`` with the teacher's shapes on both sides."""
     try:
-        if not cross:
-            return [(p, None) for p in pair_levels(s_shapes[_first_spec(entry['student'])],
-                                                   t_shapes[_first_spec(entry['teacher'])], probe_size,
-                                                   entry['levels'], what)]
-        cuts = pair_levels(s_shapes[cross['student']], t_shapes[cross['at']], probe_size, entry['levels'],
-                           f"{what}, cross {cross['student']} -> {cross['at']}")
+        if not entry['cross']:
+            return [(p, []) for p in pair_levels(s_shapes[_first_spec(entry['student'])],
+                                                 t_shapes[_first_spec(entry['teacher'])], probe_size,
+                                                 entry['levels'], what)]
+        per_cut = [pair_levels(s_shapes[c['student']], t_shapes[c['at']], probe_size, entry['levels'],
+                               f"{what}, cross {c['student']} -> {c['at']}") for c in entry['cross']]
     except PairingError as err:
         raise DistillConfigError(str(err)) from None
     outputs = t_shapes[_first_spec(entry['teacher'])]
-    if len(outputs) != len(t_shapes[cross['at']]):
-        raise DistillConfigError(f"{what}: the teacher's cut {cross['at']} has {len(t_shapes[cross['at']])} levels "
-                                 f"but its outputs {_first_spec(entry['teacher'])} {len(outputs)}: cut at a "
-                                 'sublayer that runs once per head level')
-    return [(LevelPair(c.student_level, c.teacher_level, outputs[c.teacher_level], outputs[c.teacher_level]), c)
-            for c in cuts]
+    for c, pairs in zip(entry['cross'], per_cut):
+        if len(outputs) != len(t_shapes[c['at']]):
+            raise DistillConfigError(f"{what}: the teacher's cut {c['at']} has {len(t_shapes[c['at']])} levels but "
+                                     f"its outputs {_first_spec(entry['teacher'])} {len(outputs)}: cut at a "
+                                     'sublayer that runs once per head level')
+        if [(p.student_level, p.teacher_level) for p in pairs] != \
+                [(p.student_level, p.teacher_level) for p in per_cut[0]]:
+            raise DistillConfigError(f"{what}: the cuts {entry['cross']} pair different levels; every cut must "
+                                     'run once per head level on both models')
+    return [(LevelPair(c.student_level, c.teacher_level, outputs[c.teacher_level], outputs[c.teacher_level]),
+             [pairs[i] for pairs in per_cut]) for i, c in enumerate(per_cut[0])]
 
 
 def _check_tensor_names(entry: dict, cls: type, what: str) -> None:
@@ -327,11 +332,12 @@ class Distiller(nn.Layer):
             per level takes a mapping ``{name: role or sublayer}`` as ``student`` (and ``teacher``), e.g.
             ``{conf: cls_logits, loc: box_reg}``: it gets ``{name: tensor}`` per side and its channels as
             ``{name: C}``; levels pair by stride on the first name, every name must have as many levels.
-            ``cross: {student: <student cut tap>, at: <teacher cut tap, default the same>}`` makes a
-            CrossKD entry: ``student``/``teacher`` then name teacher outputs, compared between the
-            teacher's head run on the student's cut features (levels paired by stride at the cut; a 1x1
-            adapter per level where the widths differ, trained and saved as distill state) and the
-            teacher's own run. The cut must run once per head level and return one tensor.
+            ``cross: {student: <student cut tap>, at: <teacher cut tap, default the same>}`` (or a list of
+            them, one per head branch, crossed together) makes a CrossKD entry: ``student``/``teacher``
+            then name teacher outputs, compared between the teacher's head run on the student's cut
+            features (levels paired by stride at the cut; a 1x1 adapter per level and cut where the widths
+            differ, trained and saved as distill state) and the teacher's own run. A cut must run once per
+            head level and return one tensor.
         probe_size: side of the blank image used at build time to read tap shapes and strides.
         init_student: copy the teacher's neck/head tensors into the student (MGD's ``init_student``). All
             or nothing: the student's neck/head must have the teacher's names and shapes (the references'
@@ -381,9 +387,9 @@ class Distiller(nn.Layer):
         _reject_duplicates(entries)
         # a cross entry's student side is the teacher's own output on crossed features: a teacher tap
         self.student_taps = TapSet(student_model, [t for e in entries for t in (
-            [e['cross']['student']] if e['cross'] else _tap_specs(e['student']))], role='student')
+            [c['student'] for c in e['cross']] if e['cross'] else _tap_specs(e['student']))], role='student')
         self.teacher_taps = TapSet(teacher_model, [t for e in entries for t in _tap_specs(e['teacher']) + (
-            _tap_specs(e['student']) + [e['cross']['at']] if e['cross'] else [])], role='teacher')
+            _tap_specs(e['student']) + [c['at'] for c in e['cross']] if e['cross'] else [])], role='teacher')
         s_shapes = probe_shapes(student_model, self.student_taps, probe_size)
         t_shapes = probe_shapes(teacher_model, self.teacher_taps, probe_size)
 
@@ -397,18 +403,18 @@ class Distiller(nn.Layer):
             why = (f'{cls.__name__} compares them element by element' if cls.equal_channels
                    else 'logits are compared class by class' if e['logits'] else None)
             num_levels = len(own_shapes[_first_spec(e['student'])])
-            for pair, cut in _entry_pairs(e, s_shapes, t_shapes, probe_size, what):
+            for pair, cuts in _entry_pairs(e, s_shapes, t_shapes, probe_size, what):
                 channels = (_multi_channels(e, pair, own_shapes, t_shapes, e['cross'] is not None)
                             if cls.tensor_names else (pair.student_channels, pair.teacher_channels))
                 if why:
                     _check_equal_channels(pair, channels, cls.__name__, why, what)
                 modules.append(_make_loss(cls, pair, e['args'], what, num_levels, channels))
-                if cut is not None:  # CrossKD: this level's adapter, saved and trained with the loss
-                    modules[-1].add_sublayer('cross_adapter', CrossAdapter(cut.student_channels,
-                                                                           cut.teacher_channels))
+                if cuts:  # CrossKD: this level's adapter per cut, saved and trained with the loss
+                    modules[-1].add_sublayer('cross_adapters', nn.LayerList(
+                        [CrossAdapter(c.student_channels, c.teacher_channels) for c in cuts]))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight'], _assignment_keys(modules[-1], what),
-                                         e['cross'] and dict(e['cross'], name=e['name'])))
+                                         e['cross'] and {'name': e['name'], 'cuts': e['cross'], 'levels': cuts}))
         self.distill_losses = nn.LayerList(modules)
         self._assignment = self._assignment_feed(student_preset.get('assignment'), student_arch)
         _keep_float32(self.distill_losses)
@@ -416,7 +422,8 @@ class Distiller(nn.Layer):
             param.optimize_attr['learning_rate'] = float(distill_lr_mult)
         logger.info('Distiller: ' + '; '.join(
             f"{t.key}: student {list(t.pair.student_shape[1:])} <- teacher {list(t.pair.teacher_shape[1:])}"
-            + (f" (teacher head on student {t.cross['student']} at {t.cross['at']})" if t.cross else '')
+            + (' (teacher head on student ' + ', '.join(f"{c['student']} at {c['at']}" for c in t.cross['cuts']) + ')'
+               if t.cross else '')
             for t in self._terms) + f' (shapes at probe size {probe_size})')
 
     def _assignment_feed(self, row: Optional[dict], arch: str) -> Optional[Assignment]:
@@ -454,17 +461,20 @@ class Distiller(nn.Layer):
         names = loss_class(entry['type']).tensor_names
         student = entry.get('student', 'fpn')
         cross = entry.get('cross')
-        if cross is not None and (not isinstance(cross, dict) or set(cross) - {'student', 'at'}
-                                  or not isinstance(cross.get('student'), str)):
+        cuts = [cross] if isinstance(cross, dict) else cross
+        if cross is not None and (not isinstance(cuts, list) or not cuts or not all(
+                isinstance(c, dict) and not set(c) - {'student', 'at'} and isinstance(c.get('student'), str)
+                for c in cuts)):
             raise DistillConfigError(f"distill loss entry {entry['type']}: cross must be {{student: <student cut "
-                                     f"tap>, at: <teacher cut tap, default the same>}}, got {cross!r}")
+                                     f"tap>, at: <teacher cut tap, default the same>}} or a list of them (one per "
+                                     f"head branch), got {cross!r}")
         try:
             # crossed outputs are the teacher's: a cross entry's student side names teacher taps
             student_tap = _resolve_side(student, *(teacher_preset if cross else student_preset))
             teacher_tap = _resolve_side(entry.get('teacher', student), *teacher_preset)
             if cross:
-                cross = {'student': resolve_tap(cross['student'], *student_preset),
-                         'at': resolve_tap(cross.get('at', cross['student']), *teacher_preset)}
+                cross = [{'student': resolve_tap(c['student'], *student_preset),
+                          'at': resolve_tap(c.get('at', c['student']), *teacher_preset)} for c in cuts]
         except KeyError as err:
             raise DistillConfigError(err.args[0]) from None
         if names and len(names) == 1:  # a loss naming one tensor takes a bare tap as that name
@@ -578,15 +588,18 @@ class Distiller(nn.Layer):
         crossed = {}
         for name in dict.fromkeys(t.cross['name'] for t in self._terms if t.cross):
             members = [(t, m) for t, m in zip(self._terms, self.distill_losses) if t.cross and t.cross['name'] == name]
-            cut, at = members[0][0].cross['student'], members[0][0].cross['at']
-            levels = {}
+            cuts = members[0][0].cross['cuts']
+            levels = [{} for _ in cuts]  # per cut: {teacher level: adapted student features}
             for t, m in members:
-                own = _float32(teacher[at][t.pair.teacher_level])
-                levels[t.pair.teacher_level] = m.cross_adapter(_resize_to(_float32(student[cut][t.pair.student_level]),
-                                                                          own), own)
+                for i, (cut, pair, adapter) in enumerate(zip(cuts, t.cross['levels'], m.cross_adapters)):
+                    own = _float32(teacher[cut['at']][pair.teacher_level])
+                    levels[i][pair.teacher_level] = adapter(
+                        _resize_to(_float32(student[cut['student']][pair.student_level]), own), own)
             self.teacher_model.eval()
             try:
-                with self.teacher_taps.record(stop_early=True), self.teacher_taps.replace(at, levels):
+                with self.teacher_taps.record(stop_early=True), contextlib.ExitStack() as stack:
+                    for cut, given in zip(cuts, levels):
+                        stack.enter_context(self.teacher_taps.replace(cut['at'], given))
                     self.teacher_model(dict(inputs))
                 crossed[name] = {spec: self.teacher_taps.levels(spec) for spec in self.teacher_taps.specs}
             finally:

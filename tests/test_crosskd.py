@@ -45,7 +45,7 @@ def test_crossed_outputs_equal_the_teachers_when_the_student_is_a_copy():
     """Equal widths (no adapter conv) and the same weights: the student's cut features are the teacher's, so
     the teacher's tail reproduces its own class and DFL logits (eval mode: the same BN statistics)."""
     d = distiller(TEACHER[0], cross_losses(), student_weights=TEACHER[1])
-    assert all(m.cross_adapter.conv is None for m in d.distill_losses)
+    assert all(m.cross_adapters[0].conv is None for m in d.distill_losses)
     d.eval()
     with paddle.no_grad():
         seen = d.inspect(picodet_batch())
@@ -98,3 +98,51 @@ def test_bad_cross_is_a_one_line_build_error(cross, match):
         distiller('configs/demo/tiny/picodet_student.yml',
                   [{'type': 'BinaryKDLoss', 'student': 'cls_logits', 'cross': cross, 'args': {'normalize': 'sum'}}])
     assert '\n' not in str(err.value)
+
+
+# GFL (tiny model section of the upstream config): separate class and box towers shared by every level, so
+# two cuts (one per branch) are crossed together; the teacher tail is relu -> gfl_head_cls / gfl_head_reg ->
+# the level's ScaleReg (p<i>_feat).
+GFL_CUTS = [{'student': 'head.conv_feat.fcos_head_cls_tower_conv_1'},
+            {'student': 'head.conv_feat.fcos_head_reg_tower_conv_1'}]
+
+
+def gfl_pair(tmp_path, student_width):
+    from test_head_presets import GFL_MODEL, build
+    teacher, arch = build(tmp_path, 'gfl_teacher', GFL_MODEL)
+    narrow = GFL_MODEL.replace('out_channel: 16', f'out_channel: {student_width}').replace(
+        'feat_in: 16, feat_out: 16', f'feat_in: {student_width}, feat_out: {student_width}').replace(
+        'feat_in_chan: 16', f'feat_in_chan: {student_width}')
+    student, _ = build(tmp_path, 'gfl_student', narrow)
+    if student_width == 16:
+        student.set_state_dict(teacher.state_dict())
+    losses = [{'type': 'BinaryKDLoss', 'name': 'xcls', 'student': 'cls_logits', 'cross': GFL_CUTS,
+               'args': {'normalize': 'sum'}},
+              {'type': 'BoxKDLoss', 'name': 'xbox', 'student': HEAD, 'cross': GFL_CUTS, 'args': {'normalize': 'sum'}}]
+    d = Distiller(student_model=student, teacher_model=teacher, student_arch=arch, teacher_arch=arch,
+                  losses=losses, probe_size=128)
+    d.eval()
+    return d
+
+
+def test_gfl_two_branch_cut_copy_gives_the_teachers_outputs(tmp_path):
+    d = gfl_pair(tmp_path, 16)
+    with paddle.no_grad():
+        seen = d.inspect(picodet_batch(128))
+    assert len(seen.term_inputs) == 10  # 2 entries x 5 levels
+    for key, (crossed, own) in seen.term_inputs.items():
+        for name in own:
+            np.testing.assert_allclose(crossed[name].numpy(), own[name].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_gfl_cross_gradient_reaches_both_towers_before_the_cut_not_the_predictors(tmp_path):
+    d = gfl_pair(tmp_path, 8)
+    seen = d.inspect(picodet_batch(128))
+    seen.distill_loss.backward()
+    assert all(p.grad is None for p in d.teacher_model.parameters())
+    grads = {n: p.grad for n, p in d.student_model.named_parameters()}
+    got = lambda prefix: sum(0.0 if g is None else float(g.abs().sum())  # noqa: E731
+                             for n, g in grads.items() if n.startswith(prefix))
+    assert got('head.gfl_head_cls.') == 0 and got('head.gfl_head_reg.') == 0 and got('head.p3_feat.') == 0
+    for branch in ('cls', 'reg'):  # every cut crossed: both towers' convs before it learn from the KD
+        assert got(f'head.conv_feat.fcos_head_{branch}_tower_conv_0.') > 0
