@@ -92,7 +92,8 @@ class _Term:
     pair: LevelPair
     weight: float
     assignment: Tuple[str, ...] = ()
-    # CrossKD: {'name': entry name, 'cuts': [{'student': cut tap, 'at': teacher cut tap}], 'levels': cut pair per cut}
+    # CrossKD: {'name': the crossing's (its first entry's) name, 'cuts': [{'student': cut tap, 'at': teacher cut
+    # tap}], 'levels': the cut pair per cut, 'owner': whether this term's loss holds the crossing's adapters}
     cross: Optional[dict] = None
 
 
@@ -111,8 +112,9 @@ class Inspection:
             size), e.g. ``{'neck': [[N, C, H/8, W/8], [N, C, H/16, W/16], ...]}``.
         outputs: the student's own outputs (its loss dict in train mode, predictions in eval mode).
         det_loss: the student's own scalar ``loss`` in train mode, else None.
-        crossed: CrossKD entries' ``{entry name: {teacher tap spec: one tensor per level}}``, the teacher's
-            outputs on the student's crossed features (in the graph); their terms' student inputs.
+        crossed: CrossKD's ``{crossing: {teacher tap spec: one tensor per level}}``, the teacher's outputs on
+            the student's crossed features (in the graph), their terms' student inputs; entries with the same
+            ``cross`` and ``levels`` share one crossing, named after the first of them.
     """
     terms: Dict[str, paddle.Tensor]
     term_inputs: Dict[str, tuple]
@@ -336,8 +338,9 @@ class Distiller(nn.Layer):
             them, one per head branch, crossed together) makes a CrossKD entry: ``student``/``teacher``
             then name teacher outputs, compared between the teacher's head run on the student's cut
             features (levels paired by stride at the cut; a 1x1 adapter per level and cut where the widths
-            differ, trained and saved as distill state) and the teacher's own run. A cut must run once per
-            head level and return one tensor.
+            differ, trained and saved as distill state) and the teacher's own run. Entries with the same
+            ``cross`` and ``levels`` share one crossed teacher pass and its adapters (CrossKD's class and box
+            terms). A cut must run once per head level and return one tensor.
         probe_size: side of the blank image used at build time to read tap shapes and strides.
         init_student: copy the teacher's neck/head tensors into the student (MGD's ``init_student``). All
             or nothing: the student's neck/head must have the teacher's names and shapes (the references'
@@ -393,7 +396,7 @@ class Distiller(nn.Layer):
         s_shapes = probe_shapes(student_model, self.student_taps, probe_size)
         t_shapes = probe_shapes(teacher_model, self.teacher_taps, probe_size)
 
-        modules, self._terms = [], []
+        modules, self._terms, crossings = [], [], {}
         for e in entries:
             what = f"{type(self).__name__}: loss '{e['name']}' ({e['type']} on {e['student']} -> {e['teacher']})"
             cls = loss_class(e['type'])
@@ -403,18 +406,24 @@ class Distiller(nn.Layer):
             why = (f'{cls.__name__} compares them element by element' if cls.equal_channels
                    else 'logits are compared class by class' if e['logits'] else None)
             num_levels = len(own_shapes[_first_spec(e['student'])])
+            # entries with the same cuts and levels share one crossing (one teacher pass, one adapter set),
+            # named after the first of them and owned by its loss modules
+            crossing = repr((e['cross'], e['levels'])) if e['cross'] else None
+            owner = crossing not in crossings
+            crossings.setdefault(crossing, e['name'])
             for pair, cuts in _entry_pairs(e, s_shapes, t_shapes, probe_size, what):
                 channels = (_multi_channels(e, pair, own_shapes, t_shapes, e['cross'] is not None)
                             if cls.tensor_names else (pair.student_channels, pair.teacher_channels))
                 if why:
                     _check_equal_channels(pair, channels, cls.__name__, why, what)
                 modules.append(_make_loss(cls, pair, e['args'], what, num_levels, channels))
-                if cuts:  # CrossKD: this level's adapter per cut, saved and trained with the loss
+                if cuts and owner:  # CrossKD: this level's adapter per cut, saved and trained with the loss
                     modules[-1].add_sublayer('cross_adapters', nn.LayerList(
                         [CrossAdapter(c.student_channels, c.teacher_channels) for c in cuts]))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight'], _assignment_keys(modules[-1], what),
-                                         e['cross'] and {'name': e['name'], 'cuts': e['cross'], 'levels': cuts}))
+                                         e['cross'] and {'name': crossings[crossing], 'cuts': e['cross'],
+                                                         'levels': cuts, 'owner': owner}))
         self.distill_losses = nn.LayerList(modules)
         self._assignment = self._assignment_feed(student_preset.get('assignment'), student_arch)
         _keep_float32(self.distill_losses)
@@ -579,15 +588,16 @@ class Distiller(nn.Layer):
 
     def _crossed_features(self, inputs: dict, student: Dict[str, list],
                           teacher: Dict[str, list]) -> Dict[str, Dict[str, List[paddle.Tensor]]]:
-        """CrossKD: per cross entry, the teacher's tapped outputs when its cut sublayer returns the student's
-        cut features instead of its own (:class:`~ppdistill.crossing.CrossAdapter`: 1x1 conv where widths
-        differ, then the teacher's per-channel statistics at the cut). ``{entry name: {tap spec: one tensor
-        per level}}``. A second, partial teacher forward in eval mode, *in* the graph: the teacher's
-        parameters take no gradient, the student's features before the cut do; it stops once every teacher
-        tap has fired."""
+        """CrossKD: per crossing, the teacher's tapped outputs when its cut sublayers return the student's
+        cut features instead of their own (:class:`~ppdistill.crossing.CrossAdapter`: 1x1 conv where widths
+        differ, then the teacher's per-channel statistics at the cut). ``{crossing: {tap spec: one tensor
+        per level}}``. One more, partial teacher forward per crossing, in eval mode and *in* the graph: the
+        teacher's parameters take no gradient, the student's features before the cut do; it stops once
+        every teacher tap has fired."""
         crossed = {}
         for name in dict.fromkeys(t.cross['name'] for t in self._terms if t.cross):
-            members = [(t, m) for t, m in zip(self._terms, self.distill_losses) if t.cross and t.cross['name'] == name]
+            members = [(t, m) for t, m in zip(self._terms, self.distill_losses)
+                       if t.cross and t.cross['name'] == name and t.cross['owner']]
             cuts = members[0][0].cross['cuts']
             levels = [{} for _ in cuts]  # per cut: {teacher level: adapted student features}
             for t, m in members:
