@@ -11,22 +11,28 @@
    unless tapped, so the teacher needs nothing from the student's reader beyond what its tapped layers
    read;
 2. student forward through its own loss path, with taps recording; both tap sets check their call counts
-   against the probe on every step (:class:`~ppdistill.taps.TapCountError`);
-3. each configured loss on every paired level, in float32 and outside autocast whatever the AMP level
+   against the probe on every step (:class:`~ppdistill.taps.TapCountError`). When a loss reads the student
+   head's label assignment (``assignment_keys``), the assigner the preset row names is tapped too and its
+   positives are sliced per level into that loss's student mapping (:mod:`ppdistill.assignment`);
+3. CrossKD entries only (``cross``): a second, partial teacher forward in eval mode and in the graph,
+   whose cut sublayer returns the student's adapted cut features (:mod:`ppdistill.crossing`); the
+   teacher's outputs from it are those terms' student inputs;
+4. each configured loss on every paired level, in float32 and outside autocast whatever the AMP level
    (features are cast to float32; the distill modules keep float32 weights under ``amp_level: O2``),
    weighted, logged as ``distill_<name>_l<level>`` and added into ``loss``. One ``isfinite`` over all
    terms (one host sync per step) guards the sum: a non-finite term stops training naming the term, or
    with ``nonfinite: skip`` drops that step's distill loss with a warning.
 
-:meth:`Distiller.inspect` runs steps 1-3 and returns every tensor (taps, loss inputs, terms) instead of the
+:meth:`Distiller.inspect` runs steps 1-4 and returns every tensor (taps, loss inputs, terms) instead of the
 sum, for tools that look inside a step (benchmarks, ``tools/visualize.py``).
 
 Eval/infer: exactly ``student_model(inputs)``. ``parameters()`` is the student's plus the distill
 modules', never the teacher's.
 """
+import contextlib
 import inspect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import paddle
@@ -36,9 +42,11 @@ from ppdet.core.workspace import global_config, register
 from ppdet.core.config.schema import SchemaDict
 from ppdet.utils.logger import setup_logger
 
+from .assignment import Assignment, level_masks, resize_mask
+from .crossing import CrossAdapter
 from .errors import PPDistillError
 from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
-from .presets import LOGIT_ROLES, PRESETS, init_prefixes, resolve_tap
+from .presets import LOGIT_ROLES, init_prefixes, resolve_tap, select_preset
 from .losses.base import DistillLoss, loss_total
 from .taps import TapSet
 from .watch import TermWatch
@@ -77,12 +85,17 @@ def _float32(x: paddle.Tensor) -> paddle.Tensor:
 class _Term:
     """One loss module applied to one student/teacher level pair.
 
-    ``student_tap``/``teacher_tap``: a tap spec, or for a multi-tensor loss a mapping ``{name: spec}``."""
+    ``student_tap``/``teacher_tap``: a tap spec, or for a multi-tensor loss a mapping ``{name: spec}``;
+    ``assignment``: the keys of the student head's label assignment its loss reads (``assignment_keys``)."""
     key: str
     student_tap: TapSpec
     teacher_tap: TapSpec
     pair: LevelPair
     weight: float
+    assignment: Tuple[str, ...] = ()
+    # CrossKD: {'name': the crossing's (its first entry's) name, 'cuts': [{'student': cut tap, 'at': teacher cut
+    # tap}], 'levels': the cut pair per cut, 'owner': whether this term's loss holds the crossing's adapters}
+    cross: Optional[dict] = None
 
 
 @dataclass(frozen=True)
@@ -94,11 +107,15 @@ class Inspection:
             ``distill_<name>_l<level>`` and, for a loss returning sub-terms, ``<key>_<sub_term>``.
         term_inputs: ``{term key: (student, teacher)}``, what each loss received: float32 ``[N, Cs, H, W]``
             resized to the teacher's ``H, W`` (in the graph) and ``[N, Ct, H, W]`` (detached), or
-            ``{name: tensor}`` per side for a multi-tensor loss.
+            ``{name: tensor}`` per side for a multi-tensor loss; a loss with ``assignment_keys`` also finds
+            them in its student mapping (``pos`` ``[N, 1, H, W]``, ``num_pos`` scalar).
         student_taps, teacher_taps: ``{tap spec: one tensor per level}`` as recorded (native dtype and
             size), e.g. ``{'neck': [[N, C, H/8, W/8], [N, C, H/16, W/16], ...]}``.
         outputs: the student's own outputs (its loss dict in train mode, predictions in eval mode).
         det_loss: the student's own scalar ``loss`` in train mode, else None.
+        crossed: CrossKD's ``{crossing: {teacher tap spec: one tensor per level}}``, the teacher's outputs on
+            the student's crossed features (in the graph), their terms' student inputs; entries with the same
+            ``cross`` and ``levels`` share one crossing, named after the first of them.
     """
     terms: Dict[str, paddle.Tensor]
     term_inputs: Dict[str, tuple]
@@ -106,6 +123,7 @@ class Inspection:
     teacher_taps: Dict[str, List[paddle.Tensor]]
     outputs: dict
     det_loss: Optional[paddle.Tensor]
+    crossed: Dict[str, Dict[str, List[paddle.Tensor]]] = field(default_factory=dict)
 
     @property
     def distill_loss(self) -> paddle.Tensor:
@@ -132,10 +150,42 @@ def _resolve_side(spec, preset: dict, arch: str) -> TapSpec:
     return resolve_tap(spec, preset, arch)
 
 
-def _multi_channels(entry: dict, pair: LevelPair, s_shapes: dict, t_shapes: dict) -> Tuple[dict, dict]:
-    """Per-name channels ``({name: Cs}, {name: Ct})`` of a multi-tensor entry at one level pair."""
-    return ({k: int(s_shapes[v][pair.student_level][1]) for k, v in entry['student'].items()},
+def _multi_channels(entry: dict, pair: LevelPair, s_shapes: dict, t_shapes: dict,
+                    crossed: bool = False) -> Tuple[dict, dict]:
+    """Per-name channels ``({name: Cs}, {name: Ct})`` of a multi-tensor entry at one level pair (a
+    ``crossed`` entry's student tensors are teacher taps: the pair's teacher level on both sides)."""
+    level = pair.teacher_level if crossed else pair.student_level
+    return ({k: int(s_shapes[v][level][1]) for k, v in entry['student'].items()},
             {k: int(t_shapes[v][pair.teacher_level][1]) for k, v in entry['teacher'].items()})
+
+
+def _entry_pairs(entry: dict, s_shapes: dict, t_shapes: dict, probe_size: int,
+                 what: str) -> List[Tuple[LevelPair, List[LevelPair]]]:
+    """``(term pair, cut pairs)`` per distilled level of an entry. A plain entry pairs its own taps by stride
+    (no cuts). A ``cross`` entry pairs the student's and the teacher's taps of each cut by stride (every cut
+    the same levels); teacher cut level ``j`` feeds the teacher's level ``j`` outputs, compared with
+    themselves: the term pair is ``(student cut level, j)`` with the teacher's shapes on both sides."""
+    try:
+        if not entry['cross']:
+            return [(p, []) for p in pair_levels(s_shapes[_first_spec(entry['student'])],
+                                                 t_shapes[_first_spec(entry['teacher'])], probe_size,
+                                                 entry['levels'], what)]
+        per_cut = [pair_levels(s_shapes[c['student']], t_shapes[c['at']], probe_size, entry['levels'],
+                               f"{what}, cross {c['student']} -> {c['at']}") for c in entry['cross']]
+    except PairingError as err:
+        raise DistillConfigError(str(err)) from None
+    outputs = t_shapes[_first_spec(entry['teacher'])]
+    for c, pairs in zip(entry['cross'], per_cut):
+        if len(outputs) != len(t_shapes[c['at']]):
+            raise DistillConfigError(f"{what}: the teacher's cut {c['at']} has {len(t_shapes[c['at']])} levels but "
+                                     f"its outputs {_first_spec(entry['teacher'])} {len(outputs)}: cut at a "
+                                     'sublayer that runs once per head level')
+        if [(p.student_level, p.teacher_level) for p in pairs] != \
+                [(p.student_level, p.teacher_level) for p in per_cut[0]]:
+            raise DistillConfigError(f"{what}: the cuts {entry['cross']} pair different levels; every cut must "
+                                     'run once per head level on both models')
+    return [(LevelPair(c.student_level, c.teacher_level, outputs[c.teacher_level], outputs[c.teacher_level]),
+             [pairs[i] for pairs in per_cut]) for i, c in enumerate(per_cut[0])]
 
 
 def _check_tensor_names(entry: dict, cls: type, what: str) -> None:
@@ -221,6 +271,16 @@ def _make_loss(cls: type, pair: LevelPair, args: dict, what: str, num_levels: in
         raise DistillConfigError(f'{what}: bad argument {bad}: {text}') from None
 
 
+def _assignment_keys(loss: nn.Layer, what: str) -> Tuple[str, ...]:
+    """The assignment keys a built loss reads: its instance's ``assignment_keys``, which may only narrow
+    the class's declaration (:class:`~ppdistill.losses.base.DistillLoss`)."""
+    keys, declared = tuple(loss.assignment_keys), type(loss).assignment_keys
+    if set(keys) - set(declared):
+        raise DistillConfigError(f'{what}: {type(loss).__name__} instance asks for assignment keys {keys} but its '
+                                 f'class declares {declared}')
+    return keys
+
+
 def _reject_duplicates(entries: List[dict]) -> None:
     """Two terms with one logged key would overwrite each other: distinct names, no repeated level."""
     def describe(i: int) -> str:
@@ -266,7 +326,8 @@ class Distiller(nn.Layer):
 
     Args:
         student_model, teacher_model: built ppdet architectures (passed by :mod:`ppdistill.build`).
-        student_arch, teacher_arch: their ``architecture`` names, used to look up tap presets.
+        student_arch, teacher_arch: their ``architecture`` names, which with the models' head classes select
+            the tap presets (:func:`~ppdistill.presets.select_preset`).
         losses: list of entries ``{type, student, teacher, levels, weight, args, name}``: ``type`` a
             registered loss class; ``student``/``teacher`` a preset role (``fpn``) or an exact sublayer
             name; ``levels`` student level indices (default all that pair by stride); ``args`` passed to
@@ -274,6 +335,13 @@ class Distiller(nn.Layer):
             per level takes a mapping ``{name: role or sublayer}`` as ``student`` (and ``teacher``), e.g.
             ``{conf: cls_logits, loc: box_reg}``: it gets ``{name: tensor}`` per side and its channels as
             ``{name: C}``; levels pair by stride on the first name, every name must have as many levels.
+            ``cross: {student: <student cut tap>, at: <teacher cut tap, default the same>}`` (or a list of
+            them, one per head branch, crossed together) makes a CrossKD entry: ``student``/``teacher``
+            then name teacher outputs, compared between the teacher's head run on the student's cut
+            features (levels paired by stride at the cut; a 1x1 adapter per level and cut where the widths
+            differ, trained and saved as distill state) and the teacher's own run. Entries with the same
+            ``cross`` and ``levels`` share one crossed teacher pass and its adapters (CrossKD's class and box
+            terms). A cut must run once per head level and return one tensor.
         probe_size: side of the blank image used at build time to read tap shapes and strides.
         init_student: copy the teacher's neck/head tensors into the student (MGD's ``init_student``). All
             or nothing: the student's neck/head must have the teacher's names and shapes (the references'
@@ -313,50 +381,79 @@ class Distiller(nn.Layer):
             param.trainable = False
         student_arch = student_arch or type(student_model).__name__
         teacher_arch = teacher_arch or type(teacher_model).__name__
-        student_preset, teacher_preset = PRESETS.get(student_arch, {}), PRESETS.get(teacher_arch, {})
+        student_preset = select_preset(student_arch, student_model)
+        teacher_preset = select_preset(teacher_arch, teacher_model)
         if init_student:
             self._init_student_from_teacher(init_prefixes(student_preset))
 
         entries = [self._normalise(e, (student_preset, student_arch), (teacher_preset, teacher_arch))
                    for e in losses]
         _reject_duplicates(entries)
-        self.student_taps = TapSet(student_model, [t for e in entries for t in _tap_specs(e['student'])],
-                                   role='student')
-        self.teacher_taps = TapSet(teacher_model, [t for e in entries for t in _tap_specs(e['teacher'])],
-                                   role='teacher')
+        # a cross entry's student side is the teacher's own output on crossed features: a teacher tap
+        self.student_taps = TapSet(student_model, [t for e in entries for t in (
+            [c['student'] for c in e['cross']] if e['cross'] else _tap_specs(e['student']))], role='student')
+        self.teacher_taps = TapSet(teacher_model, [t for e in entries for t in _tap_specs(e['teacher']) + (
+            _tap_specs(e['student']) + [c['at'] for c in e['cross']] if e['cross'] else [])], role='teacher')
         s_shapes = probe_shapes(student_model, self.student_taps, probe_size)
         t_shapes = probe_shapes(teacher_model, self.teacher_taps, probe_size)
 
-        modules, self._terms = [], []
+        modules, self._terms, crossings = [], [], {}
         for e in entries:
             what = f"{type(self).__name__}: loss '{e['name']}' ({e['type']} on {e['student']} -> {e['teacher']})"
             cls = loss_class(e['type'])
-            _check_multi(e, s_shapes, t_shapes, what)
+            own_shapes = t_shapes if e['cross'] else s_shapes  # where the loss's student tensors come from
+            _check_multi(e, own_shapes, t_shapes, what)
             _check_tensor_names(e, cls, what)
-            try:
-                pairs = pair_levels(s_shapes[_first_spec(e['student'])], t_shapes[_first_spec(e['teacher'])],
-                                    probe_size, e['levels'], what)
-            except PairingError as err:
-                raise DistillConfigError(str(err)) from None
             why = (f'{cls.__name__} compares them element by element' if cls.equal_channels
                    else 'logits are compared class by class' if e['logits'] else None)
-            num_levels = len(s_shapes[_first_spec(e['student'])])
-            for pair in pairs:
-                channels = (_multi_channels(e, pair, s_shapes, t_shapes) if cls.tensor_names
-                            else (pair.student_channels, pair.teacher_channels))
+            num_levels = len(own_shapes[_first_spec(e['student'])])
+            # entries with the same cuts and levels share one crossing (one teacher pass, one adapter set),
+            # named after the first of them and owned by its loss modules
+            crossing = repr((e['cross'], e['levels'])) if e['cross'] else None
+            owner = crossing not in crossings
+            crossings.setdefault(crossing, e['name'])
+            for pair, cuts in _entry_pairs(e, s_shapes, t_shapes, probe_size, what):
+                channels = (_multi_channels(e, pair, own_shapes, t_shapes, e['cross'] is not None)
+                            if cls.tensor_names else (pair.student_channels, pair.teacher_channels))
                 if why:
                     _check_equal_channels(pair, channels, cls.__name__, why, what)
                 modules.append(_make_loss(cls, pair, e['args'], what, num_levels, channels))
+                if cuts and owner:  # CrossKD: this level's adapter per cut, saved and trained with the loss
+                    modules[-1].add_sublayer('cross_adapters', nn.LayerList(
+                        [CrossAdapter(c.student_channels, c.teacher_channels) for c in cuts]))
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
-                                         e['teacher'], pair, e['weight']))
+                                         e['teacher'], pair, e['weight'], _assignment_keys(modules[-1], what),
+                                         e['cross'] and {'name': crossings[crossing], 'cuts': e['cross'],
+                                                         'levels': cuts, 'owner': owner}))
         self.distill_losses = nn.LayerList(modules)
         self.watch = TermWatch.from_losses([t.key for t in self._terms], modules)  # first steps: warns once
+        self._assignment = self._assignment_feed(student_preset.get('assignment'), student_arch)
         _keep_float32(self.distill_losses)
         for param in self.distill_losses.parameters():
             param.optimize_attr['learning_rate'] = float(distill_lr_mult)
         logger.info('Distiller: ' + '; '.join(
             f"{t.key}: student {list(t.pair.student_shape[1:])} <- teacher {list(t.pair.teacher_shape[1:])}"
+            + (' (teacher head on student ' + ', '.join(f"{c['student']} at {c['at']}" for c in t.cross['cuts']) + ')'
+               if t.cross else '')
             for t in self._terms) + f' (shapes at probe size {probe_size})')
+
+    def _assignment_feed(self, row: Optional[dict], arch: str) -> Optional[Assignment]:
+        """The reader of the student head's label assignment, if a term needs one (else None): a
+        one-line build error when the student's preset row says nowhere where it comes from."""
+        needing = [t for t in self._terms if t.assignment]
+        if not needing:
+            return None
+        if not row:
+            t = needing[0]
+            raise DistillConfigError(
+                f"{t.key}: the loss reads the student head's label assignment ({', '.join(t.assignment)}), but the "
+                f"preset of architecture '{arch}' has no assignment row (no assigner or reader target is known for "
+                'this head): set normalize: locations (LDLoss: ld_weight: 0 and kd_weight: 0), or add an '
+                'assignment row to ppdistill/presets.py')
+        try:
+            return Assignment(self.student_model, row)
+        except PPDistillError as err:
+            raise DistillConfigError(f"student preset '{arch}': {err}") from None
 
     @classmethod
     def from_config(cls, cfg, student_model=None, teacher_model=None, student_arch=None,
@@ -369,16 +466,30 @@ class Distiller(nn.Layer):
     def _normalise(entry: dict, student_preset: tuple, teacher_preset: tuple) -> dict:
         if not isinstance(entry, dict) or 'type' not in entry:
             raise DistillConfigError(f'each distill loss entry needs a type, got {entry!r}')
-        unknown = set(entry) - {'type', 'student', 'teacher', 'levels', 'weight', 'args', 'name'}
+        unknown = set(entry) - {'type', 'student', 'teacher', 'levels', 'weight', 'args', 'name', 'cross'}
         if unknown:
             raise DistillConfigError(f"distill loss entry {entry['type']}: unknown keys {sorted(unknown)}")
-        loss_class(entry['type'])
+        names = loss_class(entry['type']).tensor_names
         student = entry.get('student', 'fpn')
+        cross = entry.get('cross')
+        cuts = [cross] if isinstance(cross, dict) else cross
+        if cross is not None and (not isinstance(cuts, list) or not cuts or not all(
+                isinstance(c, dict) and not set(c) - {'student', 'at'} and isinstance(c.get('student'), str)
+                for c in cuts)):
+            raise DistillConfigError(f"distill loss entry {entry['type']}: cross must be {{student: <student cut "
+                                     f"tap>, at: <teacher cut tap, default the same>}} or a list of them (one per "
+                                     f"head branch), got {cross!r}")
         try:
-            student_tap = _resolve_side(student, *student_preset)
+            # crossed outputs are the teacher's: a cross entry's student side names teacher taps
+            student_tap = _resolve_side(student, *(teacher_preset if cross else student_preset))
             teacher_tap = _resolve_side(entry.get('teacher', student), *teacher_preset)
+            if cross:
+                cross = [{'student': resolve_tap(c['student'], *student_preset),
+                          'at': resolve_tap(c.get('at', c['student']), *teacher_preset)} for c in cuts]
         except KeyError as err:
             raise DistillConfigError(err.args[0]) from None
+        if names and len(names) == 1:  # a loss naming one tensor takes a bare tap as that name
+            student_tap, teacher_tap = ({names[0]: v} if isinstance(v, str) else v for v in (student_tap, teacher_tap))
         return {
             'type': entry['type'],
             'student': student_tap,
@@ -388,6 +499,7 @@ class Distiller(nn.Layer):
             'args': dict(entry.get('args') or {}),
             'name': entry.get('name') or entry['type'].lower().replace('loss', '') or 'kd',
             'logits': any(isinstance(v, str) and v in LOGIT_ROLES for v in (student, entry.get('teacher', student))),
+            'cross': cross,
         }
 
     def _init_student_from_teacher(self, prefixes: Sequence[str]) -> None:
@@ -444,21 +556,87 @@ class Distiller(nn.Layer):
             self.teacher_taps.clear()
 
     def _student_forward(self, inputs: dict) -> Tuple[dict, Dict[str, List[paddle.Tensor]]]:
-        """The student's own outputs (in its current mode) and its tapped tensors per tap spec."""
+        """The student's own outputs (in its current mode) and its tapped tensors per tap spec; the head's
+        label assignment is recorded on the side when a term reads it (:meth:`_add_assignment`)."""
+        assignment = self._assignment.record() if self._assignment else contextlib.nullcontext()
         try:
-            with self.student_taps.record():
+            with self.student_taps.record(), assignment:
                 outputs = dict(self.student_model(inputs))
             return outputs, {spec: self.student_taps.levels(spec) for spec in self.student_taps.specs}
         finally:
             self.student_taps.clear()
 
-    def _term_inputs(self, student: Dict[str, list], teacher: Dict[str, list]) -> Dict[str, tuple]:
+    def _add_assignment(self, pairs: Dict[str, tuple], student: Dict[str, list], crossed: Dict[str, dict],
+                        inputs: dict) -> None:
+        """Add this step's label assignment to the student mapping of every term that reads it:
+        ``pos`` ``[N, 1, H, W]`` (the assigner's positives sliced to the term's level, levels in head
+        order from the term's first student tap) and ``num_pos`` (scalar, all levels)."""
+        needing = [t for t in self._terms if t.assignment]
+        if not needing:
+            return
+        def levels(term: _Term) -> Tuple[List[paddle.Tensor], int]:
+            source, level = self._student_source(term, student, crossed)
+            return source[next(iter(term.student_tap.values()))], level
+        positive, num_pos = self._assignment.read(inputs, int(levels(needing[0])[0][0].shape[1]))
+        masks = {}
+        for term in needing:
+            tensors, level = levels(term)
+            if id(tensors) not in masks:
+                masks[id(tensors)] = level_masks(positive, [t.shape for t in tensors])
+            s_map = pairs[term.key][0]
+            fed = {'pos': resize_mask(masks[id(tensors)][level], s_map[next(iter(s_map))].shape[-2:]),
+                   'num_pos': num_pos}
+            s_map.update({k: fed[k] for k in term.assignment})
+
+    def _crossed_features(self, inputs: dict, student: Dict[str, list],
+                          teacher: Dict[str, list]) -> Dict[str, Dict[str, List[paddle.Tensor]]]:
+        """CrossKD: per crossing, the teacher's tapped outputs when its cut sublayers return the student's
+        cut features instead of their own (:class:`~ppdistill.crossing.CrossAdapter`: 1x1 conv where widths
+        differ, then the teacher's per-channel statistics at the cut). ``{crossing: {tap spec: one tensor
+        per level}}``. One more, partial teacher forward per crossing, in eval mode and *in* the graph: the
+        teacher's parameters take no gradient, the student's features before the cut do; it stops once
+        every teacher tap has fired."""
+        crossed = {}
+        for name in dict.fromkeys(t.cross['name'] for t in self._terms if t.cross):
+            members = [(t, m) for t, m in zip(self._terms, self.distill_losses)
+                       if t.cross and t.cross['name'] == name and t.cross['owner']]
+            cuts = members[0][0].cross['cuts']
+            levels = [{} for _ in cuts]  # per cut: {teacher level: adapted student features}
+            for t, m in members:
+                for i, (cut, pair, adapter) in enumerate(zip(cuts, t.cross['levels'], m.cross_adapters)):
+                    own = _float32(teacher[cut['at']][pair.teacher_level])
+                    levels[i][pair.teacher_level] = adapter(
+                        _resize_to(_float32(student[cut['student']][pair.student_level]), own), own)
+            self.teacher_model.eval()
+            try:
+                with self.teacher_taps.record(stop_early=True), contextlib.ExitStack() as stack:
+                    for cut, given in zip(cuts, levels):
+                        stack.enter_context(self.teacher_taps.replace(cut['at'], given))
+                    self.teacher_model(dict(inputs))
+                crossed[name] = {spec: self.teacher_taps.levels(spec) for spec in self.teacher_taps.specs}
+            finally:
+                self.teacher_taps.clear()
+        return crossed
+
+    @staticmethod
+    def _student_source(term: _Term, student: Dict[str, list],
+                        crossed: Dict[str, dict]) -> Tuple[Dict[str, list], int]:
+        """Where a term's student tensors come from, and their level: the student's taps, or for a cross
+        term the teacher's outputs on the crossed features (teacher level)."""
+        if term.cross:
+            return crossed[term.cross['name']], term.pair.teacher_level
+        return student, term.pair.student_level
+
+    def _term_inputs(self, student: Dict[str, list], teacher: Dict[str, list],
+                     crossed: Optional[Dict[str, dict]] = None) -> Dict[str, tuple]:
         """``{term key: (student, teacher)}`` from the tapped tensors, float32: ``[N, Cs, H, W]`` and
         ``[N, Ct, H, W]`` (for a multi-tensor term, ``{name: tensor}`` per side); the teacher detached, the
-        student resized to the teacher's ``H, W`` where they differ."""
+        student resized to the teacher's ``H, W`` where they differ. A cross term's student side is its
+        crossed outputs (``crossed``, :meth:`_crossed_features`)."""
         def pair(s_spec: str, t_spec: str, term: _Term) -> tuple:
             t = _float32(teacher[t_spec][term.pair.teacher_level].detach())
-            return _resize_to(_float32(student[s_spec][term.pair.student_level]), t), t
+            source, level = self._student_source(term, student, crossed or {})
+            return _resize_to(_float32(source[s_spec][level]), t), t
 
         pairs = {}
         for term in self._terms:
@@ -500,10 +678,12 @@ class Distiller(nn.Layer):
         """
         teacher = self.teacher_features(inputs)
         outputs, student = self._student_forward(inputs)
-        pairs = self._term_inputs(student, teacher)
+        crossed = self._crossed_features(inputs, student, teacher)
+        pairs = self._term_inputs(student, teacher, crossed)
+        self._add_assignment(pairs, student, crossed, inputs)
         terms = self.distill_terms(inputs, pairs)
         return Inspection(terms=terms, term_inputs=pairs, student_taps=student, teacher_taps=teacher,
-                          outputs=outputs, det_loss=outputs.get('loss'))
+                          outputs=outputs, det_loss=outputs.get('loss'), crossed=crossed)
 
     def _checked_sum(self, terms: Dict[str, paddle.Tensor]) -> paddle.Tensor:
         """Sum of the terms, or (``nonfinite: skip``) a zero that still reaches every distill parameter.

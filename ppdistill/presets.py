@@ -5,6 +5,10 @@ provides it in that architecture, plus the sublayer prefixes MGD's ``init_studen
 teacher. Supporting a new architecture means adding a row here — never a branch in the distiller.
 Roles resolve to a list of per-level tensors (see :mod:`ppdistill.taps`).
 
+A head row may name ``cross_cut``: the per-level sublayer after which CrossKD runs the teacher's remaining
+head on the student's features (a loss entry's ``cross: {student: cross_cut}``); whatever the head computes
+from that sublayer's output on is the teacher tail, so no tail code is written per head.
+
 A row serves the architecture named by its key, or those listed in ``architectures``; a row with
 ``head: {sublayer: class name}`` serves them only when the model's sublayer has that class (PP-YOLOE+
 configs say ``architecture: YOLOv3`` with a ``PPYOLOEHead``). :func:`select_preset` picks the row: a
@@ -36,8 +40,10 @@ PRESETS: Dict[str, dict] = {
     # PicoHead v1 with share_cls_reg puts box outputs in the same conv: name its taps explicitly).
     # head.head_reg_list.<i>: DFL logits [N, 4*(reg_max+1), H, W] (reg_max 7), channel side*(n+1)+bin, sides
     # l, t, r, b; levels fine -> coarse. The cls_align.<i> quality map [N, 1, H, W] multiplies into the score.
+    # CrossKD cut: PicoFeat's per-level SE conv+BN head.conv_feat.se.<i> (before its activation), the one
+    # input of both predictors; the teacher's tail after it is the activation and head_cls/head_reg_list.<i>.
     'PicoDet': {'taps': {'fpn': 'neck', 'cls_logits': 'head.head_cls_list.*', 'dfl_logits': 'head.head_reg_list.*',
-                         'quality_logits': 'head.cls_align.*'},
+                         'quality_logits': 'head.cls_align.*', 'cross_cut': 'head.conv_feat.se.*'},
                 'assignment': {'taps': ['head.static_assigner', 'head.assigner']},
                 'init_student': ['neck', 'head']},
     # ppdet GFLHead: gfl_head_cls is shared by all levels (one call per level): logits [N, C, H, W]; the DFL

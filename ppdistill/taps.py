@@ -80,6 +80,7 @@ class FeatureTap:
         self.name = name
         self.calls: list = []
         self._owner = owner
+        self.layer = layer
         self._handle = layer.register_forward_post_hook(self._hook)
 
     def _hook(self, layer, inputs, output):
@@ -172,6 +173,36 @@ class TapSet:
         finally:
             self.recording, self._stop_early = False, False
         self.check_counts()
+
+    @contextlib.contextmanager
+    def replace(self, spec: str, levels: Dict[int, paddle.Tensor]) -> Iterator[None]:
+        """Inside the block, the spec's sublayers return ``levels[i]`` instead of their own output on the
+        call that gives level ``i`` (numbered as :meth:`levels` numbers them, from the expected call
+        counts); a level missing from ``levels`` keeps the layer's own output. Whatever runs after the
+        sublayer then runs on the given tensor, in the graph (CrossKD: a teacher's head on student
+        features). The spec's own taps still record the layer's own outputs."""
+        if self.expected is None:
+            raise TapError(f'{self.role}: replace needs the expected call counts (TapSet.expect)')
+        first, start = {}, 0
+        for name in self.specs[spec]:
+            first[name], start = start, start + self.expected[name]
+        calls = dict.fromkeys(first, 0)
+
+        def hook_for(name):
+            def hook(layer, inputs, output):
+                if not isinstance(output, paddle.Tensor):
+                    raise TapError(f"{self.role} sublayer '{name}' returns a {type(output).__name__}; only a "
+                                   'sublayer returning one Tensor per call can be replaced')
+                i = first[name] + calls[name]
+                calls[name] += 1
+                return levels.get(i)
+            return hook
+        handles = [self.taps[name].layer.register_forward_post_hook(hook_for(name)) for name in first]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def levels(self, spec: str) -> List[paddle.Tensor]:
         """A spec's recorded tensors, one per level (a pattern: its sublayers' levels, in order)."""

@@ -205,3 +205,23 @@ def test_head_losses_train_in_the_distiller_on_the_picodet_pair():
     for prefix in ('head.head_cls_list.0.', 'head.head_reg_list.2.'):
         grads = [p.grad for n, p in student.named_parameters() if n.startswith(prefix)]
         assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads), prefix
+
+
+def test_distiller_selects_the_ppyoloe_row_for_a_yolov3_architecture_and_feeds_its_assignment(tmp_path):
+    """A PP-YOLOE+ config (architecture YOLOv3, PPYOLOEHead): the roles resolve to the PP-YOLOE head's
+    sublayers, and the losses reading the assignment get it per level (coarse -> fine, head order)."""
+    from ppdistill import Distiller
+    text = 'architecture: YOLOv3\n' + PPYOLOE_MODEL.format(arch='YOLOv3')
+    student, arch = build(tmp_path, 'student', text)
+    teacher, _ = build(tmp_path, 'teacher', text)
+    head = {'cls': 'cls_logits', 'reg': 'dfl_logits'}
+    d = Distiller(student_model=student, teacher_model=teacher, student_arch=arch, teacher_arch=arch,
+                  losses=[{'type': 'BinaryKDLoss', 'student': 'cls_logits'},
+                          {'type': 'LDLoss', 'student': head, 'args': {'vlr_weight': 0.0}}], probe_size=SIZE)
+    d.train()
+    seen = d.inspect(dict(picodet_batch(SIZE), epoch_id=0))
+    assert set(seen.student_taps) == {'yolo_head.pred_cls.*', 'yolo_head.pred_reg.*'}
+    pos = [seen.term_inputs[f'distill_ld_l{i}'][0]['pos'] for i in range(3)]
+    assert [list(p.shape[2:]) for p in pos] == [[SIZE // s] * 2 for s in (32, 16, 8)]
+    num_pos = float(seen.term_inputs['distill_binarykd_l0'][0]['num_pos'])
+    assert num_pos == sum(float(p.sum()) for p in pos) > 0

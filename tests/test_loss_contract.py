@@ -21,8 +21,8 @@ from ppdistill.losses.base import DistillLoss, FeatureLoss, loss_total
 from toy_models import ToyDet, toy_inputs
 
 LOSS_DIR = os.path.dirname(ppdistill.losses.__file__)
-# Modules of ppdistill/losses/ that hold no method: the contract itself and checks shared by output losses.
-HELPERS = {'__init__.py', 'base.py', 'outputs.py'}
+# Modules of ppdistill/losses/ that hold no method: the contract itself and helpers shared by output and head losses.
+HELPERS = {'__init__.py', 'base.py', 'outputs.py', 'dense_head.py'}
 
 
 def registered_losses() -> dict:
@@ -60,7 +60,17 @@ def test_every_loss_file_registers_a_distill_loss_on_import():
 
 LOSSES = sorted(n for n in ppdistill.losses.__all__ if n not in ('DistillLoss', 'FeatureLoss'))
 # channel counts that fit each output layout (A x (5 + C) for YOLOv3, A x K and A x 4 for SSD)
-CHANNELS = {'SSDOutputLoss': {'conf': 24, 'loc': 12}}
+CHANNELS = {'SSDOutputLoss': {'conf': 24, 'loc': 12}, 'BinaryKDLoss': {'cls': 24},
+            'BoxKDLoss': {'cls': 24, 'reg': 32}, 'LDLoss': {'cls': 24, 'reg': 32}}  # DFL: 4 * (reg_max 7 + 1)
+ARGS = {'LDLoss': {'strides': [8]}}  # the VLR's grid: the 8x8 maps of a 64 px batch
+
+
+def assignment(keys) -> dict:
+    """What the distiller adds to the student mapping for ``keys`` (DistillLoss.assignment_keys)."""
+    rng = np.random.default_rng(5)
+    fed = {'pos': paddle.to_tensor((rng.random((2, 1, 8, 8)) < 0.2).astype('float32')),
+           'num_pos': paddle.to_tensor(5.0)}
+    return {k: fed[k] for k in keys}
 
 
 def batch(n=2, size=64) -> dict:
@@ -89,9 +99,11 @@ def test_each_loss_follows_the_contract(name):
         cs, ct = (24, 24) if cls.equal_channels else (16, 24)
     level = {'level': 0, 'num_levels': 1} if cls.per_level else {}
     paddle.seed(0)
-    loss = cls(student_channels=cs, teacher_channels=ct, **level)
+    loss = cls(student_channels=cs, teacher_channels=ct, **level, **ARGS.get(name, {}))
+    assert set(loss.assignment_keys) <= set(cls.assignment_keys), name  # an instance only narrows them
     if cls.tensor_names:
         student = {k: feature(cs[k], True, i) for i, k in enumerate(cls.tensor_names)}
+        student.update(assignment(loss.assignment_keys))
         teacher = {k: feature(ct[k], False, 9 + i) for i, k in enumerate(cls.tensor_names)}
     else:
         student, teacher = feature(cs, True, 1), feature(ct, False, 2)
@@ -187,3 +199,7 @@ def test_class_attributes_are_checked_when_a_loss_is_defined():
         type('BadFlag', (FeatureLoss,), {'equal_channels': 'yes'})
     with pytest.raises(TypeError, match='BadNames.tensor_names must be None or a non-empty tuple'):
         type('BadNames', (FeatureLoss,), {'tensor_names': 'conf'})
+    with pytest.raises(TypeError, match=r"BadKeys.assignment_keys must be a tuple of \('pos', 'num_pos'\)"):
+        type('BadKeys', (DistillLoss,), {'tensor_names': ('cls',), 'assignment_keys': ('labels',)})
+    with pytest.raises(TypeError, match='BadBare.assignment_keys needs tensor_names'):
+        type('BadBare', (DistillLoss,), {'assignment_keys': ('pos',)})

@@ -150,3 +150,29 @@ def test_pattern_spec_expands_to_numbered_sublayers_in_natural_order():
 def test_pattern_spec_without_match_lists_close_names():
     with pytest.raises(TapError, match="neck.lateral.0"):
         TapSet(ToyDet(), ['neck.laterl.*'])
+
+
+def test_replace_gives_later_layers_the_given_tensor_on_the_call_of_that_level():
+    """A shared layer (ToyHead.convs.0 runs once per level): level 1's call returns the given tensor, level 0
+    keeps its own output, and what runs after it (relu, cls) runs on the replacement, in the graph."""
+    model = ToyDet(width=8, neck_ch=4, levels=2, dropout=0.0)
+    model.eval()
+    taps = TapSet(model, ['head.convs.0', 'head.cls'])
+    taps.expect({'head.convs.0': 2, 'head.cls': 2})
+    inputs = toy_inputs()
+    with taps.record():
+        model(inputs)
+    own = taps.levels('head.cls')
+    new = paddle.full(taps.levels('head.convs.0')[1].shape, 0.5)
+    new.stop_gradient = False
+    with taps.record(), taps.replace('head.convs.0', {1: new}):
+        model(inputs)
+    crossed = taps.levels('head.cls')
+    np.testing.assert_allclose(crossed[0].numpy(), own[0].numpy(), rtol=1e-6)
+    expected = model.head.cls(F.relu(new))
+    np.testing.assert_allclose(crossed[1].numpy(), expected.numpy(), rtol=1e-6)
+    crossed[1].sum().backward()
+    assert new.grad is not None and float(new.grad.abs().sum()) > 0
+    with taps.record():  # the hook is gone after the block
+        model(inputs)
+    np.testing.assert_allclose(taps.levels('head.cls')[1].numpy(), own[1].numpy(), rtol=1e-6)

@@ -14,9 +14,12 @@ import paddle.nn as nn
 
 from ..errors import PPDistillError
 
-__all__ = ['DistillLoss', 'FeatureLoss', 'torch_default_conv2d', 'loss_total', 'LossValue']
+__all__ = ['DistillLoss', 'FeatureLoss', 'torch_default_conv2d', 'loss_total', 'LossValue', 'ASSIGNMENT_KEYS']
 
 LossValue = Union[paddle.Tensor, Dict[str, paddle.Tensor]]
+
+# What the distiller can add to a loss's student mapping from the student head's own label assignment.
+ASSIGNMENT_KEYS = ('pos', 'num_pos')
 
 
 class DistillLoss(nn.Layer):
@@ -39,7 +42,8 @@ class DistillLoss(nn.Layer):
 
     * ``student``: ``[N, Cs, H, W]`` float32, resized (bilinear) to the teacher's ``H, W``, in the graph;
     * ``teacher``: ``[N, Ct, H, W]`` float32, detached (a constant);
-    * with :attr:`tensor_names`: ``{name: tensor}`` per side, each as above;
+    * with :attr:`tensor_names`: ``{name: tensor}`` per side, each as above; the student mapping also holds
+      the :attr:`assignment_keys` the instance declares;
     * ``inputs``: ppdet's batch dict (``image`` ``[N, 3, H_in, W_in]``, ``gt_bbox``, ``im_shape``, ...) for
       GT-aware losses; it runs in float32 outside autocast.
 
@@ -54,12 +58,25 @@ class DistillLoss(nn.Layer):
       every level pair (every named tensor) must have equal channels, else a build error;
     * :attr:`per_level` — the constructor takes ``level`` and ``num_levels``;
     * :attr:`tensor_names` — ``None``: one tensor per side (``student: fpn``); a tuple of names: a mapping
-      per side naming exactly these tensors (``student: {conf: cls_logits, loc: box_reg}``).
+      per side naming exactly these tensors (``student: {conf: cls_logits, loc: box_reg}``). A loss naming
+      one tensor also accepts a bare tap per side (``student: cls_logits``), taken as that name;
+    * :attr:`assignment_keys` — what the loss reads from the student head's own label assignment (dense
+      heads: the paper normalisers, LD's main region), added by the distiller to the *student* mapping
+      (so it needs :attr:`tensor_names`), detached:
+
+      - ``pos``: ``[N, 1, H, W]`` float, 1 at this level's positive locations (the assigner's labels
+        sliced to the level), else 0;
+      - ``num_pos``: scalar float, the batch's positives over *all* levels, averaged over ranks, ``>= 1``.
+
+      The class attribute lists every key the loss may read; an instance may narrow it in ``__init__``
+      to what its arguments need (``()`` when none). The distiller reads the instance's value: a
+      non-empty one on an architecture whose preset row has no ``assignment`` is a build error.
     """
 
     equal_channels: bool = False
     per_level: bool = False
     tensor_names: Optional[Tuple[str, ...]] = None
+    assignment_keys: Tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -71,6 +88,12 @@ class DistillLoss(nn.Layer):
                                   or not all(isinstance(n, str) for n in names)):
             raise TypeError(f'{cls.__name__}.tensor_names must be None or a non-empty tuple of names, '
                             f'got {names!r}')
+        keys = cls.assignment_keys
+        if not isinstance(keys, tuple) or set(keys) - set(ASSIGNMENT_KEYS):
+            raise TypeError(f'{cls.__name__}.assignment_keys must be a tuple of {ASSIGNMENT_KEYS}, got {keys!r}')
+        if keys and names is None:
+            raise TypeError(f'{cls.__name__}.assignment_keys needs tensor_names: the assignment is added to the '
+                            'student mapping')
         params = inspect.signature(cls.__init__).parameters
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
             needed = ['student_channels', 'teacher_channels'] + (['level', 'num_levels'] if cls.per_level else [])

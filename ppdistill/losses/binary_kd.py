@@ -19,11 +19,11 @@ level; this loss always computes it.
 from typing import Dict, Optional, Union
 
 import paddle
-import paddle.nn as nn
 import paddle.nn.functional as F
 from ppdet.core.workspace import register
 
 from ..errors import PPDistillError
+from .base import DistillLoss
 from .dense_head import Maps, as_maps, check_normalize, normalizer
 
 __all__ = ['BinaryKDLoss', 'binary_kd_map']
@@ -38,12 +38,12 @@ def binary_kd_map(student_logits: paddle.Tensor, teacher_logits: paddle.Tensor,
 
 
 @register
-class BinaryKDLoss(nn.Layer):
+class BinaryKDLoss(DistillLoss):
     """BCKD binary classification KD (see the module docstring).
 
-    Inputs per level: the class logits ``[N, C, H, W]`` of student and teacher, either bare (a
-    ``cls_logits`` tap) or as ``{'cls': ...}``; with ``normalize='positives'`` the student mapping also
-    carries ``num_pos`` (:mod:`ppdistill.losses.dense_head`, assignment contract).
+    Inputs per level: the class logits ``[N, C, H, W]`` of student and teacher as ``{'cls': ...}`` (a config
+    names one tap per side, ``student: cls_logits``); with ``normalize='positives'`` the student mapping
+    also carries ``num_pos`` (:class:`~ppdistill.losses.base.DistillLoss`, ``assignment_keys``).
 
     Args:
         student_channels, teacher_channels: ``C`` (or ``{'cls': C, ...}``); must be equal.
@@ -54,6 +54,8 @@ class BinaryKDLoss(nn.Layer):
     """
 
     equal_channels = True
+    tensor_names = ('cls',)
+    assignment_keys = ('num_pos',)
 
     def __init__(self, student_channels: Union[int, Dict[str, int]], teacher_channels: Union[int, Dict[str, int]],
                  beta: float = 1.0, normalize: str = 'positives', loss_weight: float = 1.0):
@@ -68,7 +70,6 @@ class BinaryKDLoss(nn.Layer):
         self.beta = float(beta)
         self.normalize = check_normalize(normalize, 'BinaryKDLoss')
         self.loss_weight = float(loss_weight)
-        # what the student mapping must carry from the head's label assignment (checked by the feeder)
         self.assignment_keys = ('num_pos',) if normalize == 'positives' else ()
 
     def forward(self, student: Maps, teacher: Maps, inputs: Optional[dict] = None) -> paddle.Tensor:

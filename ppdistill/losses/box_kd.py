@@ -24,12 +24,12 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import paddle
-import paddle.nn as nn
 import paddle.nn.functional as F
 from ppdet.core.workspace import register
 
 from ..errors import PPDistillError
 from ..masks import retina_anchor_wh
+from .base import DistillLoss
 from .dense_head import (Maps, as_maps, check_normalize, dfl_channels, dfl_distances, distance_boxes, flatten,
                          giou, normalizer, split_dfl)
 
@@ -40,7 +40,7 @@ _DELTA_CLIP = math.log(1000.0 / 16)  # ppdet delta2bbox's bound on dw, dh before
 
 
 @register
-class BoxKDLoss(nn.Layer):
+class BoxKDLoss(DistillLoss):
     """BCKD localization KD (see the module docstring).
 
     Inputs per level, ``student``/``teacher``: ``{'cls': [N, A*C, H, W] logits, 'reg': box outputs}``
@@ -60,6 +60,9 @@ class BoxKDLoss(nn.Layer):
             ``'sum'``.
         loss_weight: weight (BCKD 4.0).
     """
+
+    tensor_names = ('cls', 'reg')
+    assignment_keys = ('num_pos',)
 
     def __init__(self, student_channels: Dict[str, int], teacher_channels: Dict[str, int],
                  box_coder: str = 'dfl', reg_max: Optional[int] = None,

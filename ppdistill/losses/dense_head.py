@@ -6,16 +6,16 @@ on a DFL head, distribution logits ``[N, 4*(n+1), H, W]`` with channel ``side*(n
 ordered (l, t, r, b) and ``n = reg_max`` (ppdet GFLHead, PicoHeadV2, PPYOLOEHead). Positions are
 flattened row-major, ``P = H*W``.
 
-**Assignment contract.** The paper normalisers and LD's main region come from the student head's own
-label assignment. A loss reads them from its ``student`` mapping:
+**Assignment contract** (:attr:`~ppdistill.losses.base.DistillLoss.assignment_keys`). The paper
+normalisers and LD's main region come from the student head's own label assignment, which the distiller
+adds to the ``student`` mapping:
 
 * ``pos``: ``[N, 1, H, W]`` (or ``[N, H, W]``) float, this level's slice of the assignment, non-zero at
   positive locations (the value is not used as a weight);
-* ``num_pos``: scalar tensor, the batch's positives over *all* levels (ATSS/GFL: the positive count;
-  PP-YOLOE: ``assigned_scores_sum``), clipped to ``>= 1`` here.
+* ``num_pos``: scalar tensor, the batch's positives over *all* levels, clipped to ``>= 1`` here.
 
-Each loss lists the keys its configuration needs in ``assignment_keys`` (empty when it needs none), so
-whoever feeds it (the distiller) can refuse the config at build time; a missing key at run time raises
+Each loss instance lists the keys its arguments need in ``assignment_keys`` (empty when it needs none), so
+the distiller can refuse the config at build time; a missing key at run time raises
 :class:`~ppdistill.errors.PPDistillError` naming it rather than guessing.
 """
 from typing import Dict, Mapping, Optional, Sequence, Union

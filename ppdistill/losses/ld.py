@@ -26,12 +26,12 @@ positives gives 0.
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import paddle
-import paddle.nn as nn
 import paddle.nn.functional as F
 from ppdet.core.workspace import register
 
 from ..errors import PPDistillError
 from ..masks import level_stride, pad_boxes
+from .base import DistillLoss
 from .dense_head import Maps, as_maps, dfl_channels, flatten, positive_mask, split_dfl
 
 __all__ = ['LDLoss', 'kl_mean', 'vlr_weights', 'grid_anchors']
@@ -132,7 +132,7 @@ def _level_grids(image_hw: Sequence[int], feat_hw: Sequence[int], strides: Seque
 
 
 @register
-class LDLoss(nn.Layer):
+class LDLoss(DistillLoss):
     """LD on one level (see the module docstring); returns ``{'ld', 'vlr', 'kd'}`` (the non-zero-weighted
     ones), logged as sub-terms.
 
@@ -154,6 +154,9 @@ class LDLoss(nn.Layer):
         band_overlap: ``'iou'`` (default, the paper's DIoU band) or ``'iof'`` (ppdet 2.6.0's
             ``get_vlr_region``, whose DIoU divides the overlap by the anchor's area).
     """
+
+    tensor_names = ('cls', 'reg')
+    assignment_keys = ('pos',)
 
     def __init__(self, student_channels: Dict[str, int], teacher_channels: Dict[str, int],
                  reg_max: Optional[int] = None, temperature: float = 10.0, ld_weight: float = 0.25,
