@@ -170,16 +170,17 @@ def _entry_pairs(entry: dict, s_shapes: dict, t_shapes: dict, probe_size: int,
             return [(p, []) for p in pair_levels(s_shapes[_first_spec(entry['student'])],
                                                  t_shapes[_first_spec(entry['teacher'])], probe_size,
                                                  entry['levels'], what)]
+        outputs = t_shapes[_first_spec(entry['teacher'])]
+        for c in entry['cross']:  # before pairing: a cut called more often than the head has levels
+            if len(outputs) != len(t_shapes[c['at']]):
+                raise DistillConfigError(f"{what}: the teacher's cut {c['at']} has {len(t_shapes[c['at']])} levels "
+                                         f"but its outputs {_first_spec(entry['teacher'])} {len(outputs)}: cut at a "
+                                         'sublayer that runs once per head level')
         per_cut = [pair_levels(s_shapes[c['student']], t_shapes[c['at']], probe_size, entry['levels'],
                                f"{what}, cross {c['student']} -> {c['at']}") for c in entry['cross']]
     except PairingError as err:
         raise DistillConfigError(str(err)) from None
-    outputs = t_shapes[_first_spec(entry['teacher'])]
-    for c, pairs in zip(entry['cross'], per_cut):
-        if len(outputs) != len(t_shapes[c['at']]):
-            raise DistillConfigError(f"{what}: the teacher's cut {c['at']} has {len(t_shapes[c['at']])} levels but "
-                                     f"its outputs {_first_spec(entry['teacher'])} {len(outputs)}: cut at a "
-                                     'sublayer that runs once per head level')
+    for pairs in per_cut:
         if [(p.student_level, p.teacher_level) for p in pairs] != \
                 [(p.student_level, p.teacher_level) for p in per_cut[0]]:
             raise DistillConfigError(f"{what}: the cuts {entry['cross']} pair different levels; every cut must "

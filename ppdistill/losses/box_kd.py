@@ -124,4 +124,4 @@ class BoxKDLoss(DistillLoss):
         gap = (F.sigmoid(flatten(teacher['cls'].detach())) - F.sigmoid(flatten(student['cls'].detach()))).abs()
         u = gap.reshape([n, -1, self.num_classes]).max(axis=-1)  # [N, H*W*A], one weight per anchor
         per_box = u * (1.0 - giou(self.boxes(student['reg']), self.boxes(teacher['reg'].detach())))
-        return self.loss_weight * per_box.sum() / normalizer(self.normalize, student, int(u.size), u, 'BoxKDLoss')
+        return self.loss_weight * per_box.sum() / normalizer(self.normalize, student, n * int(u.shape[1]), u, 'BoxKDLoss')

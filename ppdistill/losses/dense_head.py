@@ -122,7 +122,7 @@ def normalizer(normalize: str, student: Mapping[str, paddle.Tensor], locations: 
                                  "it — use normalize: locations, or feed the assignment")
         return paddle.clip(paddle.cast(student['num_pos'], 'float32').detach().reshape([]), min=1.0)
     if normalize == 'locations':
-        return paddle.to_tensor(float(max(locations, 1)), dtype='float32')
+        return paddle.full([], max(locations, 1), dtype='float32')  # a shape-derived count: no host read
     if normalize == 'weights':
         return paddle.clip(weights.detach().sum(), min=1e-12)
     return paddle.to_tensor(1.0, dtype='float32')
