@@ -432,6 +432,31 @@ def test_two_calls_side_by_side_share_the_teacher_run(tmp_path, monkeypatch):
     assert sorted(made) == [('student', 0), ('student', 1), ('teacher', 0)]
 
 
+def test_two_calls_side_by_side_write_the_demo_data_one_after_the_other(tmp_path, monkeypatch):
+    """On a fresh machine both calls find no dataset: writing it at once, one died on a half-made folder.
+    The fake data step records when it runs; the two must not overlap."""
+    import threading
+    import time
+    benchmark = _benchmark_module()
+    spans = []
+
+    def fake_run_tool(name, args, log, cwd, prefix='[run]', **kwargs):
+        start = time.monotonic()
+        time.sleep(0.3)
+        spans.append((start, time.monotonic()))
+        return 0.3
+    monkeypatch.setattr(benchmark, 'run_tool', fake_run_tool)
+    monkeypatch.chdir(tmp_path)
+    args = benchmark.parse_args(['accuracy', '--out', str(tmp_path / 'out')])
+    calls = [threading.Thread(target=benchmark._demo_data, args=(args,)) for _ in range(2)]
+    for t in calls:
+        t.start()
+    for t in calls:
+        t.join()
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert len(spans) == 2 and a1 <= b0, spans
+
+
 def test_a_json_write_that_fails_leaves_the_old_record(tmp_path, monkeypatch):
     from ppdistill import runs
     path = tmp_path / 'run.json'

@@ -272,9 +272,10 @@ def _demo_data(args) -> None:
     """The demo configs read ``dataset/digits`` (relative to the CWD): make it if missing (idempotent)."""
     if os.path.abspath(_resolve(args.config_dir)) == os.path.join(ROOT, 'configs', 'demo'):
         data = os.path.join(os.getcwd(), 'dataset', 'digits')
-        try:
-            run_tool('data', [os.path.join(TOOLS, 'make_demo_data.py'), '--out', data],
-                     os.path.join(os.path.abspath(args.out), 'make_demo_data.log'), os.getcwd(), '[bench]')
+        try:  # two calls side by side on a fresh machine: one writes the dataset, the other waits for it
+            with locked(data, '[bench] data: waiting for another benchmark call that writes it'):
+                run_tool('data', [os.path.join(TOOLS, 'make_demo_data.py'), '--out', data],
+                         os.path.join(os.path.abspath(args.out), 'make_demo_data.log'), os.getcwd(), '[bench]')
         except RunFailed as err:
             sys.stdout.write(err.log_tail)
             sys.exit(f'[bench] {err}')
