@@ -35,7 +35,8 @@ TEACHER_EVAL = "teacher in eval mode (upstream's is in train mode: BN batch stat
 # (its config names them cls_f_* and declares 80 channels, but the code passes the FPN outputs).
 CWD_ROLES: Dict[str, Tuple[str, ...]] = {'GFL': ('cls_logits', 'fpn'), 'RetinaNet': ('fpn',)}
 
-# DistillPPYOLOELoss.feat_distill_place -> tap role; feat_distiller -> (loss, fixed upstream args, weighted args)
+# DistillPPYOLOELoss.feat_distill_place -> tap role; feat_distiller -> (loss, upstream's fixed args, each
+# multiplied by loss_weight.feat)
 _PLACES = {'neck_feats': 'fpn', 'backbone_feats': 'backbone'}
 _PPYOLOE_FEATURES = {
     'fgd': ('FGDLoss', {'alpha_fgd': 1e-5, 'beta_fgd': 5e-6, 'gamma_fgd': 1e-5, 'lambda_fgd': 5e-8}),
@@ -202,9 +203,12 @@ def _ppyoloe(raw: dict, path: str) -> Translation:
     unknown = sorted(set(raw.get(name) or {}) - set(cfg))
     if unknown:
         raise DistillConfigError(f'{path}: {name} has unknown key(s) {unknown}; it accepts {sorted(cfg)}')
-    cfg.update(raw.get(name) or {})
-    weight = {k: _number(v, f'{name}.loss_weight.{k}', path) for k, v in dict(cfg['loss_weight']).items()}
-    term = {k: _number(v, f'{name}.logits_loss_weight.{k}', path) for k, v in dict(cfg['logits_loss_weight']).items()}
+    given = dict(raw.get(name) or {})
+    for key in ('loss_weight', 'logits_loss_weight', 'logits_ld_params'):  # a partial mapping keeps the defaults
+        given[key] = dict(cfg[key], **(given.get(key) or {}))
+    cfg.update(given)
+    weight = {k: _number(v, f'{name}.loss_weight.{k}', path) for k, v in cfg['loss_weight'].items()}
+    term = {k: _number(v, f'{name}.logits_loss_weight.{k}', path) for k, v in cfg['logits_loss_weight'].items()}
     losses, changes = [], ['no x0.125 on the whole loss (upstream multiplies det + distill by 0.125, an 8x smaller '
                            'SGD step: scale base_lr by 0.125 to reproduce it)',
                            "the student keeps its own label assignment (upstream copies the teacher's)"]

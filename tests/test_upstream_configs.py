@@ -95,8 +95,12 @@ def translated(name: str, raw: dict = None):
 
 
 @pytest.mark.parametrize('name', sorted(EXPECTED))
-def test_each_upstream_file_translates_to_its_terms_with_upstream_numbers(name):
+def test_each_upstream_file_translates_to_its_terms_with_upstream_numbers(name, monkeypatch):
+    logged = []
+    monkeypatch.setattr('ppdistill.upstream.logger.info', logged.append)
     cfg, result = translated(name)
+    # one log line: the entries and every change from the upstream run
+    assert len(logged) == 1 and '\n' not in logged[0] and all(c in logged[0] for c in result.changes)
     got = [(e['type'], e['name'], e['student'], e['levels'], e['args']) for e in result.losses]
     assert got == EXPECTED[name]
     assert all(e['teacher'] == e['student'] and e['weight'] == 1.0 for e in result.losses)
@@ -136,10 +140,11 @@ def test_cwd_tau_other_than_one_keeps_tau_squared_and_says_so():
 def test_ppyoloe_switches_and_weights_are_honoured():
     raw = read('ppyoloe_plus_distill_m_distill_s.yml')
     raw['DistillPPYOLOELoss'].update(loss_weight={'logits': 2.0, 'feat': 0.5}, logits_ld_distill=False,
-                                     feat_distiller='pkd')
+                                     feat_distiller='pkd', logits_loss_weight={'iou': 1.0})
     _, result = translated('ppyoloe_plus_distill_m_distill_s.yml', raw)
+    # a partial logits_loss_weight keeps ppdet's defaults for the others (class 1.0, dfl 0.5)
     assert [(e['type'], e['args'].get('loss_weight', e['args'].get('ld_weight'))) for e in result.losses] == [
-        ('BinaryKDLoss', 2.0 * 1.0), ('BoxKDLoss', 2.0 * 2.5), ('LDLoss', 2.0 * 0.5 * 17), ('PKDLoss', 0.5)]
+        ('BinaryKDLoss', 2.0 * 1.0), ('BoxKDLoss', 2.0 * 1.0), ('LDLoss', 2.0 * 0.5 * 17), ('PKDLoss', 0.5)]
     assert not any('main_kd' in c or 'raw features' in c for c in result.changes)
     raw['DistillPPYOLOELoss'].update(feat_distill=False, logits_distill=False)
     with pytest.raises(DistillConfigError, match='distils nothing'):
