@@ -10,7 +10,7 @@ import os
 
 import pytest
 import yaml
-from ppdet.core.workspace import global_config, load_config
+from ppdet.core.workspace import global_config, load_config, merge_config
 
 from conftest import ROOT, TINY, run
 from ppdistill.build import load_distill_config
@@ -127,6 +127,22 @@ def test_ld_builds_the_student_head_as_a_gfl_head_with_the_ld_head_settings():
     assert plain['reg_max'] == 16 and plain['loss_dfl'] == {'name': 'DistributionFocalLoss', 'loss_weight': 0.25}
 
 
+def test_ld_student_checkpoint_loads_into_the_ld_head_config():
+    """The GFLHead student the LD translation trains has exactly the LDGFLHead student's tensors."""
+    from ppdistill.config_scope import create_fresh
+    _, result = translated('gfl_ld_distill.yml')
+    shapes = []
+    for student in ({}, result.student):
+        with config_scope():
+            load_config(GFL_STUDENT)
+            merge_config(student)
+            model = create_fresh('GFL')
+            shapes.append({k: list(v.shape) for k, v in model.state_dict().items()})
+            shapes.append(type(model.head).__name__)
+    assert shapes[1] == 'LDGFLHead' and shapes[3] == 'GFLHead'
+    assert shapes[0] == shapes[2]
+
+
 def test_cwd_tau_other_than_one_keeps_tau_squared_and_says_so():
     raw = read('retinanet_resnet101_coco_distill_cwd.yml')
     raw['CWDFeatureLoss']['tau'] = 2.0
@@ -234,10 +250,14 @@ def distill_run(wd, name: str, student: str, teacher: str, terms, levels: int = 
 
 
 @pytest.mark.integration
-def test_upstream_retinanet_cwd_runs(data):
+def test_upstream_retinanet_cwd_runs_and_leaves_a_plain_student(data):
     # the demo RetinaNet's FPN has 4 levels (upstream's 5): the user's file names 4
-    distill_run(data, 'retinanet_resnet101_coco_distill_cwd.yml', os.path.join(TINY, 'retinanet_student.yml'),
+    student = os.path.join(TINY, 'retinanet_student.yml')
+    distill_run(data, 'retinanet_resnet101_coco_distill_cwd.yml', student,
                 os.path.join(TINY, 'retinanet_teacher.yml'), [f'distill_cwd_fpn_l{i}' for i in range(4)], levels=4)
+    weights = data / 'output' / 'retinanet_resnet101_coco_distill_cwd' / 'model_final'
+    proc = run(['eval.py', '-c', student, '-o', f'weights={weights}'], data)
+    assert 'Average Precision' in proc.stdout + proc.stderr
 
 
 @pytest.mark.integration
