@@ -14,8 +14,9 @@ the student's reader, LR, epochs and ``-o`` overrides survive, and none of the s
 (a ResNet ``norm_type``, an FPN flag) reaches the teacher. Teacher weights are mandatory
 (``allow_random_teacher: true`` waives them); a missing file or a checkpoint that matches too few teacher
 tensors is an error naming the file and the counts.
-ppdet's own format (``slim: Distill`` + ``slim_method: FGD`` with the teacher model config inline and
-``pretrain_weights`` as teacher weights) is translated to the same thing.
+ppdet's own format (``slim: Distill`` + ``slim_method``, the file being the teacher model config with
+``pretrain_weights`` as teacher weights) is translated to the generic ``Distiller`` by
+:mod:`ppdistill.upstream`.
 """
 import difflib
 import inspect
@@ -31,6 +32,7 @@ from ppdet.utils.logger import setup_logger
 from .checkpoint import load_state_file
 from .config_scope import create_fresh, isolated_scope
 from .distiller import DistillConfigError, Distiller
+from .upstream import translate
 
 logger = setup_logger(__name__)
 
@@ -38,10 +40,6 @@ __all__ = ['load_distill_config', 'build_distiller', 'build_teacher', 'load_chec
            'is_distill_config', 'check_teacher_is_not_student']
 
 DISTILL_KEYS = ('slim', 'teacher_config', 'teacher_weights', 'allow_random_teacher', 'teacher_min_match')
-_UPSTREAM_FGD_ARGS = ('temp', 'alpha_fgd', 'beta_fgd', 'gamma_fgd', 'lambda_fgd')
-_UPSTREAM_FGD_WEIGHTED = ('alpha_fgd', 'beta_fgd', 'gamma_fgd', 'lambda_fgd')  # scaled by loss_weight
-# Read from the model shapes by ppdistill, so upstream's values are not needed.
-_UPSTREAM_FGD_IGNORED = ('student_channels', 'teacher_channels')
 
 
 def _read_yaml(path: str) -> dict:
@@ -79,67 +77,6 @@ def is_distill_config(path: str) -> bool:
             or any(key in raw for key in DISTILL_KEYS if key != 'slim'))
 
 
-def _upstream_levels(names, path: str) -> Optional[list]:
-    """ppdet's ``FGDDistillModel`` applies one loss per entry of ``distill_loss_name`` to neck output
-    ``idx`` (student and teacher alike) for ``idx = 0..len-1``; the names are only log labels."""
-    if names is None:
-        return None
-    if not isinstance(names, (list, tuple)) or not names:
-        raise DistillConfigError(f'{path}: distill_loss_name must be a non-empty list of names (one per '
-                                 f'neck level, from level 0), got {names!r}')
-    return list(range(len(names)))
-
-
-def _translate_upstream(raw: dict, path: str) -> dict:
-    """ppdet's ``slim: Distill`` file: the file itself is the teacher config.
-
-    ``distill_loss_name`` (k names) selects neck levels ``0..k-1``; ``loss_weight`` multiplies the whole
-    per-level loss in ppdet's ``FGDFeatureLoss``, which equals scaling the four term weights (the
-    defaults of both classes are the reference's). ``normalize: true`` has no ppdistill equivalent.
-    """
-    method = raw.get('slim_method')
-    if method != 'FGD':
-        raise DistillConfigError(
-            f"{path}: ppdet distill format with slim_method={method!r} is not translated by ppdistill "
-            "(only FGD is); write a ppdistill distill config (see configs/slim/distill/)")
-    section = raw.get('distill_loss') or 'FGDFeatureLoss'
-    fgd = dict(raw.get(section) or {})
-    if fgd.pop('normalize', False):
-        raise DistillConfigError(f'{path}: {section}.normalize: true (normalised features) is not '
-                                 'supported by ppdistill\'s FGD; remove it to distill raw features as the '
-                                 'FGD reference does')
-    weight = fgd.pop('loss_weight', 1.0)
-    known = set(_UPSTREAM_FGD_ARGS) | set(_UPSTREAM_FGD_IGNORED)
-    if set(fgd) - known:
-        raise DistillConfigError(f'{path}: {section} has unknown key(s) {sorted(set(fgd) - known)}; '
-                                 f'FGD accepts {sorted(_UPSTREAM_FGD_ARGS)} and loss_weight')
-    from .losses import FGDLoss  # its defaults are the FGD reference's, as are ppdet's FGDFeatureLoss's
-    defaults = inspect.signature(FGDLoss).parameters
-    args = {}
-    for key, value in dict({k: fgd[k] for k in _UPSTREAM_FGD_ARGS if k in fgd}, loss_weight=weight).items():
-        try:  # PyYAML reads 5e-6 (no dot) as a string
-            args[key] = float(value)
-        except (TypeError, ValueError):
-            raise DistillConfigError(f'{path}: {section}.{key} must be a number, got {value!r}') from None
-    weight = args.pop('loss_weight')
-    if weight != 1.0:
-        for key in _UPSTREAM_FGD_WEIGHTED:
-            args[key] = weight * args.get(key, defaults[key].default)
-    levels = _upstream_levels(raw.get('distill_loss_name'), path)
-    if levels is not None:
-        args['levels'] = levels
-    logger.info(f'{path}: ppdet FGD format translated: levels {levels or "all"}, loss_weight {weight} '
-                f'(folded into the term weights), FocalGlobalDistillModel {args}')
-    # ppdet loads the file's pretrain_weights into the teacher; ppdistill's own keys are kept as they are.
-    weights, pretrain = raw.get('teacher_weights'), raw.get('pretrain_weights')
-    if weights and pretrain and weights != pretrain:
-        raise DistillConfigError(f'{path}: teacher_weights ({weights}) and pretrain_weights ({pretrain}) both '
-                                 'name the teacher checkpoint in ppdet\'s distill format; keep one')
-    kept = {k: raw[k] for k in ('allow_random_teacher', 'teacher_min_match') if k in raw}
-    return dict({'slim': 'FocalGlobalDistillModel', 'teacher_config': os.path.abspath(path),
-                 'teacher_weights': weights or pretrain, 'FocalGlobalDistillModel': args}, **kept)
-
-
 def _resolve_config_path(value: str, base_dir: str) -> str:
     for candidate in (os.path.join(base_dir, value), value):
         if os.path.isfile(candidate):
@@ -156,8 +93,10 @@ def load_distill_config(path: str, overrides: Optional[dict] = None) -> dict:
     Sets ``filename`` to the distill config's name, so outputs go to ``<save_dir>/<distill name>/``.
     """
     raw = _read_yaml(path)
+    student = {}
     if raw.get('slim') == 'Distill':
-        raw = _translate_upstream(raw, path)
+        raw, translation = translate(raw, path)
+        student = translation.student
     raw.update({k: v for k, v in (overrides or {}).items() if k in DISTILL_KEYS})
     slim = raw.get('slim')
     if _distiller_class(slim) is None:
@@ -182,6 +121,7 @@ def load_distill_config(path: str, overrides: Optional[dict] = None) -> dict:
     if 'losses' in raw:  # generic form: `losses:` at top level belongs to the distiller's section
         raw.setdefault(slim, {})['losses'] = raw.pop('losses')
     merge_config(raw)
+    merge_config(student)  # the student-config settings the upstream method needs
     global_config['filename'] = os.path.splitext(os.path.basename(path))[0]
     return raw
 

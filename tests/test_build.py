@@ -141,7 +141,7 @@ def test_distill_config_merges_only_distill_keys(pair, tmp_path):
     ({'teacher_config': 'teacher.yml'}, 'teacher_weights is missing'),
     ({'teacher_config': 'teacher.yml', 'teacher_weights': 'x', 'epoch': 5}, r"keys \['epoch'\] do not belong"),
     ({'teacher_config': 'nope.yml', 'teacher_weights': 'x'}, "teacher_config 'nope.yml' not found"),
-    ({'slim': 'Distill', 'slim_method': 'CWD'}, "slim_method='CWD' is not translated"),
+    ({'slim': 'Distill', 'slim_method': 'KD'}, "slim_method='KD' has no ppdistill translation"),
 ])
 def test_bad_distill_configs_are_rejected(pair, tmp_path, cfg, match):
     with pytest.raises(DistillConfigError, match=match):
@@ -158,10 +158,10 @@ def test_upstream_fgd_format_is_translated_without_leaking_the_teacher(pair, tmp
         'distill_loss': 'FGDFeatureLoss',
         'FGDFeatureLoss': {'student_channels': 32, 'teacher_channels': 64, 'temp': 0.7, 'alpha_fgd': 0.002}}))
     load_distill_config(str(upstream))
-    assert global_config['slim'] == 'FocalGlobalDistillModel'
+    assert global_config['slim'] == 'Distiller'
     assert global_config['teacher_config'] == str(upstream)
     assert global_config['teacher_weights'] == 'teacher_w'
-    assert dict(global_config['FocalGlobalDistillModel']) == {'temp': 0.7, 'alpha_fgd': 0.002}
+    assert global_config['Distiller']['losses'][0]['args'] == {'temp': 0.7, 'alpha_fgd': 0.002}
     after = yaml.safe_load(watched())
     after['filename'] = yaml.safe_load(before)['filename']
     assert after == yaml.safe_load(before)
@@ -272,8 +272,9 @@ def test_upstream_fgd_level_subset_and_loss_weight_are_honoured(pair, tmp_path):
     # ppdet's FGDFeatureLoss returns loss_weight * (alpha*fg + beta*bg + gamma*mask + lambda*rela)
     want = {k: 3.0 * v for k, v in _ppdet_fgd_defaults().items()}
     want['alpha_fgd'] = 3.0 * 0.002
-    section = dict(global_config['FocalGlobalDistillModel'])
-    assert section.pop('temp') == 0.7 and section.pop('levels') == [0, 1]
+    entry = global_config['Distiller']['losses'][0]
+    section = dict(entry['args'])
+    assert section.pop('temp') == 0.7 and entry['levels'] == [0, 1]
     assert section.keys() == want.keys()
     for key, value in want.items():
         assert section[key] == pytest.approx(value, rel=1e-12), key

@@ -99,6 +99,23 @@ def test_unreachable_teacher_url_names_url_reason_and_local_file(work, tmp_path)
     assert 'set teacher_weights to the local .pdparams file' in err
 
 
+@pytest.mark.parametrize('upstream, want', [
+    # ppdet's CWD is defined for GFL and RetinaNet students; the PicoDet student has no upstream CWD
+    ({'slim_method': 'CWD', 'distill_loss': 'CWDFeatureLoss', 'distill_loss_name': ['cls_f_0']},
+     "ppdet's CWD is defined for ['GFL', 'RetinaNet'] students, the student is 'PicoDet'"),
+    # ppdet's generic DistillModel with a loss that crashes there (PaddleDetection issue 9252)
+    ({'distill_loss': 'KnowledgeDistillationKLDivLoss'}, 'DistillYOLOv3Loss only'),
+    ({'slim_method': 'PPYOLOEDistill', 'DistillPPYOLOELoss': {'feat_distiller': 'mgd', 'logits_distill': False}},
+     "feat_distiller 'mgd'"),
+])
+def test_upstream_term_without_a_mapping_stops_with_one_line(work, tmp_path, upstream, want):
+    slim = tmp_path / 'upstream.yml'
+    slim.write_text(yaml.safe_dump(dict({'_BASE_': [TEACHER], 'slim': 'Distill', 'allow_random_teacher': True},
+                                        **upstream)))
+    err = one_line_error(train(work, slim))
+    assert want in err and str(slim) in err
+
+
 def test_duplicate_loss_terms_name_both_entries(work, tmp_path):
     losses = [{'type': 'MGDLoss', 'levels': [0]}, {'type': 'MGDLoss', 'levels': [0, 1]}]
     err = one_line_error(train(work, distill(tmp_path / 'dup.yml', 'Distiller', {'losses': losses})))
