@@ -189,8 +189,17 @@ def _ld(raw: dict, path: str) -> Translation:
     plain = {k: v for k, v in section.items() if k not in _LD_TERMS}
     changes = [f"the student's LDGFLHead is built as a GFLHead with its settings ({arch}.head: GFLHead)",
                'an image without boxes gives a zero VLR (upstream crashes)']
+    student = {arch: {'head': 'GFLHead'}, 'GFLHead': plain}
+    if vlr_w and not target['compute_vlr_region']:
+        # Gt2GFLTarget drops gt_bbox from the batch, so the VLR must come from the reader (upstream's LDGFLHead
+        # reads vlr_regions too, which its gfl_reader.yml leaves off)
+        student['TrainReader'] = {'batch_transforms': [
+            {'Gt2GFLTarget': dict(op['Gt2GFLTarget'] or {}, compute_vlr_region=True)}
+            if isinstance(op, dict) and 'Gt2GFLTarget' in op else op
+            for op in global_config['TrainReader']['batch_transforms']]}
+        changes.append("the reader's Gt2GFLTarget computes the VLR (compute_vlr_region: true)")
     return Translation('LD', [_entry('LDLoss', 'ld', {'cls': 'cls_logits', 'reg': 'dfl_logits'}, args)], changes,
-                       {arch: {'head': 'GFLHead'}, 'GFLHead': plain})
+                       student)
 
 
 def _ppyoloe(raw: dict, path: str) -> Translation:

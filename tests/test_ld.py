@@ -169,6 +169,30 @@ def test_ld_terms_match_numpy(normalize):
     assert vlr_cells > 3
 
 
+def test_vlr_read_from_the_readers_vlr_regions_when_gt_bbox_is_gone():
+    """ppdet's Gt2GFLTarget (compute_vlr_region) replaces gt_bbox by vlr_regions [N, sum H*W] in ascending
+    stride: each level's term uses its own slice (random regions, so a wrong offset cannot match)."""
+    rng = np.random.default_rng(5)
+    grids = [(8, 8, 8.0), (4, 4, 16.0)]
+    regions = rng.random((2, 64 + 16)).astype('float32') * (rng.random((2, 80)) < 0.3)
+    inputs = {'image': paddle.zeros([2, 3, 64, 64]), 'vlr_regions': paddle.to_tensor(regions)}
+    starts = [0, 64]
+    for level, (h, w, _) in enumerate(grids):
+        s_cls, t_cls, s_reg, t_reg = level_tensors(rng, 2, 3, h, w, 4)
+        pos = rng.random((2, h * w)) < 0.2
+        loss = LDLoss({'cls': 3, 'reg': 20}, {'cls': 3, 'reg': 20}, strides=[16, 8])
+        got = loss({'cls': paddle.to_tensor(s_cls), 'reg': paddle.to_tensor(s_reg),
+                    'pos': paddle.to_tensor(pos.reshape(2, 1, h, w).astype('float32'))},
+                   {'cls': paddle.to_tensor(t_cls), 'reg': paddle.to_tensor(t_reg)}, inputs)
+        vlr = regions[:, starts[level]:starts[level] + h * w]
+        ref = np_ld_terms(s_cls, t_cls, s_reg, t_reg, pos, vlr, normalize='reference')
+        np.testing.assert_allclose([float(got['ld']), float(got['vlr'])], ref[:2], rtol=1e-5)
+    with pytest.raises(PPDistillError, match='vlr_regions has 80 locations per image but strides'):
+        LDLoss({'cls': 3, 'reg': 20}, {'cls': 3, 'reg': 20}, strides=[8, 16, 32])(
+            {'cls': paddle.zeros([2, 3, 8, 8]), 'reg': paddle.zeros([2, 20, 8, 8]), 'pos': paddle.zeros([2, 1, 8, 8])},
+            {'cls': paddle.zeros([2, 3, 8, 8]), 'reg': paddle.zeros([2, 20, 8, 8])}, inputs)
+
+
 def test_reference_scales_with_positives_mean_does_not():
     """Duplicating the batch doubles the reference sums; the 'mean' option is unchanged."""
     rng = np.random.default_rng(2)

@@ -272,12 +272,7 @@ def test_upstream_gfl_cwd_runs_on_class_maps_and_neck(data):
                 [f'distill_cwd_{r}_l{i}' for r in ('cls_logits', 'fpn') for i in range(5)])
 
 
-HEAD_KD = pytest.mark.xfail(reason="the head-KD losses need the distiller's feed of the student head's assignment "
-                                   '(pos, num_pos; issue 14 item 1), not on this branch yet', strict=False)
-
-
 @pytest.mark.integration
-@HEAD_KD
 def test_upstream_ppyoloe_plus_runs_through_both_assigners(data):
     # static_assigner_epoch 1: epoch 0 assigns with ATSS, epoch 1 with the task-aligned assigner
     distill_run(data, 'ppyoloe_plus_distill_l_distill_m.yml', PPYOLOE_STUDENT, fixture('ppyoloe_tiny.yml'),
@@ -286,8 +281,6 @@ def test_upstream_ppyoloe_plus_runs_through_both_assigners(data):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(reason="as above, and LDLoss computes the VLR from gt_bbox, which ppdet's Gt2GFLTarget removes "
-                          "from the GFL batch (it writes the region as vlr_regions)", strict=False)
 def test_upstream_gfl_ld_runs(data):
     distill_run(data, 'gfl_ld_distill.yml', GFL_STUDENT, GFL_TINY,
                 [f'distill_ld_l{i}_{t}' for i in range(5) for t in ('ld', 'vlr', 'kd')])

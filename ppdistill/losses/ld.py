@@ -198,12 +198,24 @@ class LDLoss(DistillLoss):
         self.assignment_keys = ('pos',) if self.weights['ld'] or self.weights['kd'] else ()
 
     def vlr(self, inputs: dict, height: int, width: int) -> paddle.Tensor:
-        """``[N, H*W]`` VLR weights of this level from ``inputs``' GT boxes."""
-        if not inputs or 'gt_bbox' not in inputs or 'image' not in inputs:
-            raise PPDistillError("LDLoss: the VLR needs the batch's 'image' and 'gt_bbox' (set vlr_weight: 0 "
-                                 'to distill the main region only)')
-        boxes, valid = pad_boxes(inputs['gt_bbox'], inputs.get('pad_gt_mask'))
+        """``[N, H*W]`` VLR weights of this level from ``inputs``' GT boxes, or from the batch's
+        ``vlr_regions`` (``[N, sum H*W]``, levels in ascending stride) where ppdet's ``Gt2GFLTarget``
+        (``compute_vlr_region: True``) computed them and removed ``gt_bbox``."""
+        if not inputs or 'image' not in inputs or not ('gt_bbox' in inputs or 'vlr_regions' in inputs):
+            raise PPDistillError("LDLoss: the VLR needs the batch's 'image' and 'gt_bbox' (or the reader's "
+                                 "'vlr_regions'); set vlr_weight: 0 to distill the main region only")
         grids, level = _level_grids(inputs['image'].shape[2:], (height, width), self.strides)
+        if 'gt_bbox' not in inputs:
+            order = sorted(range(len(grids)), key=lambda i: grids[i][2])
+            sizes = [grids[i][0] * grids[i][1] for i in order]
+            regions = inputs['vlr_regions']
+            if int(regions.shape[-1]) != sum(sizes):
+                raise PPDistillError(f"LDLoss: the batch's vlr_regions has {int(regions.shape[-1])} locations per "
+                                     f'image but strides={list(self.strides)} give {sum(sizes)}; set strides to '
+                                     "the reader's Gt2GFLTarget downsample_ratios")
+            start = sum(sizes[:order.index(level)])
+            return paddle.cast(regions.reshape([regions.shape[0], -1])[:, start:start + height * width], 'float32')
+        boxes, valid = pad_boxes(inputs['gt_bbox'], inputs.get('pad_gt_mask'))
         return vlr_weights(boxes, valid, grids, level, self.grid_cell_scale, self.topk, self.cell_offset,
                            self.band_overlap)
 
