@@ -8,6 +8,7 @@ import types
 import numpy as np
 import paddle
 import pytest
+from ppdet.core.workspace import AttrDict  # what ppdet gives a callback as trainer.cfg
 from ppdet.utils.stats import TrainingStats
 
 from ppdistill import Distiller
@@ -66,7 +67,7 @@ def _status(stats, step):
 
 
 def test_monitor_logs_ratios_and_warns_once_and_the_log_parses_back():
-    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(log_iter=2))
+    trainer = types.SimpleNamespace(cfg=AttrDict(log_iter=2))
     monitor = LossBalanceMonitor(trainer)
     stats = TrainingStats(window_size=2)
     det = [3.0, 3.0, 2.5, 2.5, 2.0, 2.0, 1.5, 1.5]
@@ -97,7 +98,7 @@ def test_monitor_logs_ratios_and_warns_once_and_the_log_parses_back():
 
 
 def test_monitor_ignores_runs_without_distillation():
-    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(log_iter=1))
+    trainer = types.SimpleNamespace(cfg=AttrDict(log_iter=1))
     monitor = LossBalanceMonitor(trainer)
     stats = TrainingStats(window_size=1)
     stats.update({'loss': paddle.to_tensor(1.0)})
