@@ -1,6 +1,9 @@
 """Shared fixtures: ``work``, a working directory with the tiny demo dataset and trained tiny teachers, and
 ``run``, which runs a tool as a subprocess the way a user types it (datasets and outputs are relative to
 the CWD, as in ppdet).
+
+``PPDISTILL_PPDET_SRC=/path/to/PaddleDetection`` tests a PaddleDetection source checkout instead of the
+installed ppdet: it goes first on ``sys.path`` and on the ``PYTHONPATH`` every subprocess inherits.
 """
 import os
 import subprocess
@@ -10,6 +13,7 @@ from typing import Optional
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'configs', 'demo', 'tiny')
 PPDET_SRC_ENV = 'PPDISTILL_PPDET_SRC'
 
 
@@ -52,8 +56,8 @@ check_ppdet_from(PPDET_SRC, ppdet.__file__)
 def pytest_report_header(config):
     import paddle
     where = f'checkout {PPDET_SRC}' if PPDET_SRC else 'installed'
-    return f'paddle {paddle.__version__}, ppdet {getattr(ppdet, "__version__", "(source)")} ({where}: {ppdet.__file__})'
-TINY = os.path.join(ROOT, 'configs', 'demo', 'tiny')
+    version = getattr(ppdet, '__version__', '(source)')
+    return f'paddle {paddle.__version__}, ppdet {version} ({where}: {ppdet.__file__})'
 
 
 def run(args, cwd, env=None, ok=True, module=False):
