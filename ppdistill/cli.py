@@ -33,7 +33,20 @@ def arg_parser() -> ArgsParser:
 _OWN_DATASET = {'train': 'TrainDataset', 'eval': 'EvalDataset'}
 
 
+def _drop_missing_test_labels(cfg) -> None:
+    """infer/export without the TestDataset's annotation file: unset ``anno_path`` so ppdet uses default
+    category names (ppdet 2.6 does so for a missing file; PaddleDetection develop opens any set path)."""
+    dataset = cfg.get('TestDataset')
+    anno = getattr(dataset, 'anno_path', None)
+    path = os.path.join(getattr(dataset, 'dataset_dir', None) or '', anno or '')
+    if anno and not os.path.isfile(path):
+        logger.warning(f'TestDataset: annotation file {path} not found: default category names are used')
+        dataset.anno_path = None
+
+
 def _check_dataset(cfg, mode: str) -> None:
+    if mode == 'test':
+        _drop_missing_test_labels(cfg)
     key = _OWN_DATASET.get(mode)
     dataset = cfg.get(key) if key else None
     if dataset is None or not hasattr(dataset, 'dataset_dir'):

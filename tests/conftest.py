@@ -1,16 +1,63 @@
 """Shared fixtures: ``work``, a working directory with the tiny demo dataset and trained tiny teachers, and
 ``run``, which runs a tool as a subprocess the way a user types it (datasets and outputs are relative to
 the CWD, as in ppdet).
+
+``PPDISTILL_PPDET_SRC=/path/to/PaddleDetection`` tests a PaddleDetection source checkout instead of the
+installed ppdet: it goes first on ``sys.path`` and on the ``PYTHONPATH`` every subprocess inherits.
 """
-import ppdistill  # noqa: F401  (import order: ppdet before paddle)
 import os
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'demo', 'tiny')
+PPDET_SRC_ENV = 'PPDISTILL_PPDET_SRC'
+
+
+def use_ppdet_checkout(environ=os.environ, path: Optional[list] = None) -> Optional[str]:
+    """Put the PaddleDetection checkout named by ``$PPDISTILL_PPDET_SRC`` first on the import path.
+
+    ``path`` (default ``sys.path``) gets it in-process; ``environ['PYTHONPATH']`` gets it for every
+    subprocess a test starts (the tools, ``python -c`` probes). Returns the checkout, or None when unset.
+    """
+    src = environ.get(PPDET_SRC_ENV)
+    if not src:
+        return None
+    src = os.path.realpath(src)
+    if not os.path.isfile(os.path.join(src, 'ppdet', '__init__.py')):
+        raise pytest.UsageError(f'{PPDET_SRC_ENV}={src} is not a PaddleDetection checkout '
+                                '(no ppdet/__init__.py there): point it at the directory holding ppdet/')
+    path = sys.path if path is None else path
+    if src not in path:
+        path.insert(0, src)
+    rest = [p for p in environ.get('PYTHONPATH', '').split(os.pathsep) if p and os.path.realpath(p) != src]
+    environ['PYTHONPATH'] = os.pathsep.join([src] + rest)
+    return src
+
+
+def check_ppdet_from(src: Optional[str], ppdet_file: str) -> None:
+    """Fail loudly when ``ppdet`` was imported from somewhere else than the requested checkout."""
+    if src is not None and not os.path.realpath(ppdet_file).startswith(src + os.sep):
+        raise pytest.UsageError(f'{PPDET_SRC_ENV}={src}, but ppdet was imported from {ppdet_file}: '
+                                'something imported ppdet before tests/conftest.py')
+
+
+PPDET_SRC = use_ppdet_checkout()  # before anything imports ppdet
+
+import ppdistill  # noqa: E402,F401  (imports ppdet before paddle: import order matters)
+import ppdet  # noqa: E402
+
+check_ppdet_from(PPDET_SRC, ppdet.__file__)
+
+
+def pytest_report_header(config):
+    import paddle
+    where = f'checkout {PPDET_SRC}' if PPDET_SRC else 'installed'
+    version = getattr(ppdet, '__version__', '(source)')
+    return f'paddle {paddle.__version__}, ppdet {version} ({where}: {ppdet.__file__})'
 
 
 def run(args, cwd, env=None, ok=True, module=False):
@@ -21,6 +68,19 @@ def run(args, cwd, env=None, ok=True, module=False):
     if ok and proc.returncode != 0:
         pytest.fail(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}')
     return proc
+
+
+def provide_offline_font(cwd) -> None:
+    """Put a TrueType font where PaddleDetection develop's visualizer looks for ``simfang.ttf``.
+
+    develop's ``draw_bbox`` loads ``~/.cache/paddle/simfang.ttf`` without expanding ``~`` (so relative to
+    the CWD) and downloads it when missing; offline, any TrueType font there will do. ppdet 2.6.0 ignores it.
+    """
+    import matplotlib
+    font = os.path.join(str(cwd), '~', '.cache', 'paddle', 'simfang.ttf')
+    if not os.path.isfile(font):
+        os.makedirs(os.path.dirname(font), exist_ok=True)
+        os.symlink(os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf', 'DejaVuSans.ttf'), font)
 
 
 def tool_module(name: str):
@@ -40,6 +100,7 @@ def work(tmp_path_factory):
     One per session: every integration module reuses the teachers; tests write their own output names.
     """
     wd = tmp_path_factory.mktemp('work')
+    provide_offline_font(wd)
     run(['make_demo_data.py', '--out', 'dataset/digits_tiny', '--num_train', '8', '--num_val', '4'], wd)
     for arch in ('picodet', 'retinanet'):
         proc = run(['train.py', '-c', os.path.join(TINY, f'{arch}_teacher.yml'), '--seed', '0'], wd)

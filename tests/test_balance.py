@@ -9,6 +9,7 @@ import types
 import numpy as np
 import paddle
 import pytest
+from ppdet.core.workspace import AttrDict  # what ppdet gives a callback as trainer.cfg
 from ppdet.utils.stats import TrainingStats
 
 from ppdistill import Distiller
@@ -91,7 +92,7 @@ def test_balance_points_are_window_means_and_warn_once():
 
 
 def _trainer(tmp_path, model, log_iter=1, start_epoch=0):
-    cfg = types.SimpleNamespace(save_dir=str(tmp_path), filename='run', log_iter=log_iter)
+    cfg = AttrDict(save_dir=str(tmp_path), filename='run', log_iter=log_iter)
     return types.SimpleNamespace(cfg=cfg, model=model, start_epoch=start_epoch)
 
 

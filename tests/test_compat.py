@@ -74,3 +74,25 @@ def test_tools_print_no_third_party_import_noise_but_keep_their_own_output(tmp_p
     for proc in (made, failed):
         for noise in ('Unable to use numba', 'OMP_NUM_THREADS', 'No ccache found'):
             assert noise not in proc.stdout + proc.stderr, (noise, proc.stdout[-1000:], proc.stderr[-1000:])
+
+
+@pytest.mark.parametrize('with_labels', [False, True])
+def test_infer_config_without_its_label_file_loads_on_any_ppdet(tmp_path, monkeypatch, with_labels):
+    # PaddleDetection develop's ImageFolder hands TestDataset.get_anno() to pycocotools' COCO whenever
+    # anno_path is set (ppdet 2.6 checks that the file exists first): a missing file must leave it unset.
+    from pycocotools.coco import COCO
+    from ppdistill.cli import arg_parser, load_tool_config
+    from ppdistill.config_scope import config_scope
+    monkeypatch.chdir(tmp_path)
+    labels = tmp_path / 'dataset' / 'digits_tiny' / 'annotations' / 'instances_val.json'
+    if with_labels:
+        labels.parent.mkdir(parents=True)
+        labels.write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "one"}]}')
+    flags = arg_parser().parse_args(['-c', os.path.join(ROOT, 'configs', 'demo', 'tiny', 'picodet_student.yml')])
+    with config_scope():
+        dataset = load_tool_config(flags, mode='test')['TestDataset']
+        anno = dataset.get_anno()
+        assert os.path.abspath(anno) == str(labels) if with_labels else anno is None
+        coco = COCO(anno)  # what develop does with it: raises FileNotFoundError for a missing file
+        if with_labels:
+            assert [c['name'] for c in coco.loadCats(coco.getCatIds())] == ['one']

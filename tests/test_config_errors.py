@@ -15,6 +15,7 @@ import yaml
 
 from ppdet.core.workspace import load_config
 from ppdistill.config_scope import config_scope, create_fresh
+from conftest import provide_offline_font
 
 pytestmark = pytest.mark.integration
 
@@ -150,6 +151,7 @@ def test_infer_and_export_need_no_eval_annotations(tmp_path, student_weights):
     Image.fromarray(np.full((96, 96, 3), 200, dtype=np.uint8)).save(image)
     assert not (tmp_path / 'dataset').exists()  # no annotation file of any split
     weights = ['-o', f'weights={student_weights}']
+    provide_offline_font(tmp_path)
     proc = tool('infer.py', ['-c', STUDENT, '--infer_img', image, '--output_dir', 'drawn'] + weights, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / 'drawn' / 'digit.jpg').is_file()

@@ -10,14 +10,17 @@ import glob
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
 
+import paddle
+import ppdet
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import PPDET_SRC, ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +46,10 @@ def wheel_venv(wheel, tmp_path_factory):
     tmp = tmp_path_factory.mktemp('venv')
     _check([sys.executable, '-m', 'venv', '--system-site-packages', str(tmp / 'venv')], tmp)
     bin_dir = tmp / 'venv' / 'bin'
+    if sys.prefix != sys.base_prefix:  # the suite runs in a venv (e.g. paddle 3 over the base stack): see it too
+        site_dir, = glob.glob(str(tmp / 'venv' / 'lib' / 'python*' / 'site-packages'))
+        with open(os.path.join(site_dir, 'outer_venv.pth'), 'w') as f:
+            f.write('\n'.join(site.getsitepackages()) + '\n')
     _check([str(bin_dir / 'python'), '-m', 'pip', 'install', '--no-deps', '-q', wheel], tmp)
     return bin_dir
 
@@ -69,11 +76,16 @@ def test_installed_tools_distill_from_another_projects_root(wheel_venv, work, tm
         'slim': 'MGDDistillModel', 'teacher_config': 'configs/demo/tiny/picodet_teacher.yml',
         'teacher_weights': str(work / 'output' / 'picodet_teacher' / 'model_final')}))
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    if PPDET_SRC:  # the PaddleDetection checkout under test, and nothing else
+        env['PYTHONPATH'] = PPDET_SRC
     python = str(wheel_venv / 'python')
 
     where = _check([python, '-c', 'import ppdistill, ppdistill.tools.train as t; print(t.__file__)'],
                    project, env)
     assert str(wheel_venv.parent) in where.strip().splitlines()[-1], where  # the wheel, not the checkout
+    stack = _check([python, '-c', 'import ppdistill, paddle, ppdet; print(paddle.__version__, ppdet.__file__)'],
+                   project, env)
+    assert stack.strip().splitlines()[-1] == f'{paddle.__version__} {ppdet.__file__}', stack  # the stack under test
 
     student = 'configs/demo/tiny/picodet_student.yml'
     _check([python, '-m', 'ppdistill.tools.train', '-c', student, '--slim_config', 'my_mgd.yml'], project, env)
