@@ -37,7 +37,7 @@ import copy
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import paddle
@@ -49,8 +49,8 @@ from .taps import TapSet
 
 logger = setup_logger(__name__)
 
-__all__ = ['TEACHER_MODES', 'TEACHER_DTYPES', 'RTOL', 'ATOL', 'FastTeacher', 'attach_teacher_path',
-           'check_teacher_mode', 'tap_difference']
+__all__ = ['TEACHER_MODES', 'TEACHER_DTYPES', 'RTOL', 'ATOL', 'FastTeacher', 'FastTeacherError',
+           'attach_teacher_path', 'build_fast_teacher', 'check_teacher_mode', 'tap_difference', 'try_fast_teacher']
 
 TEACHER_MODES = ('eager', 'fast')
 TEACHER_DTYPES = ('float32', 'float16', 'bfloat16')
@@ -246,6 +246,14 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {' '.join(lines)[:300]}"
 
 
+def try_fast_teacher(distiller, dtype: str = 'float32') -> Tuple[Optional[FastTeacher], str]:
+    """``(FastTeacher, '')`` from :func:`build_fast_teacher`, or ``(None, one-line reason)`` on any failure."""
+    try:
+        return build_fast_teacher(distiller, dtype), ''
+    except Exception as err:  # noqa: BLE001 - any failure of the fast path means: keep the eager one
+        return None, _reason(err)
+
+
 def attach_teacher_path(distiller, mode: str = 'eager', dtype: str = 'float32') -> str:
     """Set ``distiller.fast_teacher`` for ``teacher_mode`` (``eager``: None) and log ONE line naming the
     path that runs (and, when ``fast`` falls back to eager, why). Returns the line."""
@@ -254,10 +262,8 @@ def attach_teacher_path(distiller, mode: str = 'eager', dtype: str = 'float32') 
     if mode == 'eager':
         line = 'teacher path: eager (teacher_mode: eager)'
     else:
-        try:
-            distiller.fast_teacher = build_fast_teacher(distiller, dtype)
-            line = f'teacher path: fast ({distiller.fast_teacher.describe()})'
-        except Exception as err:  # noqa: BLE001 - any failure of the fast path means: keep the eager one
-            line = f'teacher path: eager (teacher_mode: fast fell back: {_reason(err)})'
+        distiller.fast_teacher, why = try_fast_teacher(distiller, dtype)
+        line = (f'teacher path: fast ({distiller.fast_teacher.describe()})' if distiller.fast_teacher is not None
+                else f'teacher path: eager (teacher_mode: fast fell back: {why})')
     logger.info(line)
     return line
