@@ -134,9 +134,9 @@ def _predictor(program_dir: str, dtype: str):
         config.disable_gpu()
         config.enable_mkldnn()
         config.set_mkldnn_cache_capacity(16)  # oneDNN primitives per input shape: multi-scale sizes, bounded
-        # the setting is process-wide (the student's kernels too): keep the one training runs with
-        config.set_cpu_math_library_num_threads(int(os.environ.get('OMP_NUM_THREADS') or
-                                                    len(os.sched_getaffinity(0))))
+        # the setting is process-wide (the student's kernels too): keep paddle's own
+        threads = paddle.get_flags(['FLAGS_paddle_num_threads'])['FLAGS_paddle_num_threads']
+        config.set_cpu_math_library_num_threads(int(threads))
     config.switch_ir_optim(True)
     config.disable_glog_info()
     config.enable_memory_optim()
