@@ -234,3 +234,22 @@ def test_training_through_the_fast_path_equals_the_eager_path_multi_scale(digits
             np.testing.assert_allclose(step_fast[key], step_eager[key], rtol=10 * ft.RTOL if i == 0 else 2e-3,
                                        atol=1e-7, err_msg=f'step {i}: {key}')
     assert any(abs(v) > 0 for step in eager for k, v in step.items() if k.startswith('distill'))
+
+
+def test_speed_summary_puts_the_fast_path_against_todays_limit():
+    """``fast_ratio`` = distill step with the fast teacher / (student step + eager teacher forward)."""
+    from ppdistill.bench.speed import markdown, summarise
+    load = np.array([1.0, 2.0, 1.0])
+    times = {'student[m]': list(0.5 * load), 'teacher[m]': list(0.25 * load), 'distill[m]': list(0.8 * load),
+             'loss[m]': list(0.05 * load), 'teacher_fast[m]': list(0.05 * load),
+             'distill_fast[m]': list(np.array([0.60, 0.66, 0.63]) * load)}
+    row = summarise(times, ['m'])['methods']['m']
+    assert row['teacher_ms'] == pytest.approx(250.0) and row['teacher_fast_ms'] == pytest.approx(50.0)
+    assert row['fast_ratio'] == pytest.approx(0.63 / 0.75)
+    assert row['fast_ratio_q'] == pytest.approx(list(np.percentile(np.array([0.60, 0.66, 0.63]) / 0.75,
+                                                                   [25, 50, 75])))
+    md = markdown({'arch': 'a', 'date': 'd', 'command': 'c', 'device': 'cpu', 'warmup': 0,
+                   'timing': summarise(times, ['m'])})
+    assert '| m | 250.0 | 50.0 | 630.0 | 0.840 [' in md and md.rstrip().endswith('| yes |')
+    del times['teacher_fast[m]'], times['distill_fast[m]']  # a teacher the fast path cannot serve
+    assert 'fast_ratio' not in summarise(times, ['m'])['methods']['m']
