@@ -32,6 +32,7 @@ from ppdet.utils.logger import setup_logger
 from .checkpoint import load_state_file
 from .config_scope import create_fresh, isolated_scope
 from .distiller import DistillConfigError, Distiller
+from .fast_teacher import attach_teacher_path, check_teacher_mode
 from .upstream import translate
 
 logger = setup_logger(__name__)
@@ -39,7 +40,8 @@ logger = setup_logger(__name__)
 __all__ = ['load_distill_config', 'build_distiller', 'build_teacher', 'load_checked_weights',
            'is_distill_config', 'check_teacher_is_not_student']
 
-DISTILL_KEYS = ('slim', 'teacher_config', 'teacher_weights', 'allow_random_teacher', 'teacher_min_match')
+DISTILL_KEYS = ('slim', 'teacher_config', 'teacher_weights', 'allow_random_teacher', 'teacher_min_match',
+                'teacher_mode', 'teacher_dtype')
 
 
 def _read_yaml(path: str) -> dict:
@@ -326,6 +328,8 @@ def build_distiller(cfg: dict) -> Distiller:
     weights = cfg.get('teacher_weights')
     if weights:
         _weights_file(weights)  # fail before building anything
+    teacher_path = (cfg.get('teacher_mode', 'eager'), cfg.get('teacher_dtype', 'float32'))
+    check_teacher_mode(*teacher_path)
     fill_model_settings(cfg)
     # Student first: with the same seed it starts from the same init as a plain ppdet run.
     student = create_fresh(cfg['architecture'])
@@ -335,5 +339,7 @@ def build_distiller(cfg: dict) -> Distiller:
     teacher, teacher_arch = build_teacher(cfg['teacher_config'], weights,
                                           bool(cfg.get('allow_random_teacher', False)),
                                           float(cfg.get('teacher_min_match', 0.95)))
-    return create(cfg['slim'], student_model=student, teacher_model=teacher,
-                  student_arch=cfg['architecture'], teacher_arch=teacher_arch)
+    distiller = create(cfg['slim'], student_model=student, teacher_model=teacher,
+                       student_arch=cfg['architecture'], teacher_arch=teacher_arch)
+    attach_teacher_path(distiller, *teacher_path)
+    return distiller

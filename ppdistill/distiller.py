@@ -377,6 +377,7 @@ class Distiller(nn.Layer):
             raise DistillConfigError('no distill losses configured (losses: [...] is empty)')
         self.student_model = student_model
         self.teacher_model = teacher_model
+        self.fast_teacher = None  # ppdistill.fast_teacher (teacher_mode: fast); never a sublayer
         for param in self.teacher_model.parameters():
             param.stop_gradient = True
             param.trainable = False
@@ -537,14 +538,26 @@ class Distiller(nn.Layer):
         return self.distill_losses.state_dict()
 
     # -- forward ------------------------------------------------------------------------------------
+    def crossed_terms(self) -> List[str]:
+        """Keys of the terms whose step runs the teacher model again on student features (CrossKD ``cross:``
+        entries), config order."""
+        return [term.key for term in self._terms if term.cross]
+
     def term_losses(self) -> Dict[str, nn.Layer]:
         """The loss module of every configured term by its key (``distill_<name>_l<level>``), config order."""
         return {term.key: loss for term, loss in zip(self._terms, self.distill_losses)}
 
     def teacher_features(self, inputs: dict) -> Dict[str, List[paddle.Tensor]]:
         """The teacher's tapped tensors for ``inputs`` as a training step computes them: ``{tap spec: one
-        tensor per level}`` (``[N, Ct, H, W]`` for a feature map), from the whole teacher in eval mode, without
-        gradient, stopping as soon as every tap has fired."""
+        tensor per level}`` (``[N, Ct, H, W]`` for a feature map): from :attr:`fast_teacher` when set
+        (:mod:`ppdistill.fast_teacher`), else :meth:`eager_teacher_features`."""
+        if self.fast_teacher is not None:
+            return self.fast_teacher(inputs)
+        return self.eager_teacher_features(inputs)
+
+    def eager_teacher_features(self, inputs: dict) -> Dict[str, List[paddle.Tensor]]:
+        """:meth:`teacher_features` from the whole teacher in eval mode, without gradient, stopping as soon
+        as every tap has fired."""
         # Eval mode for the whole teacher (not a list of layer types): no stochastic layer of any kind
         # and running BN statistics. For the taps we support (necks, head convs) eval and train mode
         # compute the same tensors; see tests/test_distiller.py for RetinaNet and PicoDet.

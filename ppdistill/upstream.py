@@ -297,7 +297,7 @@ def translate(raw: dict, path: str) -> Tuple[dict, Translation]:
     result.changes.append(TEACHER_EVAL)
     cfg = {'slim': 'Distiller', 'teacher_config': os.path.abspath(path), 'teacher_weights': _teacher_weights(raw, path),
            'losses': result.losses}
-    cfg.update({k: raw[k] for k in ('allow_random_teacher', 'teacher_min_match') if k in raw})
+    cfg.update({k: raw[k] for k in ('allow_random_teacher', 'teacher_min_match', 'teacher_mode', 'teacher_dtype') if k in raw})
     terms = ', '.join(f"{e['name']}={e['type']}({e['student']}, {e['args']})" for e in result.losses)
     student = f"; student config sets {', '.join(result.student)}" if result.student else ''
     logger.info(f'{path}: ppdet {result.method} translated to {terms}{student}; changed from upstream: '

@@ -157,3 +157,14 @@ def test_gfl_cross_gradient_reaches_both_towers_before_the_cut_not_the_predictor
     assert got('head.gfl_head_cls.') == 0 and got('head.gfl_head_reg.') == 0 and got('head.p3_feat.') == 0
     for branch in ('cls', 'reg'):  # every cut crossed: both towers' convs before it learn from the KD
         assert got(f'head.conv_feat.fcos_head_{branch}_tower_conv_0.') > 0
+
+
+def test_the_fast_teacher_path_falls_back_for_cross_terms():
+    """The crossed pass reruns the eager teacher on student features, so a fast teacher would serve only
+    half of the step: ``teacher_mode: fast`` keeps the eager path and says why."""
+    from ppdistill.fast_teacher import attach_teacher_path
+    d = distiller(TEACHER[0], cross_losses())
+    assert d.crossed_terms() == [f'distill_{n}_l{i}' for n in ('xcls', 'xbox') for i in range(3)]
+    line = attach_teacher_path(d, 'fast')
+    assert line.startswith('teacher path: eager (teacher_mode: fast fell back: ') and 'cross' in line, line
+    assert d.fast_teacher is None

@@ -5,15 +5,18 @@ In one process, on the same batches, interleaved step by step (so machine load h
 - ``student[m]``: the plain student's train step (forward with loss, backward, optimizer step), on the
   student inside method ``m``'s distiller (same weights; all optimizers use learning rate 0, so the
   weights never change and every variant sees the same model);
-- ``teacher[m]``: method ``m``'s teacher forward up to its last tap, without gradient;
-- ``distill[m]``: the distiller's train step (teacher + student + distill losses, backward, step);
+- ``teacher[m]``: method ``m``'s teacher forward up to its last tap, without gradient, on today's (eager)
+  path; ``teacher_fast[m]``: the same taps from the fast path (:mod:`ppdistill.fast_teacher`);
+- ``distill[m]`` / ``distill_fast[m]``: the distiller's train step (teacher + student + distill losses,
+  backward, step) with the eager / the fast teacher path;
 - ``loss[m]``: the method's distill losses alone, forward + backward on detached recorded features;
 - ``fgd_ours`` / ``fgd_ppdet``: for FGD terms, our ``FGDLoss`` and ppdet 2.6's ``FGDFeatureLoss`` forward
   on the same tensors.
 
-Per method: ``limit = student + teacher``, ``ratio = distill / limit`` and the framework overhead
+Per method: ``limit = student + teacher`` (today's teacher forward), ``ratio = distill / limit``,
+``fast_ratio = distill_fast / limit`` (the fast path's target: <= 0.90) and the framework overhead
 ``distill / (limit + loss)`` (1.0 = the distiller adds nothing beyond the work it must do), each from the
-medians over the timed steps (after warm-up). Peak memory of student-only, teacher-only and distill runs
+medians over the timed steps (after warm-up). A teacher the fast path cannot serve gets no fast variants. Peak memory of student-only, teacher-only and distill runs
 is measured in one subprocess each (``ru_maxrss`` on CPU, ``max_memory_allocated`` on GPU).
 """
 import json
@@ -120,6 +123,18 @@ def _fgd_pairs(d, reference: bool) -> list:
     return found
 
 
+def _fast_teacher(d):
+    """The distiller's fast teacher (built here if its config keeps the eager path), or None when the fast
+    path cannot serve it (the reason is printed)."""
+    from ppdistill.fast_teacher import try_fast_teacher
+    if d.fast_teacher is not None:
+        return d.fast_teacher
+    fast, why = try_fast_teacher(d)
+    if fast is None:
+        print(f'[bench] no fast teacher path: {why}', flush=True)
+    return fast
+
+
 def measure_times(setup: BenchSetup, warmup: int) -> Dict[str, List[float]]:
     """Seconds per variant per step, all variants interleaved on each batch."""
     from ppdistill.losses.base import loss_total
@@ -129,12 +144,18 @@ def measure_times(setup: BenchSetup, warmup: int) -> Dict[str, List[float]]:
     d_opts = {m: setup.optimizer(d) for m, d in setup.distillers.items()}
     reference = any(_fgd_pairs(d, False) for d in setup.distillers.values()) and ppdet_fgd_runs()
     fgd = {m: _fgd_pairs(d, reference) for m, d in setup.distillers.items()}
+    fast = {m: _fast_teacher(d) for m, d in setup.distillers.items()}
     for step, batch in enumerate(setup.batches):
         sample = {}
         for m, d in setup.distillers.items():
             sample[f'student[{m}]'] = _timed(lambda: _train_step(d.student_model, s_opts[m], batch))
-            sample[f'teacher[{m}]'] = _timed(lambda: d.teacher_features(batch))
+            sample[f'teacher[{m}]'] = _timed(lambda: d.eager_teacher_features(batch))
+            d.fast_teacher = None
             sample[f'distill[{m}]'] = _timed(lambda: _train_step(d, d_opts[m], batch))
+            if fast[m] is not None:
+                sample[f'teacher_fast[{m}]'] = _timed(lambda: fast[m](batch))
+                d.fast_teacher = fast[m]
+                sample[f'distill_fast[{m}]'] = _timed(lambda: _train_step(d, d_opts[m], batch))
             pairs = _recorded_features(d, batch)
             sample[f'loss[{m}]'] = _timed(lambda: _loss_step(d, pairs, batch))
             if fgd[m]:
@@ -174,6 +195,10 @@ def summarise(times: Dict[str, List[float]], methods) -> dict:
                'overhead': distill / (limit + loss),
                'ratio_q': _quartiles(step['distill'] / step_limit),
                'overhead_q': _quartiles(step['distill'] / (step_limit + step['loss']))}
+        if f'distill_fast[{m}]' in med:
+            fast = np.asarray(times[f'distill_fast[{m}]'])
+            row.update(teacher_fast_ms=med[f'teacher_fast[{m}]'], distill_fast_ms=med[f'distill_fast[{m}]'],
+                       fast_ratio=med[f'distill_fast[{m}]'] / limit, fast_ratio_q=_quartiles(fast / step_limit))
         ours = sorted(k for k in med if k.startswith(f'fgd_ours[{m}/') and k.replace('_ours', '_ppdet') in med)
         if ours:
             row['fgd_forward'] = [{'term': k[len('fgd_ours['):-1], 'ours_ms': med[k],
@@ -296,6 +321,15 @@ def markdown(result: dict) -> str:
         lines.append(f"| {m} | {r['student_ms']:.1f} | {r['teacher_ms']:.1f} | {r['limit_ms']:.1f} | "
                      f"{r['distill_ms']:.1f} | {r['ratio']:.3f}{spread(r.get('ratio_q'))} | {r['loss_ms']:.1f} | "
                      f"{r['overhead']:.3f}{spread(r.get('overhead_q'))} |")
+    fast = {m: r for m, r in result['timing']['methods'].items() if 'fast_ratio' in r}
+    if fast:
+        lines += ['', '## Fast teacher path (teacher_mode: fast) against the same limit', '',
+                  'limit = student step + today\'s (eager) teacher forward; target: fast ratio <= 0.90.', '',
+                  '| method | teacher fwd eager ms | teacher fwd fast ms | distill step fast ms | '
+                  'fast ratio (distill fast/limit) | <= 0.90 |', '|---|---|---|---|---|---|']
+        lines += [f"| {m} | {r['teacher_ms']:.1f} | {r['teacher_fast_ms']:.1f} | {r['distill_fast_ms']:.1f} | "
+                  f"{r['fast_ratio']:.3f}{spread(r['fast_ratio_q'])} | {'yes' if r['fast_ratio'] <= 0.90 else 'no'} |"
+                  for m, r in fast.items()]
     fgd = [(m, f) for m, r in result['timing']['methods'].items() for f in r.get('fgd_forward', [])]
     if fgd:
         lines += ['', '## FGD loss forward, same tensors: ppdistill FGDLoss vs ppdet 2.6 FGDFeatureLoss', '',
