@@ -121,6 +121,10 @@ def test_runs_pair_when_their_first_detection_losses_match():
     assert same_start(student, same) is True
     assert same_start(student, other) is False
     assert later == {} and same_start(student, later) is False and same_start(student, None) is False
+    # a run recorded from ppdet's log text (6 decimals) pairs with a train_log.jsonl run of the same start
+    full = first_step([dict(step0, loss_vfl=1.0095356702804565, loss_bbox=1.7469613552093506)])
+    assert same_start(student, full) is True and same_start(full, student) is True
+    assert same_start(full, first_step([dict(step0, loss_vfl=1.0095376, loss_bbox=1.7469613552093506)])) is False
 
 
 # -- no host synchronisation inside the losses ---------------------------------------------------------

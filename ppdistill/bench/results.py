@@ -81,9 +81,10 @@ def first_step(records: List[dict]) -> Dict[str, float]:
 
 def same_start(student: Optional[dict], method: Optional[dict]) -> bool:
     """True when two runs' first steps have the same detection-loss terms: the same initial weights on
-    the same first batch, i.e. the seed paired them."""
+    the same first batch, i.e. the seed paired them. Compared at ppdet's log precision (6 decimals): runs
+    recorded from ppdet's log text carry no more, ``train_log.jsonl`` carries every float32 digit."""
     keys = [k for k in (student or {}) if k in (method or {})]
-    return bool(keys) and all(student[k] == method[k] for k in keys)
+    return bool(keys) and all(round(student[k], 6) == round(method[k], 6) for k in keys)
 
 
 def table_summary(results: dict, rows: List[str], seeds: List[int]) -> List[dict]:
