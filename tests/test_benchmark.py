@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import types
 import sys
 
 import numpy as np
@@ -416,6 +417,26 @@ def _fake_runs(benchmark, monkeypatch) -> list:
     monkeypatch.setattr(benchmark, '_demo_data', lambda args: None)
     monkeypatch.setattr(benchmark, 'write_accuracy_report', lambda plan, results, summary: summary)
     return made
+
+
+def test_a_run_records_the_commit_it_started_with(tmp_path, monkeypatch):
+    """A long run whose checkout moves on while it trains records the code it was started with."""
+    import ppdistill.runs as runs
+    benchmark = _benchmark_module()
+    commits = iter(['started', 'finished'])
+    monkeypatch.setattr(runs, 'provenance', lambda: {'commit': next(commits), 'paddle': 'p', 'ppdet': 'd'})
+    monkeypatch.setattr(runs, 'param_count', lambda weights: 1)
+
+    def fake_tool(name, args, log, cwd, prefix='[run]', expected=None, **kwargs):
+        with open(os.path.join(os.path.dirname(log), 'metrics.json'), 'w') as f:
+            json.dump({'bbox': [0.5] * 12}, f)
+        return 1.0
+    monkeypatch.setattr(benchmark, 'run_tool', fake_tool)
+    plan = types.SimpleNamespace(run_dir=lambda row, seed: str(tmp_path / row / str(seed)), shipped=False,
+                                 train_args=lambda *a: [], eval_args=lambda *a: [], methods=[],
+                                 weights=lambda row, seed: str(tmp_path / row / str(seed) / 'model_final'))
+    record = benchmark._run_one(plan, 'student', 0, None, '[t]')
+    assert record['commit'] == 'started' and record['bbox'] == [0.5] * 12
 
 
 def test_two_calls_side_by_side_share_the_teacher_run(tmp_path, monkeypatch):

@@ -212,6 +212,7 @@ def _run_one(plan: 'Plan', row: str, seed: int, results: Optional[dict], prefix:
     run_dir = plan.run_dir(row, seed)
     os.makedirs(run_dir, exist_ok=True)
     start = time.time()
+    origin = provenance()  # the code that trains is the code at the start (a checkout may move meanwhile)
     shipped = bool(row == 'teacher' and plan.shipped)
     try:
         train_s = 0.0
@@ -231,7 +232,7 @@ def _run_one(plan: 'Plan', row: str, seed: int, results: Optional[dict], prefix:
     if row in plan.methods:
         losses['balance'] = balance_summary(steps)
     return {'bbox': bbox, 'params': param_count(weights), 'seconds': time.time() - start,
-            'train_seconds': train_s, 'eval_seconds': eval_s, 'shipped': shipped, **provenance(),
+            'train_seconds': train_s, 'eval_seconds': eval_s, 'shipped': shipped, **origin,
             'date': now_utc(), 'finished': time.time(), 'losses': losses}
 
 
