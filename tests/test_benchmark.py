@@ -423,11 +423,12 @@ def test_a_run_records_the_commit_it_started_with(tmp_path, monkeypatch):
     """A long run whose checkout moves on while it trains records the code it was started with."""
     import ppdistill.runs as runs
     benchmark = _benchmark_module()
-    commits = iter(['started', 'finished'])
-    monkeypatch.setattr(runs, 'provenance', lambda: {'commit': next(commits), 'paddle': 'p', 'ppdet': 'd'})
+    checkout = {'commit': 'started'}
+    monkeypatch.setattr(runs, 'provenance', lambda: dict(checkout, paddle='p', ppdet='d'))
     monkeypatch.setattr(runs, 'param_count', lambda weights: 1)
 
     def fake_tool(name, args, log, cwd, prefix='[run]', expected=None, **kwargs):
+        checkout['commit'] = 'moved on'  # e.g. a pull or a commit while the run trains
         with open(os.path.join(os.path.dirname(log), 'metrics.json'), 'w') as f:
             json.dump({'bbox': [0.5] * 12}, f)
         return 1.0
