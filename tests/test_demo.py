@@ -134,7 +134,7 @@ def test_demo_points_at_the_recorded_configuration_where_a_method_pays_most(tmp_
     assert ('where a method pays most on this data: python tools/demo.py --arch picodet --method fgd '
             '--student_config configs/demo/picodet_student_6e.yml  '
             f"(recorded fgd {diff.mean():+.3f} ± {diff.std(ddof=1):.3f} AP, ahead on 4/4 seeds; "
-            'seed 0: 0.480 -> 0.550; its time: docs/results.md)') in out
+            'seed 0: 0.480 -> 0.550; about twice the default demo\'s time)') in out
     # run as that very configuration: no pointer to itself
     demo._recorded(Namespace(arch='picodet', method='fgd', seed=0), 'configs/demo/picodet_student_6e.yml',
                    'configs/slim/distill/fgd_picodet_teacher_to_student.yml', rows)

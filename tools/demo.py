@@ -145,7 +145,7 @@ def _suggest(args, student_cfg: str, reports: List[dict]) -> None:
     if args.seed in student and args.seed in method:
         this_seed = f'; seed {args.seed}: {student[args.seed]:.3f} -> {method[args.seed]:.3f}'
     print(f"[demo] where a method pays most on this data: {cmd}  (recorded {row['row']} "
-          f"{format_delta(row)} AP, ahead on {k}/{n} seeds{this_seed}; its time: docs/results.md)")
+          f"{format_delta(row)} AP, ahead on {k}/{n} seeds{this_seed}; about twice the default demo's time)")
 
 
 def main():
