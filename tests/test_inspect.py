@@ -184,8 +184,11 @@ def test_speed_benchmark_times_the_public_step_parts(monkeypatch):
         monkeypatch.setattr(Distiller, name, lambda self, *a, _n=name, _r=real: used.append(_n) or _r(self, *a))
     d = make()
     times = speed.measure_times(_Setup(d, [toy_inputs(), toy_inputs(seed=1)]), warmup=1)
-    assert set(times) == {'student[toy]', 'teacher[toy]', 'distill[toy]', 'loss[toy]', 'fgd_ours[toy/l2]',
-                          'fgd_ppdet[toy/l2]'}
+    # the toy teacher is also served by the fast path (teacher_mode: fast), which the benchmark times beside it
+    # (ppdet's own FGD loss, timed for comparison, fails on paddle 3: the benchmark leaves it out there)
+    expected = {'student[toy]', 'teacher[toy]', 'distill[toy]', 'loss[toy]', 'fgd_ours[toy/l2]',
+                'teacher_fast[toy]', 'distill_fast[toy]'} | ({'fgd_ppdet[toy/l2]'} if speed.ppdet_fgd_runs() else set())
+    assert set(times) == expected
     assert all(len(v) == 1 for v in times.values())
     assert {'inspect', 'teacher_features', 'distill_terms'} <= set(used)
     # the loss-only step gets the training step's loss inputs, as leaves that take gradients
