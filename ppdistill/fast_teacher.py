@@ -123,8 +123,11 @@ class _Truncated(nn.Layer):
 def _predictor(program_dir: str, dtype: str):
     """A Paddle Inference predictor of the saved program: oneDNN on CPU, ``dtype`` precision on GPU."""
     import paddle.inference as pi
-    config = pi.Config(os.path.join(program_dir, 'teacher.pdmodel'),
-                       os.path.join(program_dir, 'teacher.pdiparams'))
+    # paddle.jit.save writes the program as teacher.pdmodel, or under paddle 3's PIR as teacher.json
+    program = next((os.path.join(program_dir, f'teacher{ext}') for ext in ('.pdmodel', '.json')
+                    if os.path.exists(os.path.join(program_dir, f'teacher{ext}'))),
+                   os.path.join(program_dir, 'teacher.pdmodel'))
+    config = pi.Config(program, os.path.join(program_dir, 'teacher.pdiparams'))
     device = paddle.device.get_device()
     if device.startswith('gpu'):
         precision = {'float32': pi.PrecisionType.Float32, 'float16': pi.PrecisionType.Half,
@@ -132,14 +135,18 @@ def _predictor(program_dir: str, dtype: str):
         config.enable_use_gpu(256, int(device.split(':')[1]) if ':' in device else 0, precision)
     else:
         config.disable_gpu()
-        config.enable_mkldnn()
-        config.set_mkldnn_cache_capacity(16)  # oneDNN primitives per input shape: multi-scale sizes, bounded
+        if program.endswith('.pdmodel'):
+            config.enable_mkldnn()
+            config.set_mkldnn_cache_capacity(16)  # oneDNN primitives per input shape: multi-scale, bounded
+        else:  # paddle 3.3's oneDNN PIR executor rejects some conv attributes (on by default there)
+            config.disable_mkldnn()
         # the setting is process-wide (the student's kernels too): keep paddle's own
         threads = paddle.get_flags(['FLAGS_paddle_num_threads'])['FLAGS_paddle_num_threads']
         config.set_cpu_math_library_num_threads(int(threads))
     config.switch_ir_optim(True)
     config.disable_glog_info()
-    config.enable_memory_optim()
+    if program.endswith('.pdmodel'):  # paddle 3's PIR pipeline has no memory_optimize_pass to enable
+        config.enable_memory_optim()
     return pi.create_predictor(config)
 
 

@@ -17,6 +17,7 @@ from ppdistill.build import build_teacher
 from ppdistill.losses.base import DistillLoss
 from ppdistill.presets import PRESETS
 from toy_models import ToyDet, toy_inputs
+from conftest import needs_ppdet_heads_on_this_paddle
 
 C = 2  # the toy head's classes; label C is the background
 
@@ -123,6 +124,7 @@ def test_a_loss_needing_assignment_without_a_preset_row_is_a_one_line_build_erro
     d(toy_batch(())[0])
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_picodet_terms_get_the_assigners_positives_per_level():
     """The real PicoHeadV2 (tiny demo student): ATSS at epoch 0, task-aligned at epoch 5; the assigner's
     labels, read by a hook of this test's own, sliced by the levels' H*W in head order."""

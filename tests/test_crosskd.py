@@ -12,6 +12,7 @@ from ppdistill import Distiller, DistillConfigError
 from ppdistill.build import build_teacher
 from ppdistill.crossing import align_scale
 from test_head_presets import picodet_batch
+from conftest import needs_ppdet_heads_on_this_paddle
 
 TEACHER = ('configs/demo/tiny/picodet_teacher.yml', 'configs/demo/weights/picodet_teacher')
 HEAD = {'cls': 'cls_logits', 'reg': 'dfl_logits'}
@@ -58,6 +59,7 @@ def test_crossed_outputs_equal_the_teachers_when_the_student_is_a_copy():
         assert float(seen.terms[key]) < 1e-4, key  # summed over every location and class
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_cross_terms_train_the_student_before_the_cut_only_and_never_the_teacher():
     d = distiller('configs/demo/tiny/picodet_student.yml', cross_losses())
     d.train()
@@ -90,6 +92,7 @@ def test_cross_terms_train_the_student_before_the_cut_only_and_never_the_teacher
     assert not any('cross_adapter' in k for k in d.student_model.state_dict())
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_cross_terms_get_the_students_assignment():
     d = distiller('configs/demo/tiny/picodet_student.yml', cross_losses('positives'))
     d.train()

@@ -17,6 +17,7 @@ from ppdistill.build import build_distiller, load_distill_config
 from ppdistill.config_scope import config_scope
 from conftest import ROOT, TINY, run
 from toy_models import ToyDet, toy_inputs
+from conftest import needs_ppdet_heads_on_this_paddle
 
 MGD_NO_MASK = [{'type': 'MGDLoss', 'student': 'neck', 'teacher': 'neck', 'args': {'lambda_mgd': 0.0}}]
 
@@ -200,6 +201,7 @@ def train_losses(d: Distiller, batches: list, seed: int) -> list:
     return out
 
 
+@needs_ppdet_heads_on_this_paddle
 @pytest.mark.parametrize('method, arch', [('mgd', 'picodet'), ('fgd', 'retinanet')])
 def test_training_through_the_fast_path_equals_the_eager_path_multi_scale(digits, monkeypatch, method, arch):
     from ppdet.core.workspace import create

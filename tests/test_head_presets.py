@@ -10,6 +10,7 @@ from ppdistill.build import build_teacher
 from ppdistill.pairing import probe_shapes
 from ppdistill.presets import PRESETS, select_preset
 from ppdistill.taps import TapSet, find_sublayer
+from conftest import needs_ppdet_heads_on_this_paddle
 
 PPYOLOE_MODEL = """
 num_classes: 4
@@ -161,11 +162,13 @@ def check_assignment_taps(model, arch, inputs, epochs, classes):
     taps.remove()
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_ppyoloe_assignment_taps_fire_in_training_one_assigner_per_step(tmp_path):
     model, arch = build(tmp_path, 'ppyoloe_train', 'architecture: YOLOv3\n' + PPYOLOE_MODEL.format(arch='YOLOv3'))
     check_assignment_taps(model, arch, picodet_batch(SIZE), (0, 40), 4)  # static_assigner_epoch 30
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_picodet_assignment_taps_fire_in_training_one_assigner_per_step():
     model, arch = build_teacher('configs/demo/tiny/picodet_student.yml', None, allow_random=True)
     check_assignment_taps(model, arch, picodet_batch(), (0, 5), 10)  # static_assigner_epoch 1
@@ -181,6 +184,7 @@ def picodet_batch(size=96):
             'im_id': paddle.to_tensor([[0], [1]])}
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_head_losses_train_in_the_distiller_on_the_picodet_pair():
     """What runs with today's distiller (no assignment feed): BinaryKD and BoxKD with normalisers that
     need no assignment, and LD's VLR term, on the preset roles, one term per level; the student gets
@@ -207,6 +211,7 @@ def test_head_losses_train_in_the_distiller_on_the_picodet_pair():
         assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads), prefix
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_distiller_selects_the_ppyoloe_row_for_a_yolov3_architecture_and_feeds_its_assignment(tmp_path):
     """A PP-YOLOE+ config (architecture YOLOv3, PPYOLOEHead): the roles resolve to the PP-YOLOE head's
     sublayers, and the losses reading the assignment get it per level (coarse -> fine, head order)."""

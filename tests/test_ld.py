@@ -9,6 +9,7 @@ import pytest
 from ppdistill.errors import PPDistillError
 from ppdistill.losses import LDLoss
 from ppdistill.losses.ld import vlr_weights
+from conftest import needs_ppdet_heads_on_this_paddle
 
 
 def sigmoid(x):
@@ -253,6 +254,7 @@ def test_build_errors():
                                                       'gt_bbox': paddle.zeros([1, 0, 4])})
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_parity_with_ppdet_ldgflhead_and_get_vlr_region():
     """ppdet's Gt2GFLTarget grid cells (scale 8, offset 0) and ATSSAssigner.get_vlr_region give the VLR
     per image (its 'diou' divides the overlap by the anchor area: band_overlap='iof'); LDGFLHead.get_loss
