@@ -792,3 +792,19 @@ def test_teacher_subcommand_runs_the_teacher_alone(tmp_path, monkeypatch, capsys
     assert 'teacher picodet: AP 0.100' in capsys.readouterr().out
     benchmark.run_teacher(benchmark.parse_args(['teacher', '--config_dir', TINY, '--out', str(tmp_path)]))
     assert made == [('teacher', 0)]  # finished: reused
+
+
+@pytest.mark.parametrize('command', ['speed', 'gradients'])
+def test_speed_and_gradients_make_the_demo_data_before_reading_it(tmp_path, monkeypatch, command):
+    """On a fresh machine `benchmark.py speed` (or `gradients`) died in ppdet's reader with a traceback
+    ("Dataset .../dataset/digits is not valid"): only `accuracy` and `teacher` made the demo data."""
+    benchmark = _benchmark_module()
+    order = []
+    monkeypatch.setattr(benchmark, '_demo_data', lambda args: order.append('data'))
+    from ppdistill.bench import gradients, speed
+    monkeypatch.setattr(speed, 'speed_benchmark', lambda *a, **k: order.append('measure'))
+    monkeypatch.setattr(gradients, 'gradient_report', lambda *a, **k: order.append('measure'))
+    args = benchmark.parse_args([command, '--methods', 'mgd', '--out', str(tmp_path / 'out'),
+                                 '--teacher_weights', str(tmp_path / 'teacher')])
+    {'speed': benchmark.run_speed, 'gradients': benchmark.run_gradients}[command](args)
+    assert order == ['data', 'measure']

@@ -440,6 +440,7 @@ def run_speed(args) -> dict:
     if args.steps < 1 or args.warmup < 0:
         raise PPDistillError('--steps must be >= 1 (>= 8 for a measurement) and --warmup >= 0')
     teacher_cfg, student_cfg, methods = resolve_pair(args)
+    _demo_data(args)
     return speed_benchmark(args, args.arch, methods, teacher_cfg, student_cfg, os.path.abspath(args.out),
                            _command_line())
 
@@ -449,6 +450,7 @@ def run_gradients(args) -> dict:
     if args.steps < 1:
         raise PPDistillError('--steps must be >= 1')
     teacher_cfg, student_cfg, methods = resolve_pair(args)
+    _demo_data(args)
     if not args.teacher_weights:
         teacher = run_inputs('teacher', ROOT, teacher_cfg, teacher_opt=args.teacher_opt, teacher_seed=args.teacher_seed)
         args.teacher_weights = _shipped(args.arch, teacher)
