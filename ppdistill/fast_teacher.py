@@ -20,6 +20,12 @@ teacher_features>` from a Paddle Inference predictor of the *truncated* teacher:
 3. each call copies the image in and the tap tensors out as float32 ``paddle.Tensor`` s, grouped per tap
    spec as the eager path returns them.
 
+Threads: the predictor runs with the eager kernels' thread count (``OMP_NUM_THREADS``, which ppdistill's
+tools set). A predictor run leaves the process's OpenMP thread count (Intel OpenMP, which Paddle's MKL
+kernels use) at 1 whatever its config says, and every eager kernel after it, the student's training step
+included, then ran on one thread: on the 2-core demo RetinaNet pair the eager teacher forward went from
+~90 to ~160 ms. Each call therefore sets the count back (:func:`eager_threads`).
+
 Nothing of it is a sublayer of the distiller: it is not in ``parameters()``, ``state_dict()``, the
 checkpoints or the EMA; the teacher itself is not changed. At build time (:func:`attach_teacher_path`) the
 predictor's taps are compared with the eager teacher's on random images of several sizes and batch sizes;
@@ -120,6 +126,21 @@ class _Truncated(nn.Layer):
             self.taps.clear()
 
 
+def eager_threads() -> int:
+    """The OpenMP/MKL thread count of Paddle's eager CPU kernels: ``OMP_NUM_THREADS`` (Paddle sets it to 1
+    when it is unset)."""
+    try:
+        return max(1, int(os.environ.get('OMP_NUM_THREADS') or 1))
+    except ValueError:
+        return 1
+
+
+def _set_threads(count: int) -> None:
+    set_num_threads = getattr(paddle.base.core, 'set_num_threads', None)  # OpenMP and MKL, process-wide
+    if set_num_threads is not None:
+        set_num_threads(count)
+
+
 def _predictor(program_dir: str, dtype: str):
     """A Paddle Inference predictor of the saved program: oneDNN on CPU, ``dtype`` precision on GPU."""
     import paddle.inference as pi
@@ -140,9 +161,7 @@ def _predictor(program_dir: str, dtype: str):
             config.set_mkldnn_cache_capacity(16)  # oneDNN primitives per input shape: multi-scale, bounded
         else:  # paddle 3.3's oneDNN PIR executor rejects some conv attributes (on by default there)
             config.disable_mkldnn()
-        # the setting is process-wide (the student's kernels too): keep paddle's own
-        threads = paddle.get_flags(['FLAGS_paddle_num_threads'])['FLAGS_paddle_num_threads']
-        config.set_cpu_math_library_num_threads(int(threads))
+        config.set_cpu_math_library_num_threads(eager_threads())  # as many as the eager teacher had
     config.switch_ir_optim(True)
     config.disable_glog_info()
     if program.endswith('.pdmodel'):  # paddle 3's PIR pipeline has no memory_optimize_pass to enable
@@ -173,6 +192,8 @@ class FastTeacher:
             self._predictor = _predictor(tmp, dtype)  # reads the files now: the directory can go
         self._outputs = self._predictor.get_output_names()
         self._levels = truncated.levels
+        self._threads = eager_threads()
+        _set_threads(self._threads)
 
     def describe(self) -> str:
         device = paddle.device.get_device()
@@ -184,6 +205,7 @@ class FastTeacher:
         handle = self._predictor.get_input_handle('image')
         handle.copy_from_cpu(np.ascontiguousarray(image.numpy(), dtype='float32'))
         self._predictor.run()
+        _set_threads(self._threads)  # the run left the process at one thread (module docstring)
         flat = [paddle.to_tensor(self._predictor.get_output_handle(name).copy_to_cpu(), dtype='float32',
                                  place=image.place) for name in self._outputs]
         out, start = {}, 0

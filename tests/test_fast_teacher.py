@@ -70,6 +70,29 @@ def test_fast_taps_equal_eager_taps_at_several_input_sizes(method, arch):
         assert_taps_close(fast, eager)
 
 
+def openmp_threads() -> dict:
+    """``omp_get_max_threads()`` of every OpenMP runtime loaded in this process (Paddle's MKL kernels use
+    Intel's libiomp5; others may be loaded too)."""
+    import ctypes
+    import re
+    with open('/proc/self/maps') as maps:
+        libs = sorted({line.split()[-1] for line in maps if re.search(r'/lib(i?omp\d*|gomp)[^/]*\.so', line)})
+    return {os.path.basename(lib): ctypes.CDLL(lib).omp_get_max_threads() for lib in libs}
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/maps'), reason='reads the loaded libraries from /proc')
+def test_the_fast_path_leaves_the_eager_kernels_their_threads(monkeypatch):
+    """A predictor run left Intel OpenMP at one thread, so every eager kernel after it (the student's
+    step) ran on one thread: with 2 threads the demo RetinaNet teacher's eager forward went ~90 -> ~160 ms."""
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')
+    ft._set_threads(2)
+    before = openmp_threads()
+    assert before and 2 in before.values()
+    d = tiny_distiller('mgd', 'picodet')
+    d.fast_teacher(image_batch(2, 96, 96, seed=0))
+    assert openmp_threads() == before
+
+
 def test_tap_difference_flags_a_change_beyond_the_tolerance():
     e = {'neck': [paddle.to_tensor([[1.0, -4.0], [0.5, 2.0]])]}
     within = {'neck': [e['neck'][0] + ft.ATOL * 4.0 * 0.9]}
