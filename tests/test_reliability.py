@@ -34,10 +34,11 @@ METHODS = {'fgd': 'FocalGlobalDistillModel', 'mgd': 'MGDDistillModel'}
 EMA_RUN = ['--seed', '0', '-o', 'epoch=2', 'snapshot_epoch=1', 'use_ema=true', 'log_iter=1']
 
 
-def distill_config(wd, method, arch):
-    path = wd / f'{method}_{arch}_random.yml'
+def distill_config(wd, method, arch, teacher_mode='eager'):
+    path = wd / f'{method}_{arch}_random_{teacher_mode}.yml'
     path.write_text(yaml.safe_dump({'slim': METHODS[method], 'allow_random_teacher': True,
-                                    'teacher_config': os.path.join(TINY, f'{arch}_teacher.yml')}))
+                                    'teacher_config': os.path.join(TINY, f'{arch}_teacher.yml'),
+                                    'teacher_mode': teacher_mode}))
     return str(path)
 
 
@@ -135,6 +136,30 @@ def test_resume_with_ema_ends_where_the_uninterrupted_run_ends(work, uninterrupt
     assert resumed and resumed == {k: v for k, v in losses(ref_log).items() if k[0] >= 1}
     assert_same_checkpoint(os.path.join(out_dir(wd), 'model_final'), os.path.join(ref_dir, 'model_final'))
     assert 'Resumed model weights from ' + os.path.join(ref_dir, '0.pdema') in log  # the raw weights
+
+
+def test_resume_and_ema_through_the_fast_teacher_end_where_the_uninterrupted_run_ends(work, uninterrupted):
+    """teacher_mode: fast leaves resume and EMA as they are: a run resumed from snapshot 0 ends bitwise
+    where the uninterrupted fast run ends, and no checkpoint file holds a teacher tensor."""
+    args = ['-c', STUDENT['retinanet'], '--slim_config', distill_config(work, 'fgd', 'retinanet', 'fast')] + EMA_RUN
+    ref_wd, wd = run_dir(work, 'fast_uninterrupted'), run_dir(work, 'fast_resumed')
+    ref_log = run(['train.py'] + args, ref_wd, env=ENV).stdout
+    ref_dir = out_dir(ref_wd)
+    proc = run(['train.py'] + args + ['-r', os.path.join(ref_dir, '0')], wd, env=ENV)
+    log = proc.stdout + proc.stderr
+    assert 'teacher path: fast' in ref_log + log and 'teacher path: eager' not in ref_log + log
+    resumed = losses(log)
+    assert resumed and resumed == {k: v for k, v in losses(ref_log).items() if k[0] >= 1}
+    final = os.path.join(out_dir(wd), 'model_final')
+    assert_same_checkpoint(final, os.path.join(ref_dir, 'model_final'))
+    with config_scope():
+        from ppdet.core.workspace import create, load_config
+        load_config(STUDENT['retinanet'])
+        student = set(create('RetinaNet').state_dict())
+    assert set(paddle.load(final + '.pdparams')) == set(paddle.load(final + '.pdema')) == student
+    # the distill state is the eager run's (FGD's modules), nothing of the fast teacher's copy
+    eager = paddle.load(os.path.join(uninterrupted[0], 'model_final.pddistill'))
+    assert set(paddle.load(final + '.pddistill')) == set(eager)
 
 
 def test_kill_9_mid_epoch_then_resume_continues_exactly(work, uninterrupted):
