@@ -53,7 +53,7 @@ def assert_taps_close(fast: dict, eager: dict) -> None:
 
 # neck taps (MGD, FGD) and head-conv pattern taps called per level (KD on logits)
 @pytest.mark.parametrize('method, arch', [('mgd', 'picodet'), ('kd', 'picodet'), ('fgd', 'retinanet'),
-                                          ('kd', 'retinanet')])
+                                          ('kd', 'retinanet'), ('kd', 'ssd'), ('yolov3kd', 'yolov3')])
 def test_fast_taps_equal_eager_taps_at_several_input_sizes(method, arch):
     d = tiny_distiller(method, arch)
     assert isinstance(d.fast_teacher, ft.FastTeacher)
