@@ -342,7 +342,8 @@ class Distiller(nn.Layer):
             features (levels paired by stride at the cut; a 1x1 adapter per level and cut where the widths
             differ, trained and saved as distill state) and the teacher's own run. Entries with the same
             ``cross`` and ``levels`` share one crossed teacher pass and its adapters (CrossKD's class and box
-            terms). A cut must run once per head level and return one tensor.
+            terms). A cut must run once per head level and return one tensor; a model whose preset row gives
+            ``no_cross_cut`` (PP-YOLOE: no valid cut) refuses ``cross`` with that reason.
         probe_size: side of the blank image used at build time to read tap shapes and strides.
         init_student: copy the teacher's neck/head tensors into the student (MGD's ``init_student``). All
             or nothing: the student's neck/head must have the teacher's names and shapes (the references'
@@ -453,9 +454,18 @@ class Distiller(nn.Layer):
                 'this head): set normalize: locations (LDLoss: ld_weight: 0 and kd_weight: 0), or add an '
                 'assignment row to ppdistill/presets.py')
         try:
-            return Assignment(self.student_model, row)
+            assignment = Assignment(self.student_model, row)
         except PPDistillError as err:
             raise DistillConfigError(f"student preset '{arch}': {err}") from None
+        for t in needing:
+            lacking = [k for k in t.assignment if k not in assignment.keys]
+            if lacking:
+                raise DistillConfigError(
+                    f"{t.key}: the loss reads {', '.join(lacking)} from the student head's label assignment, but the "
+                    f"preset of architecture '{arch}' reads the assignment from the batch ({row}), which has "
+                    f"{', '.join(assignment.keys)} only (the assigner's soft scores are not in it): use normalize: "
+                    'positives')
+        return assignment
 
     @classmethod
     def from_config(cls, cfg, student_model=None, teacher_model=None, student_arch=None,
@@ -481,6 +491,10 @@ class Distiller(nn.Layer):
             raise DistillConfigError(f"distill loss entry {entry['type']}: cross must be {{student: <student cut "
                                      f"tap>, at: <teacher cut tap, default the same>}} or a list of them (one per "
                                      f"head branch), got {cross!r}")
+        for preset, arch in ((student_preset, teacher_preset) if cross is not None else ()):
+            if preset.get('no_cross_cut'):
+                raise DistillConfigError(f"distill loss entry {entry['type']}: CrossKD (cross:) cannot run on "
+                                         f"architecture '{arch}': {preset['no_cross_cut']}")
         try:
             # crossed outputs are the teacher's: a cross entry's student side names teacher taps
             student_tap = _resolve_side(student, *(teacher_preset if cross else student_preset))
@@ -584,23 +598,24 @@ class Distiller(nn.Layer):
                         inputs: dict) -> None:
         """Add this step's label assignment to the student mapping of every term that reads it:
         ``pos`` ``[N, 1, H, W]`` (the assigner's positives sliced to the term's level, levels in head
-        order from the term's first student tap) and ``num_pos`` (scalar, all levels)."""
+        order from the term's first student tap), ``num_pos`` and ``assigned_scores_sum`` (scalars, all
+        levels)."""
         needing = [t for t in self._terms if t.assignment]
         if not needing:
             return
         def levels(term: _Term) -> Tuple[List[paddle.Tensor], int]:
             source, level = self._student_source(term, student, crossed)
             return source[next(iter(term.student_tap.values()))], level
-        positive, num_pos = self._assignment.read(inputs, int(levels(needing[0])[0][0].shape[1]))
+        read = self._assignment.read(inputs, int(levels(needing[0])[0][0].shape[1]))
         masks = {}
         for term in needing:
             tensors, level = levels(term)
-            if id(tensors) not in masks:
-                masks[id(tensors)] = level_masks(positive, [t.shape for t in tensors])
             s_map = pairs[term.key][0]
-            fed = {'pos': resize_mask(masks[id(tensors)][level], s_map[next(iter(s_map))].shape[-2:]),
-                   'num_pos': num_pos}
-            s_map.update({k: fed[k] for k in term.assignment})
+            if 'pos' in term.assignment:
+                if id(tensors) not in masks:
+                    masks[id(tensors)] = level_masks(read['positive'], [t.shape for t in tensors])
+                s_map['pos'] = resize_mask(masks[id(tensors)][level], s_map[next(iter(s_map))].shape[-2:])
+            s_map.update({k: read[k] for k in term.assignment if k != 'pos'})
 
     def _crossed_features(self, inputs: dict, student: Dict[str, list],
                           teacher: Dict[str, list]) -> Dict[str, Dict[str, List[paddle.Tensor]]]:

@@ -7,7 +7,8 @@ Roles resolve to a list of per-level tensors (see :mod:`ppdistill.taps`).
 
 A head row may name ``cross_cut``: the per-level sublayer after which CrossKD runs the teacher's remaining
 head on the student's features (a loss entry's ``cross: {student: cross_cut}``); whatever the head computes
-from that sublayer's output on is the teacher tail, so no tail code is written per head.
+from that sublayer's output on is the teacher tail, so no tail code is written per head. A row whose head
+has no valid cut says why in ``no_cross_cut``, and a ``cross:`` entry on such a model is a build error.
 
 A row serves the architecture named by its key, or those listed in ``architectures``; a row with
 ``head: {sublayer: class name}`` serves them only when the model's sublayer has that class (PP-YOLOE+
@@ -57,10 +58,27 @@ PRESETS: Dict[str, dict] = {
     # PP-YOLOE+ t, whose aux head is not distilled): per level
     # yolo_head.pred_cls.<i> -> logits [N, C, H, W] and pred_reg.<i> -> DFL logits [N, 4*(reg_max+1), H, W]
     # (reg_max 16). Levels are coarse -> fine (strides 32, 16, 8): pair by stride, never by index.
+    # No CrossKD cut: the class predictor reads stem_cls.<i>(feat) + feat, a sum that no sublayer returns, so a
+    # cut at the stems would run the teacher's predictor on the student's stem plus the teacher's own neck
+    # feature; the head's per-level inputs come from different neck sublayers (pan_stages.<j>,
+    # fpn_stages.<last>) that also feed each other.
     'PPYOLOE': {'architectures': ['PPYOLOE', 'YOLOv3', 'PPYOLOEWithAuxHead'], 'head': {'yolo_head': 'PPYOLOEHead'},
                 'taps': {'fpn': 'neck', 'cls_logits': 'yolo_head.pred_cls.*', 'dfl_logits': 'yolo_head.pred_reg.*'},
                 'assignment': {'taps': ['yolo_head.static_assigner', 'yolo_head.assigner']},
+                'no_cross_cut': "PPYOLOEHead's class predictor reads stem_cls(feat) + feat, a sum no sublayer "
+                                "returns: a cut at the stems would leave the teacher's own neck feature in the "
+                                'crossed class logits, and no per-level sublayer returns the head input (docs/'
+                                'methods.md, CrossKD)',
                 'init_student': ['neck', 'yolo_head']},
+    # ppdet FCOS (FCOSHead): fcos_head_cls, fcos_head_centerness are shared by all levels (one call per level):
+    # class logits [N, C, H, W] and centerness logits [N, 1, H, W]; the box outputs are the per-level ScaleReg
+    # outputs p3_feat.. [N, 4, H, W], raw (l, t, r, b) before the head's relu (norm_reg_targets; else exp)
+    # (BoxKDLoss box_coder: ltrb). Levels 8..128, fine -> coarse. Assignment: the reader's Gt2FCOSTarget,
+    # labels0, labels1, ... per level [N, H, W, 1], class + 1 at positives, 0 the background.
+    'FCOS': {'taps': {'fpn': 'neck', 'cls_logits': 'fcos_head.fcos_head_cls', 'box_reg': 'fcos_head.p*_feat',
+                      'quality_logits': 'fcos_head.fcos_head_centerness'},
+             'assignment': {'inputs': {'labels': 'labels*', 'background': 0}},
+             'init_student': ['neck', 'fcos_head']},
     # ppdet SSD: the backbone's multi-scale maps feed SSDHead directly (no neck); per level i the head has
     # `scores{i}` -> [N, A*(C+1), H, W] confidence logits (background included) and `boxes{i}` ->
     # [N, A*4, H, W] prior-box offsets.
@@ -79,8 +97,10 @@ def resolve_tap(spec: str, preset: dict, arch: str = '') -> str:
     if spec in roles:
         return roles[spec]
     if any(spec in p['taps'] for p in PRESETS.values()):
-        raise KeyError(f"'{spec}' is a preset role but architecture '{arch}' has no preset for it (presets: "
-                       f"{', '.join(sorted(PRESETS))}); name the sublayer instead (e.g. student: neck)")
+        known = (f"its preset has {', '.join(roles)}" if roles else
+                 f"it has no preset row (presets: {', '.join(sorted(PRESETS))})")
+        raise KeyError(f"'{spec}' is a preset role but architecture '{arch}' has no preset for it ({known}); name "
+                       'the sublayer instead (e.g. student: neck), or add the role to its row in ppdistill/presets.py')
     return spec
 
 

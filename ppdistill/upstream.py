@@ -203,7 +203,7 @@ def _ld(raw: dict, path: str) -> Translation:
 
 
 def _ppyoloe(raw: dict, path: str) -> Translation:
-    """``DistillPPYOLOELoss``: class = binary KD (beta 2) over N_pos, iou = GIoU between decoded boxes, dfl = KL
+    """``DistillPPYOLOELoss``: class = binary KD (beta 2) over the assigned-score sum, iou = GIoU between decoded boxes, dfl = KL
     at T 1 on each edge's distribution over the positives, feature term on the neck; upstream weights
     ``loss_weight.logits * logits_loss_weight.<term>`` and ``loss_weight.feat``."""
     from ppdet.slim.distill_loss import DistillPPYOLOELoss
@@ -227,13 +227,12 @@ def _ppyoloe(raw: dict, path: str) -> Translation:
         bins = int(_student('PPYOLOEHead', 'reg_max', 16)) + 1  # LDLoss's KL is a mean over the bins
         losses += [
             _entry('BinaryKDLoss', 'kd_cls', 'cls_logits',
-                   {'beta': 2.0, 'normalize': 'positives', 'loss_weight': w * term['class']}),
+                   {'beta': 2.0, 'normalize': 'assigned_scores', 'loss_weight': w * term['class']}),
             _entry('BoxKDLoss', 'kd_iou', head, {'box_coder': 'dfl', 'normalize': 'positives',
                                                   'loss_weight': w * term['iou']}),
             _entry('LDLoss', 'kd_dfl', head, {'temperature': 1.0, 'ld_weight': w * term['dfl'] * bins,
                                               'vlr_weight': 0.0, 'kd_weight': 0.0, 'normalize': 'mean'})]
-        changes += ['class: over the positive count (upstream: assigned_scores_sum)',
-                    'iou: GIoU at every location weighted by the class-probability gap over N_pos (upstream: '
+        changes += ['iou: GIoU at every location weighted by the class-probability gap over N_pos (upstream: '
                     'positives weighted by assigned scores)',
                     "dfl: weighted by the student's max score (upstream: by assigned scores)"]
         if cfg['logits_ld_distill']:

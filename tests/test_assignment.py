@@ -174,3 +174,40 @@ def test_a_reader_fed_assignment_reads_the_batch_keys(toy_preset, monkeypatch):
     del inputs['pos_num']
     with pytest.raises(AssignmentError, match=r"the batch has no \['pos_num'\]"):
         d.inspect(inputs)
+
+
+def test_per_level_reader_labels_with_another_background(toy_preset, monkeypatch):
+    """FCOS's row: one batch key per level (labels0, labels1: [N, H, W, 1]) whose background is 0, and no
+    count key: num_pos is the positives counted over every level."""
+    monkeypatch.setitem(PRESETS, 'ToyAssignDet', {'taps': {'cls_logits': 'head.cls'},
+                                                  'assignment': {'inputs': {'labels': 'labels*', 'background': 0}}})
+    d = toy_distiller()
+    inputs, _ = toy_batch(())
+    rng = np.random.default_rng(7)
+    levels = [rng.integers(0, 3, size=(2, 8, 8, 1)), rng.integers(0, 3, size=(2, 4, 4, 1))]
+    inputs.update({f'labels{i}': paddle.to_tensor(lab) for i, lab in enumerate(levels)}, labels_extra=1)
+    seen = d.inspect(inputs)
+    for i, lab in enumerate(levels):
+        fed = seen.term_inputs[f'distill_probe_l{i}'][0]
+        np.testing.assert_array_equal(fed['pos'].numpy()[:, 0], (lab[..., 0] != 0).astype('float32'))
+        assert float(fed['num_pos']) == sum(int((x != 0).sum()) for x in levels)
+    del inputs['labels0']  # the levels must start at 0 and follow each other
+    with pytest.raises(AssignmentError, match=r"the batch has no per-level labels labels\* \(0, 1, \.\.\.\), got "
+                                              r"\['labels1'\]"):
+        d.inspect(inputs)
+    del inputs['labels1']  # with only the first level, the locations do not add up
+    inputs['labels0'] = paddle.to_tensor(levels[0])
+    with pytest.raises(AssignmentError, match='the assignment has 64 locations but the student levels'):
+        d.inspect(inputs)
+
+
+def test_assigned_scores_sum_is_the_assigners_score_sum(toy_preset):
+    """normalize: assigned_scores reads the sum of the fired assigner's scores [N, A, C] (here one-hot over
+    the positives, so the positive count), clipped to >= 1."""
+    d = toy_distiller('BinaryKDLoss', {'normalize': 'assigned_scores'})
+    inputs, labels = toy_batch()
+    fed = d.inspect(inputs).term_inputs['distill_probe_l0'][0]
+    assert set(fed) == {'cls', 'assigned_scores_sum'}
+    assert float(fed['assigned_scores_sum']) == (labels != C).sum()
+    inputs['toy_labels'] = paddle.full([2, 80], C, dtype='int64')
+    assert float(d.inspect(inputs).term_inputs['distill_probe_l0'][0]['assigned_scores_sum']) == 1.0

@@ -373,6 +373,19 @@ def test_methods_are_discovered_by_config_name(tmp_path):
     assert benchmark.describe_seeds('2,', [2]) == 'seeds [2]'
 
 
+def test_the_head_kd_pairs_are_benchmark_archs():
+    """--arch gfl / ppyoloe find their demo pair and their distill configs by name (no CrossKD for
+    PP-YOLOE: its head has no valid cut)."""
+    benchmark = _benchmark_module()
+    from ppdistill.runs import discover_archs
+    assert {'gfl', 'ppyoloe', 'picodet'} <= set(discover_archs(os.path.join(ROOT, 'configs', 'demo')))
+    for arch, methods in (('gfl', ['bckd', 'crosskd', 'ld']), ('ppyoloe', ['bckd', 'ld'])):
+        teacher, student, found = benchmark.resolve_pair(benchmark.parse_args(['speed', '--arch', arch]))
+        assert (teacher, student) == tuple(os.path.join(ROOT, 'configs', 'demo', f'{arch}_{side}.yml')
+                                           for side in ('teacher', 'student'))
+        assert sorted(found) == methods
+
+
 def test_run_inputs_follow_what_decides_each_run(tmp_path):
     benchmark = _benchmark_module()
     from ppdistill.runs import changed_inputs

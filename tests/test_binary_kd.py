@@ -27,14 +27,15 @@ def logits(rng, shape, scale=2.0):
 
 
 @pytest.mark.parametrize('beta', [0.0, 1.0, 2.0])
-@pytest.mark.parametrize('normalize', ['positives', 'locations', 'sum', 'weights'])
+@pytest.mark.parametrize('normalize', ['positives', 'assigned_scores', 'locations', 'sum', 'weights'])
 def test_matches_numpy_reference(beta, normalize):
     rng = np.random.default_rng(1)
     s, t = logits(rng, (2, 5, 3, 4)), logits(rng, (2, 5, 3, 4))
     loss = BinaryKDLoss(5, 5, beta=beta, normalize=normalize, loss_weight=1.5)
-    got = loss({'cls': paddle.to_tensor(s), 'num_pos': paddle.to_tensor(7.0)}, paddle.to_tensor(t))
+    got = loss({'cls': paddle.to_tensor(s), 'num_pos': paddle.to_tensor(7.0),
+                'assigned_scores_sum': paddle.to_tensor(3.25)}, paddle.to_tensor(t))
     total = np_binary_kd(s, t, beta)
-    div = {'positives': 7.0, 'locations': 2 * 3 * 4, 'sum': 1.0,
+    div = {'positives': 7.0, 'assigned_scores': 3.25, 'locations': 2 * 3 * 4, 'sum': 1.0,
            'weights': np.sum(np.abs(sigmoid(t.astype(np.float64)) - sigmoid(s.astype(np.float64))) ** beta)}
     np.testing.assert_allclose(float(got), 1.5 * total / div[normalize], rtol=1e-5)
 
@@ -61,6 +62,15 @@ def test_positives_without_num_pos_is_an_error():
     x = paddle.zeros([1, 3, 2, 2])
     with pytest.raises(PPDistillError, match='num_pos'):
         BinaryKDLoss(3, 3)(x, x)
+    with pytest.raises(PPDistillError, match='assigned_scores_sum'):
+        BinaryKDLoss(3, 3, normalize='assigned_scores')({'cls': x, 'num_pos': paddle.to_tensor(2.0)}, x)
+
+
+@pytest.mark.parametrize('normalize, keys', [('positives', ('num_pos',)),
+                                             ('assigned_scores', ('assigned_scores_sum',)),
+                                             ('locations', ()), ('weights', ()), ('sum', ())])
+def test_each_normaliser_asks_for_its_assignment_key_only(normalize, keys):
+    assert BinaryKDLoss(3, 3, normalize=normalize).assignment_keys == keys
 
 
 def test_class_count_mismatch_is_an_error():

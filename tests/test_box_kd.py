@@ -44,11 +44,18 @@ def np_delta_box(delta, anchor, weights):
     return np.array([px - pw / 2, py - ph / 2, px + pw / 2, py + ph / 2])
 
 
-def np_box_kd_sum(s_cls, t_cls, s_reg, t_reg, coder, anchor_wh=None, weights=(1, 1, 1, 1), stride=8.0):
+def np_ltrb_box(out, cx, cy, transform):
+    """FCOS: raw (l, t, r, b) of one location -> distances (relu or exp, as FCOSHead) -> box around (cx, cy)."""
+    d = np.maximum(out, 0.0) if transform == 'relu' else np.exp(out.astype(np.float64))
+    return np.array([cx - d[0], cy - d[1], cx + d[2], cy + d[3]])
+
+
+def np_box_kd_sum(s_cls, t_cls, s_reg, t_reg, coder, anchor_wh=None, weights=(1, 1, 1, 1), stride=8.0,
+                  transform='relu'):
     """(sum_i u_i (1 - GIoU), sum_i u_i, number of boxes), looping over images, cells and anchors; the
     boxes are placed at their real pixel positions (the loss itself may use any common origin)."""
     n, _, h, w = s_cls.shape
-    a = 1 if coder == 'dfl' else len(anchor_wh)
+    a = len(anchor_wh) if coder == 'delta' else 1
     c = s_cls.shape[1] // a
     total, wsum = 0.0, 0.0
     for b in range(n):
@@ -62,6 +69,9 @@ def np_box_kd_sum(s_cls, t_cls, s_reg, t_reg, coder, anchor_wh=None, weights=(1,
                     if coder == 'dfl':
                         bs = np_dfl_box(s_reg[b, :, y, x], cx / stride, cy / stride) * stride
                         bt = np_dfl_box(t_reg[b, :, y, x], cx / stride, cy / stride) * stride
+                    elif coder == 'ltrb':
+                        bs = np_ltrb_box(s_reg[b, :, y, x], cx / stride, cy / stride, transform) * stride
+                        bt = np_ltrb_box(t_reg[b, :, y, x], cx / stride, cy / stride, transform) * stride
                     else:
                         aw, ah = anchor_wh[k][0] * stride, anchor_wh[k][1] * stride
                         anchor = [cx - aw / 2, cy - ah / 2, cx + aw / 2, cy + ah / 2]
@@ -109,6 +119,23 @@ def test_delta_anchor_head_matches_numpy():
     np.testing.assert_allclose(run(loss, s_cls, t_cls, s_reg, t_reg), total, rtol=1e-5)
 
 
+@pytest.mark.parametrize('transform', ['relu', 'exp'])
+def test_ltrb_distance_head_matches_numpy(transform):
+    """FCOS's raw (l, t, r, b) per location; relu leaves some distances at 0 (degenerate boxes)."""
+    rng = np.random.default_rng(5)
+    s_cls, t_cls = rand(rng, (2, 4, 3, 3)), rand(rng, (2, 4, 3, 3))
+    s_reg, t_reg = rand(rng, (2, 4, 3, 3), 1.0) + 1.0, rand(rng, (2, 4, 3, 3), 1.0) + 1.0
+    s_reg[0, :, 0, 0] = -1.0  # all four distances 0 after relu
+    loss = BoxKDLoss({'cls': 4, 'reg': 4}, {'cls': 4, 'reg': 4}, box_coder='ltrb', ltrb_transform=transform,
+                     normalize='assigned_scores', loss_weight=4.0)
+    assert loss.assignment_keys == ('assigned_scores_sum',)
+    total, _, _ = np_box_kd_sum(s_cls, t_cls, s_reg, t_reg, 'ltrb', transform=transform)
+    student = {'cls': paddle.to_tensor(s_cls), 'reg': paddle.to_tensor(s_reg),
+               'assigned_scores_sum': paddle.to_tensor(2.5)}
+    got = float(loss(student, {'cls': paddle.to_tensor(t_cls), 'reg': paddle.to_tensor(t_reg)}))
+    np.testing.assert_allclose(got, 4.0 * total / 2.5, rtol=1e-5)
+
+
 def test_zero_when_boxes_agree_and_gradient_only_through_boxes():
     rng = np.random.default_rng(2)
     s_cls, t_cls, reg = rand(rng, (1, 3, 2, 2)), rand(rng, (1, 3, 2, 2)), rand(rng, (1, 68, 2, 2))
@@ -134,6 +161,11 @@ def test_build_errors():
         BoxKDLoss(3, 3)
     with pytest.raises(PPDistillError, match='anchors per cell'):
         BoxKDLoss({'cls': 6, 'reg': 8}, {'cls': 6, 'reg': 8}, box_coder='delta')
+    with pytest.raises(PPDistillError, match="'ltrb' takes \\(l, t, r, b\\) per location, 4 channels; the box output "
+                                             'has 68'):
+        BoxKDLoss({'cls': 3, 'reg': 68}, {'cls': 3, 'reg': 68}, box_coder='ltrb')
+    with pytest.raises(PPDistillError, match='ltrb_transform must be one of'):
+        BoxKDLoss({'cls': 3, 'reg': 4}, {'cls': 3, 'reg': 4}, box_coder='ltrb', ltrb_transform='sigmoid')
 
 
 def test_dfl_student_and_teacher_may_differ_in_reg_max():

@@ -199,7 +199,8 @@ def test_class_attributes_are_checked_when_a_loss_is_defined():
         type('BadFlag', (FeatureLoss,), {'equal_channels': 'yes'})
     with pytest.raises(TypeError, match='BadNames.tensor_names must be None or a non-empty tuple'):
         type('BadNames', (FeatureLoss,), {'tensor_names': 'conf'})
-    with pytest.raises(TypeError, match=r"BadKeys.assignment_keys must be a tuple of \('pos', 'num_pos'\)"):
+    with pytest.raises(TypeError, match=r"BadKeys.assignment_keys must be a tuple of "
+                                        r"\('pos', 'num_pos', 'assigned_scores_sum'\)"):
         type('BadKeys', (DistillLoss,), {'tensor_names': ('cls',), 'assignment_keys': ('labels',)})
     with pytest.raises(TypeError, match='BadBare.assignment_keys needs tensor_names'):
         type('BadBare', (DistillLoss,), {'assignment_keys': ('pos',)})

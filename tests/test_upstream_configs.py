@@ -39,7 +39,7 @@ LEVELS5 = [0, 1, 2, 3, 4]  # distill_loss_name has 5 names: ppdet applies them t
 # the 17 bins (reg_max 16), LDLoss's KL averages over them: x17. FGD weights hard-coded in DistillPPYOLOELoss
 # times loss_weight.feat 1.
 PPYOLOE_ENTRIES = [
-    ('BinaryKDLoss', 'kd_cls', 'cls_logits', None, {'beta': 2.0, 'normalize': 'positives', 'loss_weight': 4.0}),
+    ('BinaryKDLoss', 'kd_cls', 'cls_logits', None, {'beta': 2.0, 'normalize': 'assigned_scores', 'loss_weight': 4.0}),
     ('BoxKDLoss', 'kd_iou', HEAD, None, {'box_coder': 'dfl', 'normalize': 'positives', 'loss_weight': 10.0}),
     ('LDLoss', 'kd_dfl', HEAD, None, {'temperature': 1.0, 'ld_weight': 2.0 * 17, 'vlr_weight': 0.0,
                                       'kd_weight': 0.0, 'normalize': 'mean'}),

@@ -19,7 +19,7 @@ __all__ = ['DistillLoss', 'FeatureLoss', 'torch_default_conv2d', 'loss_total', '
 LossValue = Union[paddle.Tensor, Dict[str, paddle.Tensor]]
 
 # What the distiller can add to a loss's student mapping from the student head's own label assignment.
-ASSIGNMENT_KEYS = ('pos', 'num_pos')
+ASSIGNMENT_KEYS = ('pos', 'num_pos', 'assigned_scores_sum')
 
 
 class DistillLoss(nn.Layer):
@@ -66,7 +66,10 @@ class DistillLoss(nn.Layer):
 
       - ``pos``: ``[N, 1, H, W]`` float, 1 at this level's positive locations (the assigner's labels
         sliced to the level), else 0;
-      - ``num_pos``: scalar float, the batch's positives over *all* levels, averaged over ranks, ``>= 1``.
+      - ``num_pos``: scalar float, the batch's positives over *all* levels, averaged over ranks, ``>= 1``;
+      - ``assigned_scores_sum``: scalar float, the sum of the assigner's soft scores ``[N, A, C]`` over the
+        batch, averaged over ranks, ``>= 1`` (PP-YOLOE's and PicoDet's class-loss divisor; only an
+        assignment read from assigner taps gives it).
 
       The class attribute lists every key the loss may read; an instance may narrow it in ``__init__``
       to what its arguments need (``()`` when none). The distiller reads the instance's value: a

@@ -10,7 +10,7 @@ target, modulated like a quality focal loss by ``|p_t - p_s|**beta``::
 over all locations of the level (not only positives). BCKD: ``beta=1``, normaliser ``N_pos`` (the
 student assignment's positives over all levels), so the per-level terms add up to the paper's loss.
 ppdet's PP-YOLOE distill class term (``DistillPPYOLOELoss.quality_focal_loss``) is the same loss with
-``beta=2`` and the student's ``assigned_scores_sum`` as ``num_pos``. CrossKD's ``KDQualityFocalLoss`` is
+``beta=2`` and ``normalize='assigned_scores'`` (the student assigner's ``assigned_scores_sum``). CrossKD's ``KDQualityFocalLoss`` is
 ``beta=1`` on the crossed logits.
 
 Deviation from the official code: BCKD computes the term only when the batch has positives on that
@@ -24,7 +24,7 @@ from ppdet.core.workspace import register
 
 from ..errors import PPDistillError
 from .base import DistillLoss
-from .dense_head import Maps, as_maps, check_normalize, normalizer
+from .dense_head import Maps, as_maps, check_normalize, normalizer, normalizer_keys
 
 __all__ = ['BinaryKDLoss', 'binary_kd_map']
 
@@ -42,20 +42,23 @@ class BinaryKDLoss(DistillLoss):
     """BCKD binary classification KD (see the module docstring).
 
     Inputs per level: the class logits ``[N, C, H, W]`` of student and teacher as ``{'cls': ...}`` (a config
-    names one tap per side, ``student: cls_logits``); with ``normalize='positives'`` the student mapping
-    also carries ``num_pos`` (:class:`~ppdistill.losses.base.DistillLoss`, ``assignment_keys``).
+    names one tap per side, ``student: cls_logits``); with ``normalize='positives'`` (``'assigned_scores'``)
+    the student mapping also carries ``num_pos`` (``assigned_scores_sum``)
+    (:class:`~ppdistill.losses.base.DistillLoss`, ``assignment_keys``).
 
     Args:
         student_channels, teacher_channels: ``C`` (or ``{'cls': C, ...}``); must be equal.
         beta: focal exponent (BCKD and CrossKD 1, ppdet PP-YOLOE 2).
-        normalize: ``'positives'`` (default, the papers: ``/ N_pos``), ``'locations'`` (``/ N*H*W`` of the
-            level: a mean, no assignment needed), ``'weights'`` (``/ sum of the focal factors``) or ``'sum'``.
+        normalize: ``'positives'`` (default, the papers: ``/ N_pos``), ``'assigned_scores'`` (``/`` the
+            assigner's ``assigned_scores_sum``, as PP-YOLOE's head and ppdet's PP-YOLOE distill term),
+            ``'locations'`` (``/ N*H*W`` of the level: a mean, no assignment needed), ``'weights'`` (``/ sum of
+            the focal factors``) or ``'sum'``.
         loss_weight: weight (BCKD 1.0).
     """
 
     equal_channels = True
     tensor_names = ('cls',)
-    assignment_keys = ('num_pos',)
+    assignment_keys = ('num_pos', 'assigned_scores_sum')
 
     def __init__(self, student_channels: Union[int, Dict[str, int]], teacher_channels: Union[int, Dict[str, int]],
                  beta: float = 1.0, normalize: str = 'positives', loss_weight: float = 1.0):
@@ -70,10 +73,11 @@ class BinaryKDLoss(DistillLoss):
         self.beta = float(beta)
         self.normalize = check_normalize(normalize, 'BinaryKDLoss')
         self.loss_weight = float(loss_weight)
-        self.assignment_keys = ('num_pos',) if normalize == 'positives' else ()
+        self.assignment_keys = normalizer_keys(normalize)
 
     def forward(self, student: Maps, teacher: Maps, inputs: Optional[dict] = None) -> paddle.Tensor:
-        """``student``/``teacher``: ``[N, C, H, W]`` logits or ``{'cls': ..., ['num_pos': ...]}``; a scalar."""
+        """``student``/``teacher``: ``[N, C, H, W]`` logits or ``{'cls': ..., [<assignment key>: ...]}``; a
+        scalar."""
         student, teacher = as_maps(student, 'BinaryKDLoss', ['cls']), as_maps(teacher, 'BinaryKDLoss', ['cls'])
         s, t = student['cls'], teacher['cls'].detach()
         per_elem = binary_kd_map(s, t, self.beta)

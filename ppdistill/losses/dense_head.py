@@ -12,13 +12,15 @@ adds to the ``student`` mapping:
 
 * ``pos``: ``[N, 1, H, W]`` (or ``[N, H, W]``) float, this level's slice of the assignment, non-zero at
   positive locations (the value is not used as a weight);
-* ``num_pos``: scalar tensor, the batch's positives over *all* levels, clipped to ``>= 1`` here.
+* ``num_pos``: scalar tensor, the batch's positives over *all* levels, clipped to ``>= 1`` here;
+* ``assigned_scores_sum``: scalar tensor, the sum over the batch of the assigner's soft scores (PP-YOLOE's
+  and PicoDet's ``assigned_scores_sum``, the divisor of their own class loss), clipped to ``>= 1`` here.
 
 Each loss instance lists the keys its arguments need in ``assignment_keys`` (empty when it needs none), so
 the distiller can refuse the config at build time; a missing key at run time raises
 :class:`~ppdistill.errors.PPDistillError` naming it rather than guessing.
 """
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import paddle
 import paddle.nn.functional as F
@@ -26,13 +28,16 @@ import paddle.nn.functional as F
 from ..errors import PPDistillError
 
 __all__ = ['Maps', 'NORMALIZERS', 'as_maps', 'flatten', 'split_dfl', 'dfl_distances', 'dfl_channels',
-           'distance_boxes', 'giou', 'positive_mask', 'normalizer', 'check_normalize']
+           'distance_boxes', 'giou', 'positive_mask', 'normalizer', 'check_normalize', 'normalizer_keys']
 
 Maps = Union[paddle.Tensor, Mapping[str, paddle.Tensor]]
 
-# 'positives': / N_pos of the assignment (the papers); 'locations': / the level's N*H*W (no assignment
+# 'positives': / N_pos of the assignment (the papers); 'assigned_scores': / the sum of the assigner's soft
+# scores (what PP-YOLOE's head divides its class loss by); 'locations': / the level's N*H*W (no assignment
 # needed); 'weights': / the sum of the loss's own per-location weights; 'sum': no division.
-NORMALIZERS = ('positives', 'locations', 'weights', 'sum')
+NORMALIZERS = ('positives', 'assigned_scores', 'locations', 'weights', 'sum')
+# the assignment key each normaliser reads (DistillLoss.assignment_keys)
+_NORMALIZER_KEYS = {'positives': 'num_pos', 'assigned_scores': 'assigned_scores_sum'}
 
 
 def as_maps(x: Maps, loss: str, names: Sequence[str]) -> Dict[str, paddle.Tensor]:
@@ -111,16 +116,22 @@ def check_normalize(normalize: str, loss: str, allowed: Sequence[str] = NORMALIZ
     return normalize
 
 
+def normalizer_keys(normalize: str) -> Tuple[str, ...]:
+    """The assignment keys a normaliser reads: ``('num_pos',)``, ``('assigned_scores_sum',)`` or ``()``."""
+    return (_NORMALIZER_KEYS[normalize],) if normalize in _NORMALIZER_KEYS else ()
+
+
 def normalizer(normalize: str, student: Mapping[str, paddle.Tensor], locations: int,
                weights: Optional[paddle.Tensor], loss: str) -> paddle.Tensor:
     """The divisor of a summed per-location loss (see :data:`NORMALIZERS`), a float32 scalar ``>= 1``
     except ``'weights'``, which is clipped at a tiny value so an all-zero weight gives 0, not NaN."""
-    if normalize == 'positives':
-        if 'num_pos' not in student:
-            raise PPDistillError(f"{loss}: normalize='positives' needs the student head's positive count "
-                                 "('num_pos', the batch's N_pos over all levels); the distiller did not pass "
-                                 "it — use normalize: locations, or feed the assignment")
-        return paddle.clip(paddle.cast(student['num_pos'], 'float32').detach().reshape([]), min=1.0)
+    if normalize in _NORMALIZER_KEYS:
+        key = _NORMALIZER_KEYS[normalize]
+        if key not in student:
+            raise PPDistillError(f"{loss}: normalize='{normalize}' needs '{key}' from the student head's label "
+                                 "assignment (over all levels of the batch); the distiller did not pass it — use "
+                                 "normalize: locations, or feed the assignment")
+        return paddle.clip(paddle.cast(student[key], 'float32').detach().reshape([]), min=1.0)
     if normalize == 'locations':
         return paddle.full([], max(locations, 1), dtype='float32')  # a shape-derived count: no host read
     if normalize == 'weights':
