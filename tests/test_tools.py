@@ -116,7 +116,8 @@ def test_bad_teacher_setup_is_a_one_line_error_before_training(work, case, tmp_p
 
 
 def test_two_process_launch_keeps_ranks_identical(work, tmp_path):
-    # weight: auto: each rank measures its own batch, and both must set the same weight
+    # weight: auto: each rank measures its own batch and the all-reduce makes the weight their mean (the log
+    # line counts 2 batches); the weights are equal on both ranks (DataParallel's wrap broadcasts buffers too)
     slim = write_distill(tmp_path / 'mgd_dist.yml', 'MGDDistillModel', 'picodet_teacher',
                          work / 'output/picodet_teacher/model_final',
                          {'weight': 'auto', 'auto_weight': {'batches': 1}})
