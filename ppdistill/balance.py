@@ -9,6 +9,12 @@ detection loss, both as means over the last ``log_iter`` steps, plus the warning
 :func:`balance_warnings` not given before. The detection loss is the student's own loss (``det_loss``),
 never ``loss - distill_loss``: in float32 that difference is 0 once distill is ~10^7 times larger.
 :func:`balance_summary` reads a run's points back from its records (the benchmark's per-run summary).
+
+The ratios are of values, and a term's value says little about how hard it pulls the student (a term 14x
+the detection loss in value was 0.17x in gradient, docs/results.md): the low/high warnings say so and point
+to the gradient share (``tools/benchmark.py gradients``, ``weight: auto``). A term whose gradient share was
+measured and set at the start (a ``weight: auto`` entry's terms and sub-terms) gets no low/high warning;
+the ``growing`` one still applies.
 """
 from collections import deque
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -20,6 +26,8 @@ __all__ = ['balance_warnings', 'LossBalance', 'balance_summary', 'LOW_RATIO', 'H
 LOW_RATIO = 0.01   # a term below 1% of the detection loss barely trains anything
 HIGH_RATIO = 1.0   # a term above the detection loss dominates the gradient
 TREND = 0.1        # "growing"/"falling": the last third's mean moved by more than 10% from the first third's
+GRADIENT_HINT = ('a value ratio, and the gradient share is what decides: measure it with tools/benchmark.py '
+                 'gradients and set the weight, or set weight: auto')
 
 
 def _thirds(series: Sequence[float]) -> Tuple[float, float]:
@@ -27,8 +35,14 @@ def _thirds(series: Sequence[float]) -> Tuple[float, float]:
     return float(np.mean(series[:w])), float(np.mean(series[-w:]))
 
 
+def _calibrated(name: str, calibrated: Sequence[str]) -> bool:
+    """Whether logged key ``name`` is a calibrated term or one of its sub-terms (``<term>_<sub>``)."""
+    return any(name == k or name.startswith(k + '_') for k in calibrated)
+
+
 def balance_warnings(det: Sequence[float], terms: Dict[str, Sequence[float]], low: float = LOW_RATIO,
-                     high: float = HIGH_RATIO, trend: float = TREND) -> List[Tuple[str, str, str]]:
+                     high: float = HIGH_RATIO, trend: float = TREND,
+                     calibrated: Sequence[str] = ()) -> List[Tuple[str, str, str]]:
     """Which distill terms are out of balance with the detection loss, judged on the series so far.
 
     Args:
@@ -36,6 +50,8 @@ def balance_warnings(det: Sequence[float], terms: Dict[str, Sequence[float]], lo
         terms: per distill term, its value at the same log points.
         low, high: bounds on the latest ``term / det`` ratio.
         trend: relative change that counts as growing/falling.
+        calibrated: terms whose gradient share was set by ``weight: auto`` (their sub-terms too): no
+            low/high finding.
 
     Returns:
         ``(term, kind, message)`` for each finding: ``low`` (latest ratio < ``low``), ``high`` (latest
@@ -50,12 +66,12 @@ def balance_warnings(det: Sequence[float], terms: Dict[str, Sequence[float]], lo
     det_falls = len(det) >= 3 and det_last < det_first * (1 - trend)
     for name, series in terms.items():
         ratio = series[-1] / det[-1]
-        if ratio < low:
-            found.append((name, 'low', f'{ratio:.2%} of the detection loss (< {low:.0%}): the term '
-                                       'hardly trains anything; raise its weight'))
-        elif ratio > high:
-            found.append((name, 'high', f'{ratio:.2f}x the detection loss (> {high:g}x): it dominates '
-                                        'the gradient; lower its weight'))
+        if ratio < low and not _calibrated(name, calibrated):
+            found.append((name, 'low', f'{ratio:.2%} of the detection loss in value (< {low:.0%}): the term may '
+                                       f'hardly train anything; {GRADIENT_HINT}'))
+        elif ratio > high and not _calibrated(name, calibrated):
+            found.append((name, 'high', f'{ratio:.2f}x the detection loss in value (> {high:g}x): it may dominate '
+                                        f'the gradient; {GRADIENT_HINT}'))
         if det_falls and len(series) >= 3:
             first, last = _thirds(series)
             if last > first * (1 + trend):
@@ -71,10 +87,12 @@ class LossBalance:
     At every step with ``step % every == 0`` (ppdet's log points) it returns ``{'det_loss', 'ratios':
     {term: term / det}, 'warnings': [{'term', 'kind', 'message'}]}``: means over the last ``every`` steps
     (ppdet's log window), and only the warnings not returned before (one per term and kind).
+    ``calibrated``: as :func:`balance_warnings`.
     """
 
-    def __init__(self, every: int):
+    def __init__(self, every: int, calibrated: Sequence[str] = ()):
         self.every = max(1, int(every))
+        self.calibrated = list(calibrated)
         self.window: deque = deque(maxlen=self.every)
         self.det: List[float] = []
         self.terms: Dict[str, List[float]] = {}
@@ -91,7 +109,7 @@ class LossBalance:
         for k in names:
             self.terms.setdefault(k, []).append(means[k])
         new = []
-        for term, kind, message in balance_warnings(self.det, self.terms):
+        for term, kind, message in balance_warnings(self.det, self.terms, calibrated=self.calibrated):
             if (term, kind) not in self.warned:
                 self.warned.add((term, kind))
                 new.append({'term': term, 'kind': kind, 'message': message})

@@ -4,7 +4,8 @@
 ``create(student_architecture)`` loads it with no prefix stripping and stock eval/infer/export work.
 ``<name>.pdema`` holds the raw (trained) student when EMA is on, ppdet's convention. ``<name>.pdopt`` is
 ppdet's optimizer state (it includes the distill modules' slots) with ``last_epoch`` and, with EMA, the
-running average itself; ``<name>.pddistill`` holds the distill modules (align convs, generators).
+running average itself; ``<name>.pddistill`` holds the distill modules (align convs, generators) and the
+measured weights of ``weight: auto`` entries (``auto_weights.factors``), so ``-r`` does not measure again.
 Resume puts the raw trajectory back into the model and the average into the EMA, so an interrupted run
 continues exactly. Files are written to temporary names and renamed (``.pdparams`` last), so a kill
 mid-save never leaves a torn file; every file a user hands us is read through :func:`load_state_file`.
@@ -85,8 +86,7 @@ def save_checkpoint(model: nn.Layer, optimizer, save_dir: str, save_name: str, l
         opt_state[EMA_KEY] = ema_state(ema)
     files = {'.pdopt': opt_state}
     if hasattr(model, 'distill_state_dict'):
-        files[DISTILL_SUFFIX] = (_sub_state(raw_state, 'distill_losses.') if raw_state is not None
-                                 else model.distill_state_dict())
+        files[DISTILL_SUFFIX] = model.distill_state_dict(raw_state)
     if raw_state is not None:
         files['.pdema'] = _sub_state(raw_state, 'student_model.') if student is not model else raw_state
     files['.pdparams'] = student.state_dict()  # renamed last: its presence marks a whole checkpoint
@@ -118,9 +118,10 @@ def _set_optimizer_state(optimizer, model: nn.Layer, state: dict) -> None:
     optimizer.set_state_dict(state)
 
 
-def _load_exact(layer: nn.Layer, file: str, what: str) -> None:
-    """Every tensor of ``layer`` from ``file`` (same names and shapes), cast to the layer's dtypes."""
-    state = load_state_file(file, what)
+def _load_exact(layer: nn.Layer, file: str, what: str, state: Optional[dict] = None) -> None:
+    """Every tensor of ``layer`` from ``file`` (same names and shapes), cast to the layer's dtypes; ``state``:
+    the file's contents (or the part of them that is ``layer``'s) when already read."""
+    state = load_state_file(file, what) if state is None else state
     own = layer.state_dict()
     bad = sorted(k for k, v in own.items() if k not in state or tuple(state[k].shape) != tuple(v.shape))
     if bad:
@@ -131,6 +132,23 @@ def _load_exact(layer: nn.Layer, file: str, what: str) -> None:
 
 def _as_tensor(value) -> paddle.Tensor:
     return value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
+
+
+def _resume_auto_weights(auto: Optional[nn.Layer], file: str, state: dict) -> None:
+    """The measured ``weight: auto`` weights from a ``.pddistill`` file's ``state``. A run with auto entries
+    needs them (measuring mid-training would measure another student); a file that has them for a config
+    without auto entries is named in a warning (the config's fixed weights apply from here on)."""
+    saved = _sub_state(state, 'auto_weights.')
+    if auto is None:
+        if saved:
+            logger.warning(f'{file} holds weights measured for weight: auto entries, but the distill config has none: '
+                           'its own weights apply from here on')
+        return
+    if not saved:
+        raise PPDistillError(f'resume distill state {file} holds no measured weights for the weight: auto entries '
+                             f'{auto.entries} (it was written by a run without weight: auto); resume with that '
+                             "run's distill config")
+    _load_exact(auto, file, 'resume distill state (weight: auto)', saved)
 
 
 def resume_checkpoint(model: nn.Layer, optimizer, path: str, ema=None) -> int:
@@ -144,7 +162,9 @@ def resume_checkpoint(model: nn.Layer, optimizer, path: str, ema=None) -> int:
     if hasattr(model, 'distill_state_dict'):
         distill_file = base + DISTILL_SUFFIX
         if os.path.isfile(distill_file):
-            _load_exact(model.distill_losses, distill_file, 'resume distill state')
+            state = load_state_file(distill_file, 'resume distill state')
+            _load_exact(model.distill_losses, distill_file, 'resume distill state', state)
+            _resume_auto_weights(getattr(model, 'auto_weights', None), distill_file, state)
             logger.info(f'Resumed distill modules from {distill_file}')
         else:
             logger.warning(f'{distill_file} not found: distill modules restart from their initial values')

@@ -23,6 +23,9 @@
    terms (one host sync per step) guards the sum: a non-finite term stops training naming the term, or
    with ``nonfinite: skip`` drops that step's distill loss with a warning.
 
+A ``weight: auto`` entry's weight is measured once, before the first optimizer update
+(:meth:`Distiller.calibrate`, :mod:`ppdistill.auto_weight`), and kept with the distill state.
+
 :meth:`Distiller.inspect` runs steps 1-4 and returns every tensor (taps, loss inputs, terms) instead of the
 sum, for tools that look inside a step (benchmarks, ``tools/visualize.py``).
 
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import paddle
+import paddle.distributed as dist
 import paddle.nn as nn
 import paddle.nn.functional as F
 from ppdet.core.workspace import global_config, register
@@ -43,8 +47,10 @@ from ppdet.core.config.schema import SchemaDict
 from ppdet.utils.logger import setup_logger
 
 from .assignment import Assignment, level_masks, resize_mask
+from .auto_weight import AUTO, AutoWeights, auto_weight_settings, measure_ratios, mean_over_ranks, weights_from_ratios
 from .crossing import CrossAdapter
 from .errors import PPDistillError
+from .gradients import student_parameters
 from .pairing import LevelPair, PairingError, pair_levels, probe_shapes
 from .presets import LOGIT_ROLES, init_prefixes, resolve_tap, select_preset
 from .losses.base import DistillLoss, loss_total
@@ -96,6 +102,7 @@ class _Term:
     # CrossKD: {'name': the crossing's (its first entry's) name, 'cuts': [{'student': cut tap, 'at': teacher cut
     # tap}], 'levels': the cut pair per cut, 'owner': whether this term's loss holds the crossing's adapters}
     cross: Optional[dict] = None
+    auto: Optional[int] = None  # weight: auto entries: the index of the entry's measured factor (AutoWeights)
 
 
 @dataclass(frozen=True)
@@ -331,7 +338,9 @@ class Distiller(nn.Layer):
             the tap presets (:func:`~ppdistill.presets.select_preset`).
         losses: list of entries ``{type, student, teacher, levels, weight, args, name}``: ``type`` a
             registered loss class; ``student``/``teacher`` a preset role (``fpn``) or an exact sublayer
-            name; ``levels`` student level indices (default all that pair by stride); ``args`` passed to
+            name; ``levels`` student level indices (default all that pair by stride); ``weight`` (default 1)
+            multiplies every term and sub-term of the entry, or ``auto``: measured before training
+            (:meth:`calibrate`, ``auto_weight``); ``args`` passed to
             the loss constructor with the channels of each level pair. A loss that needs several tensors
             per level takes a mapping ``{name: role or sublayer}`` as ``student`` (and ``teacher``), e.g.
             ``{conf: cls_logits, loc: box_reg}``: it gets ``{name: tensor}`` per side and its channels as
@@ -359,12 +368,16 @@ class Distiller(nn.Layer):
         nonfinite: what a step whose distill loss is inf/NaN does: ``'error'`` (default) stops training
             naming the term; ``'skip'`` logs a warning and drops that step's distill loss (the student
             still trains on its own loss; every distill parameter gets a zero gradient).
+        auto_weight: ``{target, batches}`` for the ``weight: auto`` entries (:mod:`ppdistill.auto_weight`):
+            each gets the weight that makes its gradient on the student ``target`` (default 0.15) times
+            the detection loss's, averaged over the first ``batches`` (default 4) training batches per
+            process. Setting it with no ``weight: auto`` entry is a build error.
     """
 
     def __init__(self, student_model: nn.Layer = None, teacher_model: nn.Layer = None,
                  student_arch: str = None, teacher_arch: str = None, losses: Optional[list] = None,
                  probe_size: int = 320, init_student: bool = False, nonfinite: str = 'error',
-                 distill_lr_mult: float = 1.0):
+                 distill_lr_mult: float = 1.0, auto_weight: Optional[dict] = None):
         super().__init__()
         if not float(distill_lr_mult) > 0:
             raise DistillConfigError(f'distill_lr_mult must be > 0, got {distill_lr_mult!r}')
@@ -392,6 +405,11 @@ class Distiller(nn.Layer):
         entries = [self._normalise(e, (student_preset, student_arch), (teacher_preset, teacher_arch))
                    for e in losses]
         _reject_duplicates(entries)
+        auto_entries = [e['name'] for e in entries if e['auto']]
+        if auto_weight is not None and not auto_entries:
+            raise DistillConfigError('auto_weight is set but no loss entry has weight: auto; mark the entries to '
+                                     'measure with weight: auto, or remove auto_weight')
+        target, batches = auto_weight_settings(auto_weight)
         # a cross entry's student side is the teacher's own output on crossed features: a teacher tap
         self.student_taps = TapSet(student_model, [t for e in entries for t in (
             [c['student'] for c in e['cross']] if e['cross'] else _tap_specs(e['student']))], role='student')
@@ -427,11 +445,18 @@ class Distiller(nn.Layer):
                 self._terms.append(_Term(f"distill_{e['name']}_l{pair.student_level}", e['student'],
                                          e['teacher'], pair, e['weight'], _assignment_keys(modules[-1], what),
                                          e['cross'] and {'name': crossings[crossing], 'cuts': e['cross'],
-                                                         'levels': cuts, 'owner': owner}))
+                                                         'levels': cuts, 'owner': owner},
+                                         auto_entries.index(e['name']) if e['auto'] else None))
         self.distill_losses = nn.LayerList(modules)
-        self.watch = TermWatch.from_losses([t.key for t in self._terms], modules)  # first steps: warns once
+        # weight: auto entries: their measured factors (distill state), None without any
+        self.auto_weights = AutoWeights(auto_entries, target, batches) if auto_entries else None
+        # first steps: warns once; an auto entry's value ratio says nothing about its (measured) pull
+        self.watch = TermWatch.from_losses([t.key for t in self._terms], modules,
+                                           calibrated=self.auto_weighted_terms())
         self._assignment = self._assignment_feed(student_preset.get('assignment'), student_arch)
         _keep_float32(self.distill_losses)
+        if self.auto_weights is not None:
+            _keep_float32(self.auto_weights)
         for param in self.distill_losses.parameters():
             param.optimize_attr['learning_rate'] = float(distill_lr_mult)
         logger.info('Distiller: ' + '; '.join(
@@ -506,12 +531,22 @@ class Distiller(nn.Layer):
             raise DistillConfigError(err.args[0]) from None
         if names and len(names) == 1:  # a loss naming one tensor takes a bare tap as that name
             student_tap, teacher_tap = ({names[0]: v} if isinstance(v, str) else v for v in (student_tap, teacher_tap))
+        weight = entry.get('weight', 1.0)
+        auto = weight == AUTO
+        try:  # a YAML 1e-3 (no dot) arrives as a string
+            weight = 1.0 if auto else float(weight) if not isinstance(weight, bool) else None
+        except (TypeError, ValueError):
+            weight = None
+        if weight is None:
+            raise DistillConfigError(f"distill loss entry {entry['type']}: weight must be a number or {AUTO} (measured "
+                                     f"from the gradients before training), got {entry['weight']!r}")
         return {
             'type': entry['type'],
             'student': student_tap,
             'teacher': teacher_tap,
             'levels': entry.get('levels'),
-            'weight': float(entry.get('weight', 1.0)),
+            'weight': weight,
+            'auto': auto,
             'args': dict(entry.get('args') or {}),
             'name': entry.get('name') or entry['type'].lower().replace('loss', '') or 'kd',
             'logits': any(isinstance(v, str) and v in LOGIT_ROLES for v in (student, entry.get('teacher', student))),
@@ -547,9 +582,63 @@ class Distiller(nn.Layer):
     def parameters(self, include_sublayers: bool = True) -> List[paddle.Tensor]:
         return [p for _, p in self.named_parameters(include_sublayers=include_sublayers)]
 
-    def distill_state_dict(self) -> Dict[str, paddle.Tensor]:
-        """State of the distill modules alone (saved beside the student checkpoint)."""
-        return self.distill_losses.state_dict()
+    def distill_state_dict(self, state: Optional[Dict[str, paddle.Tensor]] = None) -> Dict[str, paddle.Tensor]:
+        """State of the distill modules alone (saved beside the student checkpoint): the loss modules' tensors
+        under their names in ``distill_losses`` and, with ``weight: auto`` entries, their measured weights
+        as ``auto_weights.factors``. Read from ``state`` (a state dict of the whole distiller, e.g. the raw
+        weights under EMA) when given, else from the live distiller."""
+        state = self.state_dict() if state is None else state
+        losses = 'distill_losses.'
+        return {k[len(losses):] if k.startswith(losses) else k: v for k, v in state.items()
+                if k.startswith((losses, 'auto_weights.'))}
+
+    # -- weight: auto -------------------------------------------------------------------------------
+    def auto_weighted_terms(self) -> List[str]:
+        """Keys of the terms whose weight is measured (``weight: auto`` entries), config order."""
+        return [t.key for t in self._terms if t.auto is not None]
+
+    def calibrate(self, batches: Sequence[dict]) -> Dict[str, float]:
+        """Measure and set the weight of every ``weight: auto`` entry (:mod:`ppdistill.auto_weight`); returns
+        ``{entry name: weight}`` (empty without auto entries).
+
+        ``batches``: this process's first training batches. On each, a training forward with the auto
+        entries at weight 1 and the gradients of the detection loss and of each auto entry on the
+        student's parameters (``paddle.grad``: nothing is accumulated into ``.grad`` and no parameter
+        changes). With several processes the measurements are all-reduced (every rank must call this),
+        so every rank sets the same weights. The forwards' effect on the student's and the distill modules'
+        state (BatchNorm running statistics) is undone, so training starts from the state it had.
+        One log line per entry gives the measured ratio and the weight.
+        """
+        auto = self.auto_weights
+        if auto is None:
+            return {}
+        if not batches:
+            raise PPDistillError('weight: auto needs at least one training batch to measure on')
+        auto.reset()  # the entries at weight 1 while measuring
+        groups = [[t.key for t in self._terms if t.auto == i] for i in range(len(auto.entries))]
+        # BatchNorm statistics are non-trainable parameters in paddle, not buffers: keep the whole state
+        kept = [(v, v.clone()) for layer in (self.student_model, self.distill_losses)
+                for v in layer.state_dict().values()]
+        training = self.training
+        self.train()
+        try:
+            sums = measure_ratios(self.inspect, groups, batches, student_parameters(self))
+        finally:
+            for buffer, value in kept:
+                buffer.set_value(value)
+            if training:
+                self.train()
+            else:
+                self.eval()
+        totals = mean_over_ranks(sums)
+        factors, ratios = weights_from_ratios(totals, auto.entries, auto.target)
+        auto.set(factors)
+        if dist.get_world_size() < 2 or dist.get_rank() == 0:
+            for name, factor, ratio, keys in zip(auto.entries, factors, ratios, groups):
+                logger.info(f"weight: auto: loss '{name}' ({len(keys)} level term(s)): its gradient on the student is "
+                            f"{ratio:.4g}x the detection loss's at weight 1 (mean over {int(totals[-2])} batches) "
+                            f'-> weight {factor:.6g} for {auto.target:g}x')
+        return auto.values()
 
     # -- forward ------------------------------------------------------------------------------------
     def crossed_terms(self) -> List[str]:
@@ -683,16 +772,20 @@ class Distiller(nn.Layer):
         Every loss runs in float32 outside autocast, whatever the AMP level: the squared-error sums over
         a P3 level (~10^7 elements) overflow float16. A loss returning sub-terms (a dict) also yields
         ``<term key>_<sub_term>`` entries (weighted, logged by ppdet like any output); the term itself is
-        their sum.
+        their sum. A ``weight: auto`` entry's terms are weighted by its measured weight, or by 1 until it is
+        measured (:meth:`calibrate`).
         """
         terms = {}
+        # weight: auto entries: their measured weights, or 1 until measured (what calibrate() measures)
+        measured = self.auto_weights is not None and self.auto_weights.measured()
         with paddle.amp.auto_cast(enable=False):
             for term, loss in zip(self._terms, self.distill_losses):
                 s, t = term_inputs[term.key]
                 value = loss(s, t, inputs)
+                weight = self.auto_weights.factors[term.auto] if measured and term.auto is not None else term.weight
                 if isinstance(value, dict):
-                    terms.update({f'{term.key}_{sub}': v * term.weight for sub, v in value.items()})
-                terms[term.key] = loss_total(value, f'{type(loss).__name__} ({term.key})') * term.weight
+                    terms.update({f'{term.key}_{sub}': v * weight for sub, v in value.items()})
+                terms[term.key] = loss_total(value, f'{type(loss).__name__} ({term.key})') * weight
         return terms
 
     def inspect(self, inputs: dict) -> Inspection:
@@ -746,6 +839,10 @@ class Distiller(nn.Layer):
     def forward(self, inputs: dict):
         if not self.training:
             return self.student_model(inputs)
+        if self.auto_weights is not None and not self.auto_weights.measured():
+            raise PPDistillError(f'the weight: auto entries {self.auto_weights.entries} are not measured yet: call '
+                                 'Distiller.calibrate(<first training batches>) before training (DistillTrainer '
+                                 'does it before the first step)')
         outputs, terms = self.step_terms(inputs)
         distill_loss = self._checked_sum({t.key: terms[t.key] for t in self._terms})  # sub-terms: logged only
         self.watch.update(outputs['loss'], [terms[t.key] for t in self._terms])

@@ -1,9 +1,11 @@
 """Registered single-method presets over :class:`~ppdistill.distiller.Distiller`.
 
 They are the names users write as ``slim:`` in a distill config. Each only turns a few method
-arguments into the ``losses`` list of the one distiller; none adds behaviour of its own.
+arguments into the ``losses`` list of the one distiller; none adds behaviour of its own. ``weight`` is the
+one entry's weight (a number, or ``auto``: measured before training, with ``auto_weight`` as for
+:class:`~ppdistill.distiller.Distiller`).
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from ppdet.core.workspace import register
 
@@ -20,12 +22,12 @@ class MGDDistillModel(Distiller):
                  teacher_arch: str = None, feature: str = 'fpn', levels: Optional[Sequence[int]] = None,
                  alpha_mgd: float = 2e-5, lambda_mgd: float = 0.65, mask_mode: str = 'spatial',
                  probe_size: int = 320, init_student: bool = False, nonfinite: str = 'error',
-                 distill_lr_mult: float = 1.0):
+                 distill_lr_mult: float = 1.0, weight: Union[float, str] = 1.0, auto_weight: Optional[dict] = None):
         losses = [{'type': 'MGDLoss', 'student': feature, 'teacher': feature, 'levels': levels,
-                   'name': 'mgd', 'args': {'alpha_mgd': alpha_mgd, 'lambda_mgd': lambda_mgd,
+                   'name': 'mgd', 'weight': weight, 'args': {'alpha_mgd': alpha_mgd, 'lambda_mgd': lambda_mgd,
                                            'mask_mode': mask_mode}}]
         super().__init__(student_model, teacher_model, student_arch, teacher_arch, losses, probe_size,
-                         init_student, nonfinite, distill_lr_mult)
+                         init_student, nonfinite, distill_lr_mult, auto_weight)
 
 
 @register
@@ -39,12 +41,13 @@ class FocalGlobalDistillModel(Distiller):
                  teacher_arch: str = None, feature: str = 'fpn', levels: Optional[Sequence[int]] = None,
                  temp: float = 0.5, alpha_fgd: float = 1e-3, beta_fgd: float = 5e-4,
                  gamma_fgd: float = 1e-3, lambda_fgd: float = 5e-6, probe_size: int = 320,
-                 init_student: bool = False, nonfinite: str = 'error', distill_lr_mult: float = 1.0):
+                 init_student: bool = False, nonfinite: str = 'error', distill_lr_mult: float = 1.0,
+                 weight: Union[float, str] = 1.0, auto_weight: Optional[dict] = None):
         losses = [{'type': 'FGDLoss', 'student': feature, 'teacher': feature, 'levels': levels,
-                   'name': 'fgd', 'args': {'temp': temp, 'alpha_fgd': alpha_fgd, 'beta_fgd': beta_fgd,
+                   'name': 'fgd', 'weight': weight, 'args': {'temp': temp, 'alpha_fgd': alpha_fgd, 'beta_fgd': beta_fgd,
                                            'gamma_fgd': gamma_fgd, 'lambda_fgd': lambda_fgd}}]
         super().__init__(student_model, teacher_model, student_arch, teacher_arch, losses, probe_size,
-                         init_student, nonfinite, distill_lr_mult)
+                         init_student, nonfinite, distill_lr_mult, auto_weight)
 
 
 @register
@@ -59,9 +62,10 @@ class FGFIDistillModel(Distiller):
                  teacher_arch: str = None, feature: str = 'fpn', levels: Optional[Sequence[int]] = None,
                  psi: float = 0.5, anchors: Optional[dict] = None, loss_weight: float = 0.01,
                  adapt_relu: bool = True, probe_size: int = 320, init_student: bool = False,
-                 nonfinite: str = 'error', distill_lr_mult: float = 1.0):
+                 nonfinite: str = 'error', distill_lr_mult: float = 1.0, weight: Union[float, str] = 1.0,
+                 auto_weight: Optional[dict] = None):
         losses = [{'type': 'FGFILoss', 'student': feature, 'teacher': feature, 'levels': levels,
-                   'name': 'fgfi', 'args': {'psi': psi, 'anchors': anchors, 'loss_weight': loss_weight,
+                   'name': 'fgfi', 'weight': weight, 'args': {'psi': psi, 'anchors': anchors, 'loss_weight': loss_weight,
                                             'adapt_relu': adapt_relu}}]
         super().__init__(student_model, teacher_model, student_arch, teacher_arch, losses, probe_size,
-                         init_student, nonfinite, distill_lr_mult)
+                         init_student, nonfinite, distill_lr_mult, auto_weight)

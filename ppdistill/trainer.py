@@ -3,6 +3,7 @@ training log (``train_log.jsonl``: every step's losses, for the loss-balance rep
 
 Training itself (loop, LR, AMP, EMA, logging, VisualDL, ``--eval``) is ppdet's, unchanged.
 """
+import contextlib
 import json
 import os
 from typing import List, Optional, Tuple
@@ -85,7 +86,8 @@ class RankConsistencyCheck(Callback):
 
     DataParallel keeps ranks identical only if every parameter gets a gradient on every rank; a parameter
     used on some ranks only makes them drift apart silently. ``PPDISTILL_DUMP_PARAMS=<dir>`` also writes
-    each rank's trainable parameters to ``<dir>/rank<r>.npz`` at the end of training (for debugging).
+    each rank's trainable parameters (and ``weight: auto`` weights, ``auto_weights.factors``) to
+    ``<dir>/rank<r>.npz`` at the end of training (for debugging).
     With EMA, ppdet has put the EMA weights into rank 0's model at a snapshot (and only there); the raw
     weights it saved in ``status['weight']`` are what every rank compares.
     """
@@ -110,6 +112,9 @@ class RankConsistencyCheck(Callback):
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             arrays = {n: p.numpy() for n, p in self.model.model.named_parameters() if p.trainable}
+            auto = getattr(self.model.model, 'auto_weights', None)
+            if auto is not None:
+                arrays['auto_weights.factors'] = auto.factors.numpy()
             np.savez(os.path.join(out_dir, f'rank{max(dist.get_rank(), 0)}.npz'), **arrays)
 
 
@@ -153,7 +158,8 @@ class TrainLog(Callback):
         super().__init__(trainer)
         self.path = os.path.join(run_output_dir(trainer.cfg), TRAIN_LOG)
         self.student = getattr(trainer.model, 'student_model', None)
-        self.balance = LossBalance(trainer.cfg.log_iter) if self.student is not None else None
+        self.balance = (LossBalance(trainer.cfg.log_iter, calibrated_keys(trainer.model))
+                        if self.student is not None else None)
         self._det = None
         if self.student is not None:
             self.student.register_forward_post_hook(self._keep_det_loss)
@@ -195,6 +201,13 @@ class TrainLog(Callback):
             f.write(json.dumps(record) + '\n')
 
 
+def calibrated_keys(distiller) -> List[str]:
+    """The logged keys whose gradient share ``weight: auto`` set: the auto entries' terms, and
+    ``distill_loss`` when every term is one of them."""
+    keys = distiller.auto_weighted_terms()
+    return keys + ['distill_loss'] if keys and len(keys) == len(distiller.term_losses()) else keys
+
+
 def read_train_log(path: str) -> List[dict]:
     """The step records of a ``train_log.jsonl`` (empty when the file is missing); a line cut short by a
     killed run is left out."""
@@ -231,14 +244,47 @@ class DistillTrainer(Trainer):
                            for cb in self._callbacks] + [RankConsistencyCheck(self), TrainLog(self)]
         self._compose_callback = ComposeCallback(self._callbacks)
 
-    def resume_weights(self, weights: str) -> None:
-        self.start_epoch = resume_checkpoint(self.model, self.optimizer, weights,
-                                             self.ema if self.use_ema else None)
-        # The resumed epoch must shuffle as it would have uninterrupted (paddle's sampler seeds its shuffle
-        # with its own epoch counter, which starts at 0); ppdet's loader already started an iterator over
-        # the sampler when it was built, so that iterator is replaced.
+    def _restart_epoch(self) -> None:
+        """The loader starts epoch ``start_epoch`` afresh, with that epoch's order. paddle's sampler seeds its
+        shuffle with its own epoch counter (which starts at 0); ppdet's loader already started an iterator
+        over the sampler when it was built, so that iterator is replaced."""
         sampler = getattr(self.loader, '_batch_sampler', None)
         if hasattr(sampler, 'set_epoch') and hasattr(self.loader, 'dataloader'):
             sampler.set_epoch(self.start_epoch)
             self.loader.loader = iter(self.loader.dataloader)
+
+    def resume_weights(self, weights: str) -> None:
+        self.start_epoch = resume_checkpoint(self.model, self.optimizer, weights,
+                                             self.ema if self.use_ema else None)
+        self._restart_epoch()  # the resumed epoch shuffles as it would have uninterrupted
         logger.info(f'Resumed from {weights} at epoch {self.start_epoch}')
+
+    def calibrate_auto_weights(self) -> None:
+        """``weight: auto``: measure the entries' weights on this process's first training batches, before the
+        first optimizer update (:meth:`~ppdistill.distiller.Distiller.calibrate`); the loader then restarts
+        the epoch, so those batches are trained on as usual. Weights already set (resumed with ``-r``)
+        are kept, not measured again."""
+        auto = getattr(self.model, 'auto_weights', None)
+        if auto is None:
+            return
+        if auto.measured():
+            logger.info('weight: auto: ' + ', '.join(f"loss '{k}' weight {v:.6g}" for k, v in auto.values().items())
+                        + ' (from the resumed distill state, not measured again)')
+            return
+        batches = []
+        for data in self.loader:
+            data['epoch_id'] = self.start_epoch  # as the training loop gives it (some heads read it)
+            batches.append(data)
+            if len(batches) == auto.batches:
+                break
+        # under AMP, the autocast the training loop uses (ppdet's), so the student runs as in training
+        amp = paddle.amp.auto_cast(enable=self.cfg.use_gpu or self.cfg.get('use_npu') or self.cfg.get('use_mlu'),
+                                   custom_white_list=self.custom_white_list, custom_black_list=self.custom_black_list,
+                                   level=self.amp_level) if getattr(self, 'use_amp', False) else contextlib.nullcontext()
+        with amp:
+            self.model.calibrate(batches)
+        self._restart_epoch()
+
+    def train(self, validate: bool = False):
+        self.calibrate_auto_weights()
+        return super().train(validate)

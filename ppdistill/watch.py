@@ -11,7 +11,9 @@ one ``logger.warning`` per finding:
 * ``zero``: exactly 0 on every step — the term trains nothing (empty mask on every image, weight 0);
 * ``negative``: below 0 on some step — every distill loss is >= 0 by construction, so a weight is
   negative and the student is pushed *away* from the teacher;
-* ``low``: below :data:`~ppdistill.balance.LOW_RATIO` of the detection loss on every step.
+* ``low``: below :data:`~ppdistill.balance.LOW_RATIO` of the detection loss on every step, in value. The
+  value says little about the pull (the gradient share does, ``tools/benchmark.py gradients``), so the
+  warning says so, and a term whose gradient share was measured and set (``weight: auto``) gets none.
 
 A loss class may carry ``silent_hint`` (a sentence saying what to check when it is zero), used in the
 ``zero`` warning.
@@ -40,12 +42,14 @@ class TermWatch:
         hints: per term, a sentence on what to check when it is identically zero (optional).
         steps: how many steps to watch.
         low: the ``value / detection loss`` bound below which a term counts as negligible.
+        calibrated: terms whose gradient share was set by ``weight: auto``: never ``low``.
     """
 
     def __init__(self, names: Sequence[str], hints: Optional[Dict[str, str]] = None,
-                 steps: int = WATCH_STEPS, low: float = LOW_RATIO):
+                 steps: int = WATCH_STEPS, low: float = LOW_RATIO, calibrated: Sequence[str] = ()):
         self.names = list(names)
         self.hints = dict(hints or {})
+        self.calibrated = set(calibrated)
         self.steps = int(steps)
         self.low = float(low)
         self.step = 0
@@ -93,10 +97,11 @@ class TermWatch:
                 kind, what = 'negative', (f'was negative ({smallest:.4g}) within the first {n} training steps: a '
                                           'negative weight pushes the student away from the teacher; make the '
                                           'weights positive')
-            elif ratio < self.low:
-                kind, what = 'low', (f'stayed below {self.low:.0%} of the detection loss (at most {ratio:.2%}) in '
-                                     f'each of the first {n} training steps: it hardly trains anything; raise '
-                                     'its weight')
+            elif ratio < self.low and name not in self.calibrated:
+                kind, what = 'low', (f'stayed below {self.low:.0%} of the detection loss in value (at most {ratio:.2%}) '
+                                     f'in each of the first {n} training steps: it may hardly train anything. Its '
+                                     'gradient share decides: measure it with tools/benchmark.py gradients and raise '
+                                     'its weight, or set weight: auto')
             else:
                 continue
             self.findings[name] = kind

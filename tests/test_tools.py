@@ -7,6 +7,7 @@ import ppdistill  # noqa: F401  (import order: ppdet before paddle)
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import paddle
@@ -115,8 +116,11 @@ def test_bad_teacher_setup_is_a_one_line_error_before_training(work, case, tmp_p
 
 
 def test_two_process_launch_keeps_ranks_identical(work, tmp_path):
+    # weight: auto: each rank measures its own batch and the all-reduce makes the weight their mean (the log
+    # line counts 2 batches); the weights are equal on both ranks (DataParallel's wrap broadcasts buffers too)
     slim = write_distill(tmp_path / 'mgd_dist.yml', 'MGDDistillModel', 'picodet_teacher',
-                         work / 'output/picodet_teacher/model_final')
+                         work / 'output/picodet_teacher/model_final',
+                         {'weight': 'auto', 'auto_weight': {'batches': 1}})
     dump = tmp_path / 'params'
     cmd = ['paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir', str(tmp_path / 'log'),
            os.path.join(ROOT, 'tools', 'train.py'), '-c', os.path.join(TINY, 'picodet_student.yml'),
@@ -128,8 +132,10 @@ def test_two_process_launch_keeps_ranks_identical(work, tmp_path):
     assert len(logs) == 2
     ranks = [dict(np.load(dump / f'rank{r}.npz')) for r in range(2)]
     assert set(ranks[0]) == set(ranks[1]) and any(k.startswith('distill_losses.') for k in ranks[0])
+    assert 'auto_weights.factors' in ranks[0]
     for key in ranks[0]:
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
     rank0 = logs[str(tmp_path / 'log' / 'workerlog.0')]  # ppdet logs INFO on rank 0 only
     assert 'Cross-rank check: ' in rank0 and 'identical on 2 ranks' in rank0
     assert 'distill_mgd_l0:' in rank0
+    assert re.search(r"weight: auto: loss 'mgd' .* \(mean over 2 batches\) -> weight", rank0)  # 1 per rank

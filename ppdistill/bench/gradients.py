@@ -25,18 +25,13 @@ the config's fresh initialisation (the start of training) or ``--student_weights
 from typing import Dict, List
 
 import numpy as np
-import paddle
+
+from ppdistill.gradients import flat_gradient, student_parameters
 
 from . import write_report
 from .workbench import BenchSetup, seed_all
 
 __all__ = ['gradient_report', 'term_gradients']
-
-
-def _flat_grad(loss: paddle.Tensor, params: List[paddle.Tensor]) -> np.ndarray:
-    grads = paddle.grad([loss], params, retain_graph=True, allow_unused=True)
-    return np.concatenate([np.zeros(int(np.prod(p.shape)), 'float64') if g is None
-                           else g.numpy().astype('float64').ravel() for g, p in zip(grads, params)])
 
 
 def term_gradients(d, batch: dict) -> Dict[str, dict]:
@@ -45,14 +40,14 @@ def term_gradients(d, batch: dict) -> Dict[str, dict]:
     d.train()
     seen = d.inspect(batch)
     terms = dict(seen.terms, distill_loss=seen.distill_loss)
-    params = [p for p in d.student_model.parameters() if not p.stop_gradient]
+    params = student_parameters(d)
     det = seen.det_loss
-    g_det = _flat_grad(det, params)
+    g_det = flat_gradient(det, params)
     n_det, det_value = np.linalg.norm(g_det), float(det)
     l1_det = np.abs(g_det).sum()
     result = {}
     for key, value in terms.items():
-        g = _flat_grad(value, params)
+        g = flat_gradient(value, params)
         n = np.linalg.norm(g)
         result[key] = {'ratio': float(value) / det_value, 'grad_ratio': float(n / n_det),
                        'cos': float(g @ g_det / (n * n_det)) if n > 0 else 0.0,
