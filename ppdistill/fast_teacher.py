@@ -45,7 +45,7 @@ import paddle.nn as nn
 from ppdet.utils.logger import setup_logger
 
 from .errors import PPDistillError
-from .taps import TapSet
+from .taps import TapSet, split_sequence
 
 logger = setup_logger(__name__)
 
@@ -217,6 +217,9 @@ def _unservable(distiller) -> Optional[str]:
     crossed = distiller.crossed_terms()
     if crossed:  # the crossed pass runs the eager teacher anyway; its targets come from the same path
         return f'distill term(s) {crossed} run the teacher head on student features (cross)'
+    sequences = [spec for spec in distiller.teacher_taps.specs if split_sequence(spec)[1] is not None]
+    if sequences:  # the program returns the recorded tensors; laying a sequence out as maps is not in it
+        return f'the teacher taps {sequences} are token sequences laid out as maps (seq@levels)'
     uses = [key for key, loss in distiller.term_losses().items() if getattr(loss, 'uses_teacher_model', False)]
     if uses:
         return f'distill term(s) {uses} run the teacher model themselves (uses_teacher_model)'
