@@ -467,7 +467,8 @@ class Distiller(nn.Layer):
         for param in self.distill_losses.parameters():
             param.optimize_attr['learning_rate'] = float(distill_lr_mult)
         logger.info('Distiller: ' + '; '.join(
-            f"{t.key}: student {list(t.pair.student_shape[1:])} <- teacher {list(t.pair.teacher_shape[1:])}"
+            f"{t.key}: student {list(t.pair.student_shape[0 if t.whole else 1:])} <- teacher "
+            f"{list(t.pair.teacher_shape[0 if t.whole else 1:])}"
             + (' (teacher head on student ' + ', '.join(f"{c['student']} at {c['at']}" for c in t.cross['cuts']) + ')'
                if t.cross else '')
             for t in self._terms) + f' (shapes at probe size {probe_size})')

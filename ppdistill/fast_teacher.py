@@ -216,7 +216,7 @@ def _unservable(distiller) -> Optional[str]:
         return f'{type(distiller).__name__} overrides teacher_features'
     crossed = distiller.crossed_terms()
     if crossed:  # the crossed pass runs the eager teacher anyway; its targets come from the same path
-        return f'distill term(s) {crossed} run the teacher head on student features (cross)'
+        return f'distill term(s) {crossed} run the teacher model again (cross, or a loss with replacements)'
     sequences = [spec for spec in distiller.teacher_taps.specs if split_sequence(spec)[1] is not None]
     if sequences:  # the program returns the recorded tensors; laying a sequence out as maps is not in it
         return f'the teacher taps {sequences} are token sequences laid out as maps (seq@levels)'

@@ -364,3 +364,14 @@ def test_shared_queries_need_the_same_number_of_queries(tmp_path):
     with pytest.raises(DistillConfigError) as err:
         dino_distiller([{'type': 'SharedQueryKDLoss', 'student': SHARED}], student=str(cfg))
     assert 'num_queries (student 20, teacher 30)' in one_line(err)
+
+
+@pytest.mark.parametrize('entry, reason', [
+    ({'type': 'SharedQueryKDLoss', 'student': SHARED}, 'run the teacher model again (cross, or a loss with replacements)'),
+    ({'type': 'PKDLoss', 'student': 'fpn'}, 'token sequences laid out as maps (seq@levels)'),
+])
+def test_teacher_mode_fast_keeps_the_eager_teacher_for_reruns_and_sequence_maps(entry, reason):
+    from ppdistill.fast_teacher import attach_teacher_path
+    d = dino_distiller([entry])
+    line = attach_teacher_path(d, 'fast')
+    assert line.startswith('teacher path: eager') and reason in line and d.fast_teacher is None
