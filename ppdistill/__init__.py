@@ -4,7 +4,8 @@ Importing the package checks that Paddle and ppdet are installed and supported (
 one line saying what to install otherwise), applies CPU thread defaults (before paddle loads, never
 overriding the user's environment) and registers every ppdistill class with ppdet's ``@register``/
 ``create`` so configs can name them: ``Distiller``, ``MGDDistillModel``, ``FocalGlobalDistillModel``,
-``FGFIDistillModel`` and the losses (``MGDLoss``, ``FGDLoss``, ...).
+``FGFIDistillModel`` and the losses (``MGDLoss``, ``FGDLoss``, ...). It also applies the fixes of
+:mod:`ppdistill.ppdet_fixes` (ppdet code that cannot run on this Paddle, e.g. ppdet 2.6.0's DINO).
 """
 from ._env import apply_cpu_defaults, quiet_third_party_imports
 from .stack import check_paddle_version, check_ppdet_version, require_installed
@@ -18,6 +19,9 @@ import paddle  # noqa: E402
 
 check_paddle_version(paddle.__version__)
 check_ppdet_version(getattr(ppdet, '__version__', None))
+
+from .ppdet_fixes import apply as _apply_ppdet_fixes  # noqa: E402
+_apply_ppdet_fixes()  # ppdet 2.6.0's DINO on Paddle >= 2.5 (ppdistill/ppdet_fixes.py)
 
 from . import losses  # noqa: E402,F401
 from .distiller import Distiller, DistillConfigError  # noqa: E402,F401

@@ -16,7 +16,10 @@
    positives are sliced per level into that loss's student mapping (:mod:`ppdistill.assignment`);
 3. CrossKD entries only (``cross``): a second, partial teacher forward in eval mode and in the graph,
    whose cut sublayer returns the student's adapted cut features (:mod:`ppdistill.crossing`); the
-   teacher's outputs from it are those terms' student inputs;
+   teacher's outputs from it are those terms' student inputs. A loss with ``replacements`` (KD-DETR's
+   shared queries) gets the same kind of pass (:meth:`Distiller._rerun`) for the models it names, with
+   tapped sublayers returning the tensors it computed from this step's taps; it then compares the taps of
+   those runs;
 4. each configured loss on every paired level, in float32 and outside autocast whatever the AMP level
    (features are cast to float32; the distill modules keep float32 weights under ``amp_level: O2``),
    weighted, logged as ``distill_<name>_l<level>`` and added into ``loss``. One ``isfinite`` over all
@@ -103,6 +106,8 @@ class _Term:
     # tap}], 'levels': the cut pair per cut, 'owner': whether this term's loss holds the crossing's adapters}
     cross: Optional[dict] = None
     auto: Optional[int] = None  # weight: auto entries: the index of the entry's measured factor (AutoWeights)
+    whole: bool = False  # a whole_output loss: its tensors taken whole, never resized
+    rerun: bool = False  # its loss defines replacements: its inputs may come from second runs of the models
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,18 @@ def _entry_pairs(entry: dict, s_shapes: dict, t_shapes: dict, probe_size: int,
              [pairs[i] for pairs in per_cut]) for i, c in enumerate(per_cut[0])]
 
 
+def _whole_pairs(entry: dict, s_shapes: dict, t_shapes: dict) -> List[Tuple[LevelPair, list]]:
+    """The one term of a ``whole_output`` entry: level 0 of both sides, shapes of its first tensor."""
+    s, t = _first_spec(entry['student']), _first_spec(entry['teacher'])
+    return [(LevelPair(0, 0, s_shapes[s][0], t_shapes[t][0]), [])]
+
+
+def _whole_shapes(entry: dict, s_shapes: dict, t_shapes: dict) -> Tuple[dict, dict]:
+    """``({name: student shape}, {name: teacher shape})`` of a ``whole_output`` entry at the probe."""
+    return ({k: tuple(s_shapes[v][0]) for k, v in entry['student'].items()},
+            {k: tuple(t_shapes[v][0]) for k, v in entry['teacher'].items()})
+
+
 def _check_tensor_names(entry: dict, cls: type, what: str) -> None:
     """The entry gives what the loss class declares it receives: one tap per side, or a mapping naming
     exactly its :attr:`~ppdistill.losses.base.DistillLoss.tensor_names`."""
@@ -210,9 +227,10 @@ def _check_tensor_names(entry: dict, cls: type, what: str) -> None:
                                  f'per tensor), got {got}')
 
 
-def _check_multi(entry: dict, s_shapes: dict, t_shapes: dict, what: str) -> None:
+def _check_multi(entry: dict, s_shapes: dict, t_shapes: dict, what: str, whole: bool = False) -> None:
     """A multi-tensor entry: same names on both sides, and every name with the same level count per side
-    (levels pair by stride on the first name, so the others must line up with it)."""
+    (levels pair by stride on the first name, so the others must line up with it); the tensors of a
+    ``whole`` (:attr:`~ppdistill.losses.base.DistillLoss.whole_output`) loss: one per tap and side."""
     if not isinstance(entry['student'], dict) and not isinstance(entry['teacher'], dict):
         return
     if not (isinstance(entry['student'], dict) and isinstance(entry['teacher'], dict)) or \
@@ -221,6 +239,12 @@ def _check_multi(entry: dict, s_shapes: dict, t_shapes: dict, what: str) -> None
                                  f"{entry['student']!r} and {entry['teacher']!r}")
     for side, spec, shapes in (('student', entry['student'], s_shapes),
                                ('teacher', entry['teacher'], t_shapes)):
+        if whole:
+            bad = {k: shapes[v] for k, v in spec.items() if len(shapes[v]) != 1}
+            if bad:
+                raise DistillConfigError(f"{what}: each {side} tap must give one tensor per forward (the loss takes "
+                                         f"its tensors whole), got {bad}")
+            continue
         bad = {k: shapes[v] for k, v in spec.items() if any(len(shape) != 4 for shape in shapes[v])}
         if bad:
             raise DistillConfigError(f"{what}: {side} tensors must be [N, C, H, W] maps, got {bad}")
@@ -248,9 +272,11 @@ def loss_class(name: str) -> type:
 def _make_loss(cls: type, pair: LevelPair, args: dict, what: str, num_levels: int,
                channels: Tuple[Channels, Channels]) -> nn.Layer:
     """One loss module for one level pair, constructed as :class:`~ppdistill.losses.base.DistillLoss`
-    specifies: ``channels`` ``(Cs, Ct)`` (``{name: C}`` each for a multi-tensor loss), the entry's ``args``,
+    specifies: ``channels`` ``(Cs, Ct)`` (``{name: C}`` each for a multi-tensor loss; ``{name: shape}`` each,
+    passed as ``student_shapes``/``teacher_shapes``, for a ``whole_output`` loss), the entry's ``args``,
     and ``level``/``num_levels`` for a ``per_level`` loss."""
-    filled = {'student_channels': channels[0], 'teacher_channels': channels[1]}
+    kind = 'shapes' if cls.whole_output else 'channels'
+    filled = {f'student_{kind}': channels[0], f'teacher_{kind}': channels[1]}
     if cls.per_level:
         filled.update(level=pair.student_level, num_levels=num_levels)
     taken = sorted(set(args) & set(filled))
@@ -422,10 +448,14 @@ class Distiller(nn.Layer):
         for e in entries:
             what = f"{type(self).__name__}: loss '{e['name']}' ({e['type']} on {e['student']} -> {e['teacher']})"
             cls = loss_class(e['type'])
+            whole = cls.whole_output
+            if whole and (e['cross'] or e['levels'] is not None):
+                raise DistillConfigError(f"{what}: {cls.__name__} takes its tensors whole (not per-level maps): "
+                                         f"remove {'cross' if e['cross'] else 'levels'} from the entry")
             own_shapes = t_shapes if e['cross'] else s_shapes  # where the loss's student tensors come from
-            _check_multi(e, own_shapes, t_shapes, what)
+            _check_multi(e, own_shapes, t_shapes, what, whole)
             _check_tensor_names(e, cls, what)
-            why = (f'{cls.__name__} compares them element by element' if cls.equal_channels
+            why = (None if whole else f'{cls.__name__} compares them element by element' if cls.equal_channels
                    else 'logits are compared class by class' if e['logits'] else None)
             num_levels = len(own_shapes[_first_spec(e['student'])])
             # entries with the same cuts and levels share one crossing (one teacher pass, one adapter set),
@@ -433,8 +463,10 @@ class Distiller(nn.Layer):
             crossing = repr((e['cross'], e['levels'])) if e['cross'] else None
             owner = crossing not in crossings
             crossings.setdefault(crossing, e['name'])
-            for pair, cuts in _entry_pairs(e, s_shapes, t_shapes, probe_size, what):
-                channels = (_multi_channels(e, pair, own_shapes, t_shapes, e['cross'] is not None)
+            for pair, cuts in (_whole_pairs(e, s_shapes, t_shapes) if whole
+                               else _entry_pairs(e, s_shapes, t_shapes, probe_size, what)):
+                channels = (_whole_shapes(e, s_shapes, t_shapes) if whole
+                            else _multi_channels(e, pair, own_shapes, t_shapes, e['cross'] is not None)
                             if cls.tensor_names else (pair.student_channels, pair.teacher_channels))
                 if why:
                     _check_equal_channels(pair, channels, cls.__name__, why, what)
@@ -446,7 +478,8 @@ class Distiller(nn.Layer):
                                          e['teacher'], pair, e['weight'], _assignment_keys(modules[-1], what),
                                          e['cross'] and {'name': crossings[crossing], 'cuts': e['cross'],
                                                          'levels': cuts, 'owner': owner},
-                                         auto_entries.index(e['name']) if e['auto'] else None))
+                                         auto_entries.index(e['name']) if e['auto'] else None, whole,
+                                         type(modules[-1]).replacements is not DistillLoss.replacements))
         self.distill_losses = nn.LayerList(modules)
         # weight: auto entries: their measured factors (distill state), None without any
         self.auto_weights = AutoWeights(auto_entries, target, batches) if auto_entries else None
@@ -460,7 +493,8 @@ class Distiller(nn.Layer):
         for param in self.distill_losses.parameters():
             param.optimize_attr['learning_rate'] = float(distill_lr_mult)
         logger.info('Distiller: ' + '; '.join(
-            f"{t.key}: student {list(t.pair.student_shape[1:])} <- teacher {list(t.pair.teacher_shape[1:])}"
+            f"{t.key}: student {list(t.pair.student_shape[0 if t.whole else 1:])} <- teacher "
+            f"{list(t.pair.teacher_shape[0 if t.whole else 1:])}"
             + (' (teacher head on student ' + ', '.join(f"{c['student']} at {c['at']}" for c in t.cross['cuts']) + ')'
                if t.cross else '')
             for t in self._terms) + f' (shapes at probe size {probe_size})')
@@ -642,9 +676,9 @@ class Distiller(nn.Layer):
 
     # -- forward ------------------------------------------------------------------------------------
     def crossed_terms(self) -> List[str]:
-        """Keys of the terms whose step runs the teacher model again on student features (CrossKD ``cross:``
-        entries), config order."""
-        return [term.key for term in self._terms if term.cross]
+        """Keys of the terms whose step runs the teacher model again (CrossKD ``cross:`` entries on student
+        features; losses with :meth:`~ppdistill.losses.base.DistillLoss.replacements`), config order."""
+        return [term.key for term in self._terms if term.cross or term.rerun]
 
     def term_losses(self) -> Dict[str, nn.Layer]:
         """The loss module of every configured term by its key (``distill_<name>_l<level>``), config order."""
@@ -706,14 +740,35 @@ class Distiller(nn.Layer):
                 s_map['pos'] = resize_mask(masks[id(tensors)][level], s_map[next(iter(s_map))].shape[-2:])
             s_map.update({k: read[k] for k in term.assignment if k != 'pos'})
 
+    def _rerun(self, side: str, given: Dict[str, Dict[int, paddle.Tensor]], inputs: dict,
+               grad: bool = True) -> Dict[str, List[paddle.Tensor]]:
+        """One more forward of the ``side`` model (``'student'``/``'teacher'``) in which the sublayers of the
+        tap specs in ``given`` return the given tensors (``{spec: {level: tensor}}``,
+        :meth:`~ppdistill.taps.TapSet.replace`) instead of their own outputs; it stops once every tap of that
+        model has fired and returns them, ``{tap spec: one tensor per level}``. The teacher runs in eval mode,
+        the student in its current mode; ``grad=False`` runs it without gradient. CrossKD's crossing and the
+        second runs a loss asks for (:meth:`_rerun_terms`) are both this one pass."""
+        model, taps = ((self.teacher_model, self.teacher_taps) if side == 'teacher'
+                       else (self.student_model, self.student_taps))
+        if side == 'teacher':
+            model.eval()
+        try:
+            with (contextlib.nullcontext() if grad else paddle.no_grad()), taps.record(stop_early=True), \
+                    contextlib.ExitStack() as stack:
+                for spec, levels in given.items():
+                    stack.enter_context(taps.replace(spec, levels))
+                model(dict(inputs))
+            return {spec: taps.levels(spec) for spec in taps.specs}
+        finally:
+            taps.clear()
+
     def _crossed_features(self, inputs: dict, student: Dict[str, list],
                           teacher: Dict[str, list]) -> Dict[str, Dict[str, List[paddle.Tensor]]]:
         """CrossKD: per crossing, the teacher's tapped outputs when its cut sublayers return the student's
         cut features instead of their own (:class:`~ppdistill.crossing.CrossAdapter`: 1x1 conv where widths
         differ, then the teacher's per-channel statistics at the cut). ``{crossing: {tap spec: one tensor
-        per level}}``. One more, partial teacher forward per crossing, in eval mode and *in* the graph: the
-        teacher's parameters take no gradient, the student's features before the cut do; it stops once
-        every teacher tap has fired."""
+        per level}}``. One more, partial teacher forward per crossing (:meth:`_rerun`), in eval mode and *in*
+        the graph: the teacher's parameters take no gradient, the student's features before the cut do."""
         crossed = {}
         for name in dict.fromkeys(t.cross['name'] for t in self._terms if t.cross):
             members = [(t, m) for t, m in zip(self._terms, self.distill_losses)
@@ -725,16 +780,35 @@ class Distiller(nn.Layer):
                     own = _float32(teacher[cut['at']][pair.teacher_level])
                     levels[i][pair.teacher_level] = adapter(
                         _resize_to(_float32(student[cut['student']][pair.student_level]), own), own)
-            self.teacher_model.eval()
-            try:
-                with self.teacher_taps.record(stop_early=True), contextlib.ExitStack() as stack:
-                    for cut, given in zip(cuts, levels):
-                        stack.enter_context(self.teacher_taps.replace(cut['at'], given))
-                    self.teacher_model(dict(inputs))
-                crossed[name] = {spec: self.teacher_taps.levels(spec) for spec in self.teacher_taps.specs}
-            finally:
-                self.teacher_taps.clear()
+            crossed[name] = self._rerun('teacher', {cut['at']: given for cut, given in zip(cuts, levels)}, inputs)
         return crossed
+
+    def _rerun_terms(self, inputs: dict, pairs: Dict[str, tuple]) -> None:
+        """For every term whose loss asks for second runs (:meth:`~ppdistill.losses.base.DistillLoss.
+        replacements`): run the named models again with the given tensors in place of the named taps'
+        outputs (:meth:`_rerun`; the teacher without gradient) and make those runs' taps the term's inputs
+        in ``pairs`` (float32, the teacher's detached)."""
+        for term, loss in zip(self._terms, self.distill_losses):
+            if not term.rerun:
+                continue
+            s_map, t_map = pairs[term.key]
+            given = loss.replacements(s_map, t_map)
+            if given is None:
+                continue
+            new = []
+            for side, specs, own in (('student', term.student_tap, s_map), ('teacher', term.teacher_tap, t_map)):
+                if side not in given:
+                    new.append(own)
+                    continue
+                unknown = sorted(set(given[side]) - set(specs))
+                if unknown:
+                    raise PPDistillError(f'{term.key}: {type(loss).__name__}.replacements names {unknown}, which are '
+                                         f'not among its tensors {list(specs)}')
+                run = self._rerun(side, {specs[k]: {0: v} for k, v in given[side].items()}, inputs,
+                                  grad=side == 'student')
+                new.append({k: _float32(run[v][0] if side == 'student' else run[v][0].detach())
+                            for k, v in specs.items()})
+            pairs[term.key] = tuple(new)
 
     @staticmethod
     def _student_source(term: _Term, student: Dict[str, list],
@@ -754,7 +828,8 @@ class Distiller(nn.Layer):
         def pair(s_spec: str, t_spec: str, term: _Term) -> tuple:
             t = _float32(teacher[t_spec][term.pair.teacher_level].detach())
             source, level = self._student_source(term, student, crossed or {})
-            return _resize_to(_float32(source[s_spec][level]), t), t
+            s = _float32(source[s_spec][level])
+            return (s if term.whole else _resize_to(s, t)), t
 
         pairs = {}
         for term in self._terms:
@@ -803,6 +878,7 @@ class Distiller(nn.Layer):
         crossed = self._crossed_features(inputs, student, teacher)
         pairs = self._term_inputs(student, teacher, crossed)
         self._add_assignment(pairs, student, crossed, inputs)
+        self._rerun_terms(inputs, pairs)
         terms = self.distill_terms(inputs, pairs)
         return Inspection(terms=terms, term_inputs=pairs, student_taps=student, teacher_taps=teacher,
                           outputs=outputs, det_loss=outputs.get('loss'), crossed=crossed)

@@ -51,7 +51,7 @@ import paddle.nn as nn
 from ppdet.utils.logger import setup_logger
 
 from .errors import PPDistillError
-from .taps import TapSet
+from .taps import TapSet, split_sequence
 
 logger = setup_logger(__name__)
 
@@ -238,7 +238,10 @@ def _unservable(distiller) -> Optional[str]:
         return f'{type(distiller).__name__} overrides teacher_features'
     crossed = distiller.crossed_terms()
     if crossed:  # the crossed pass runs the eager teacher anyway; its targets come from the same path
-        return f'distill term(s) {crossed} run the teacher head on student features (cross)'
+        return f'distill term(s) {crossed} run the teacher model again (cross, or a loss with replacements)'
+    sequences = [spec for spec in distiller.teacher_taps.specs if split_sequence(spec)[1] is not None]
+    if sequences:  # the program returns the recorded tensors; laying a sequence out as maps is not in it
+        return f'the teacher taps {sequences} are token sequences laid out as maps (seq@levels)'
     uses = [key for key, loss in distiller.term_losses().items() if getattr(loss, 'uses_teacher_model', False)]
     if uses:
         return f'distill term(s) {uses} run the teacher model themselves (uses_teacher_model)'

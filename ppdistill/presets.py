@@ -84,6 +84,20 @@ PRESETS: Dict[str, dict] = {
     # [N, A*4, H, W] prior-box offsets.
     'SSD': {'taps': {'fpn': 'backbone', 'cls_logits': 'ssd_head.scores*', 'box_reg': 'ssd_head.boxes*'},
             'init_student': ['ssd_head']},
+    # ppdet DETR with a DINOTransformer (DINO; RT-DETR's transformer returns the same tuple in later
+    # PaddleDetection). fpn: the encoder's output memory [N, sum_l H_l*W_l, D] laid out on the levels of the
+    # input projections transformer.input_proj.<l> ([N, D, H_l, W_l], strides of the backbone maps, plus
+    # stride-2 extra levels when num_levels exceeds them), i.e. per level [N, D, H_l, W_l] encoder features
+    # (taps.sequence_maps). The transformer returns (boxes [L, N, Ndn+Q, 4] sigmoid cxcywh, logits
+    # [L, N, Ndn+Q, C], enc_topk_boxes, enc_topk_logits, dn_meta): decoder_boxes/decoder_logits are items 0/1
+    # (denoising queries first in training). encoder_scores: enc_score_head [N, P, C] class logits of every
+    # encoder position; encoder_boxes: enc_bbox_head [N, P, 4], the box offsets added to the positions' anchors
+    # (inverse-sigmoid space). Their top-Q positions by max_c are the decoder's queries.
+    'DINO': {'architectures': ['DETR'], 'head': {'transformer': 'DINOTransformer'},
+             'taps': {'fpn': 'transformer.encoder@transformer.input_proj.*',
+                      'decoder_boxes': 'transformer[0]', 'decoder_logits': 'transformer[1]',
+                      'encoder_scores': 'transformer.enc_score_head', 'encoder_boxes': 'transformer.enc_bbox_head'},
+             'init_student': ['transformer']},
     # ppdet YOLOv3 (also PP-YOLO/v2): YOLOv3FPN returns 3 levels (strides 32, 16, 8); per level the head's
     # 1x1 conv `yolo_output.{i}` -> [N, A*(5+C), H, W] raw (x, y, w, h, objectness, classes) per anchor.
     'YOLOv3': {'taps': {'fpn': 'neck', 'yolo_output': 'yolo_head.yolo_output.*'},
@@ -97,6 +111,8 @@ def resolve_tap(spec: str, preset: dict, arch: str = '') -> str:
     if spec in roles:
         return roles[spec]
     if any(spec in p['taps'] for p in PRESETS.values()):
+        if preset.get('unmatched'):
+            raise KeyError(f"'{spec}' is a preset role but {preset['unmatched']}")
         known = (f"its preset has {', '.join(roles)}" if roles else
                  f"it has no preset row (presets: {', '.join(sorted(PRESETS))})")
         raise KeyError(f"'{spec}' is a preset role but architecture '{arch}' has no preset for it ({known}); name "
@@ -117,10 +133,18 @@ def _head_matches(row: dict, model: Optional[nn.Layer]) -> bool:
 
 def select_preset(arch: str, model: Optional[nn.Layer] = None) -> dict:
     """The preset row of architecture ``arch`` for ``model``: a row whose ``head`` classes the model has
-    wins over the architecture's plain row; ``{}`` if none serves ``arch``."""
+    wins over the architecture's plain row; ``{}`` if none serves ``arch``, or ``{'unmatched': why}`` when
+    rows serve ``arch`` only for other head classes (DETR with another transformer than DINO's)."""
     rows = [row for key, row in PRESETS.items() if arch in row.get('architectures', [key])]
     for row in rows:
         if 'head' in row and _head_matches(row, model):
             return row
     plain = [row for row in rows if 'head' not in row]
-    return plain[0] if plain else {}
+    if plain or not rows:
+        return plain[0] if plain else {}
+    layers = dict(model.named_sublayers()) if model is not None else {}
+    wanted = '; '.join(', '.join(f'{name}: {cls}' for name, cls in row['head'].items()) for row in rows)
+    has = ', '.join(f"{name}: {type(layers[name]).__name__ if name in layers else 'none'}"
+                    for name in dict.fromkeys(n for row in rows for n in row['head']))
+    return {'unmatched': f"architecture '{arch}' has presets only for models with {wanted}, and this one has "
+                         f'{has} (whose outputs the preset taps do not describe); name the sublayers instead'}

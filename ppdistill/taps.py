@@ -10,18 +10,28 @@ entry per call. A tap *spec* may also be a pattern with ``*`` standing for one n
 natural order (``.2`` before ``.10``), one level each — per-level head convs are distilled like a neck. How often each tap fires per forward is fixed at build time (:meth:`TapSet.expect`, from
 the shape probe); every later forward is checked against it, so a changed count is an error naming the
 tap, never a level silently cut or misindexed.
+
+Two spec forms serve sublayers that do not return per-level maps (DETR transformers):
+
+* ``name[i]`` records item ``i`` of the sublayer's tuple output (``transformer[1]``: DINOTransformer's decoder
+  logits ``[L, N, Q, C]`` out of its ``(boxes, logits, enc_boxes, enc_logits, dn_meta)``);
+* ``seq@levels`` lays a token sequence out as maps: ``seq`` returns ``[N, sum_l H_l*W_l, C]`` (tokens of
+  every level, row-major, level after level) and ``levels`` is a spec whose levels ``[N, C_l, H_l, W_l]``
+  give the sizes; each level is returned as ``[N, C, H_l, W_l]``
+  (``transformer.encoder@transformer.input_proj.*``: a DINO encoder's memory at its input levels).
 """
 import contextlib
 import difflib
 import re
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import paddle
 import paddle.nn as nn
 
 from .errors import PPDistillError
 
-__all__ = ['FeatureTap', 'TapSet', 'TapError', 'TapCountError', 'find_sublayer', 'expand_spec']
+__all__ = ['FeatureTap', 'TapSet', 'TapError', 'TapCountError', 'find_sublayer', 'expand_spec', 'split_item',
+           'split_sequence', 'sequence_maps']
 
 
 class TapError(PPDistillError):
@@ -50,9 +60,37 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
 
 
+_ITEM = re.compile(r'^(.+)\[(\d+)\]$')
+
+
+def split_item(name: str) -> Tuple[str, Optional[int]]:
+    """``'transformer[1]'`` -> ``('transformer', 1)``; a plain name -> ``(name, None)``."""
+    m = _ITEM.match(name)
+    return (m.group(1), int(m.group(2))) if m else (name, None)
+
+
+def split_sequence(spec: str) -> Tuple[str, Optional[str]]:
+    """``'seq@levels'`` -> ``('seq', 'levels')``; any other spec -> ``(spec, None)``."""
+    seq, _, levels = spec.partition('@')
+    return (seq, levels) if levels else (spec, None)
+
+
 def expand_spec(model: nn.Layer, spec: str) -> List[str]:
-    """The sublayer names a tap spec stands for: ``[spec]`` for an exact name, else every sublayer whose
-    name matches the pattern (``*`` = one dot-free name component), naturally sorted."""
+    """The tap names a spec stands for: ``[spec]`` for an exact name (or ``name[i]``), every sublayer whose
+    name matches a pattern (``*`` = one dot-free name component), naturally sorted, and for ``seq@levels``
+    the sequence's name followed by the levels'."""
+    seq, levels = split_sequence(spec)
+    if levels is not None:
+        if '*' in seq or '@' in levels:
+            raise TapError(f"tap spec '{spec}': the sequence before '@' must be one sublayer name and the "
+                           'levels after it a name or pattern')
+        return expand_spec(model, seq) + expand_spec(model, levels)
+    base, item = split_item(spec)
+    if item is not None:
+        if '*' in base:
+            raise TapError(f"tap spec '{spec}': an item [i] needs one sublayer name, not a pattern")
+        find_sublayer(model, base)
+        return [spec]
     if '*' not in spec:
         find_sublayer(model, spec)
         return [spec]
@@ -73,11 +111,31 @@ def _as_levels(output, name: str) -> List[paddle.Tensor]:
                    "of Tensors can be distilled — tap a sublayer that returns tensors")
 
 
+def sequence_maps(sequence: List[paddle.Tensor], sizes: Sequence[Tuple[int, int]],
+                  spec: str = '') -> List[paddle.Tensor]:
+    """One ``[N, sum_l H_l*W_l, C]`` token sequence (a one-item list, as a tap records it) -> a
+    ``[N, C, H_l, W_l]`` map per ``(H_l, W_l)`` of ``sizes``: consecutive chunks of ``H_l*W_l`` tokens,
+    row-major (as ``flatten(2).transpose([0, 2, 1])`` laid them out)."""
+    if len(sequence) != 1 or sequence[0].ndim != 3:
+        got = [list(t.shape) for t in sequence]
+        raise TapError(f"tap spec '{spec}': the sequence must be one [N, tokens, C] tensor per forward, got {got}")
+    tokens = [int(h) * int(w) for h, w in sizes]
+    x = sequence[0]
+    if sum(tokens) != int(x.shape[1]):
+        raise TapError(f"tap spec '{spec}': the sequence has {int(x.shape[1])} tokens but its levels {list(sizes)} "
+                       f'hold {sum(tokens)}: the levels must be the maps the sequence was flattened from')
+    chunks = paddle.split(x, tokens, axis=1)
+    return [c.transpose([0, 2, 1]).reshape([int(x.shape[0]), int(x.shape[2]), int(h), int(w)])
+            for c, (h, w) in zip(chunks, sizes)]
+
+
 class FeatureTap:
-    """Records every output of one named sublayer while its owning :class:`TapSet` records."""
+    """Records every output of one named sublayer (item ``i`` of it for a ``name[i]`` tap) while its owning
+    :class:`TapSet` records."""
 
     def __init__(self, name: str, layer: nn.Layer, owner: 'TapSet'):
         self.name = name
+        self.item = split_item(name)[1]
         self.calls: list = []
         self._owner = owner
         self.layer = layer
@@ -85,6 +143,12 @@ class FeatureTap:
 
     def _hook(self, layer, inputs, output):
         if self._owner.recording:
+            if self.item is not None:
+                if not isinstance(output, (list, tuple)) or len(output) <= self.item:
+                    got = f'{len(output)} items' if isinstance(output, (list, tuple)) else type(output).__name__
+                    raise TapError(f"tap '{self.name}' needs item {self.item} of the sublayer's tuple output, "
+                                   f'but it returned {got}')
+                output = output[self.item]
             self.calls.append(output)
             self._owner._after_call(self)
 
@@ -123,7 +187,7 @@ class TapSet:
         for names in self.specs.values():
             for name in names:
                 if name not in self.taps:
-                    self.taps[name] = FeatureTap(name, find_sublayer(model, name), self)
+                    self.taps[name] = FeatureTap(name, find_sublayer(model, split_item(name)[0]), self)
 
     def expect(self, calls: Dict[str, int]) -> None:
         """Fix how many times each tap fires per forward (``{tap name: calls}``, every tap, each >= 1)."""
@@ -183,6 +247,8 @@ class TapSet:
         features). The spec's own taps still record the layer's own outputs."""
         if self.expected is None:
             raise TapError(f'{self.role}: replace needs the expected call counts (TapSet.expect)')
+        if split_sequence(spec)[1] is not None or split_item(spec)[1] is not None:
+            raise TapError(f"{self.role}: '{spec}' cannot be replaced: only a sublayer's whole output can")
         first, start = {}, 0
         for name in self.specs[spec]:
             first[name], start = start, start + self.expected[name]
@@ -205,7 +271,12 @@ class TapSet:
                 handle.remove()
 
     def levels(self, spec: str) -> List[paddle.Tensor]:
-        """A spec's recorded tensors, one per level (a pattern: its sublayers' levels, in order)."""
+        """A spec's recorded tensors, one per level (a pattern: its sublayers' levels, in order; ``seq@levels``:
+        the sequence as maps of the levels' sizes, :func:`sequence_maps`)."""
+        seq, levels = split_sequence(spec)
+        if levels is not None:
+            sizes = [t for name in self.specs[spec][1:] for t in self.taps[name].levels()]
+            return sequence_maps(self.taps[seq].levels(), [tuple(t.shape[-2:]) for t in sizes], spec)
         return [t for name in self.specs[spec] for t in self.taps[name].levels()]
 
     def silent(self) -> List[str]:

@@ -84,6 +84,24 @@ def run(args, cwd, env=None, ok=True, module=False):
     return proc
 
 
+def train_shipped_config(work, name: str, teacher_config: str, teacher_weights, student_config: str,
+                         tmp_path) -> tuple:
+    """``tools/train.py -c student_config --slim_config`` the shipped ``configs/slim/distill/<name>.yml`` with its
+    teacher replaced (a tiny config and weights trained by a fixture, or ``teacher_weights=None``: a random
+    teacher), one log line per step: ``(the distill config as loaded, ppdet's per-step log lines, the run's
+    output directory)``."""
+    import yaml
+    raw = yaml.safe_load(open(os.path.join(ROOT, 'configs', 'slim', 'distill', f'{name}.yml')))
+    raw['teacher_config'], raw['teacher_weights'] = teacher_config, teacher_weights
+    if teacher_weights is None:
+        raw['allow_random_teacher'] = True
+    slim = tmp_path / f'{name}.yml'
+    slim.write_text(yaml.safe_dump(raw))
+    proc = run(['train.py', '-c', student_config, '--slim_config', str(slim), '--seed', '0', '-o', 'log_iter=1'], work)
+    steps = [line for line in (proc.stdout + proc.stderr).splitlines() if 'Epoch: [' in line]
+    return raw, steps, work / 'output' / name
+
+
 def provide_offline_font(cwd) -> None:
     """Put a TrueType font where PaddleDetection develop's visualizer looks for ``simfang.ttf``.
 

@@ -136,6 +136,9 @@ SCALAR_CASTS = {'float', 'int', 'bool'}
 # Host reads that are deliberate and bounded, by function: masks.check_pixel_boxes reads the first batch
 # with boxes once per process (normalised-box guard), then returns before any read on every later step.
 ONE_TIME_SYNC_FUNCTIONS = {'check_pixel_boxes'}
+# Host algorithms by function: HungarianKDLoss.match solves the assignment with scipy on the detached costs
+# (one read per decoder layer pair and step, as ppdet's own HungarianMatcher).
+HOST_ALGORITHM_FUNCTIONS = {'match'}
 
 
 def _shape_names(func: ast.AST) -> set:
@@ -179,7 +182,7 @@ def host_sync_calls(path: str) -> list:
     tree = ast.parse(open(path).read())
     found = []
     for func in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
-        if func.name == '__init__' or func.name in ONE_TIME_SYNC_FUNCTIONS:
+        if func.name == '__init__' or func.name in ONE_TIME_SYNC_FUNCTIONS | HOST_ALGORITHM_FUNCTIONS:
             continue
         names, is_host = _shape_names(func)
         for node in ast.walk(func):

@@ -13,15 +13,13 @@ import re
 
 import paddle
 import pytest
-import yaml
 
 from ppdet.core.workspace import load_config
 from ppdistill.config_scope import config_scope, create_fresh
-from conftest import ROOT, TINY, run
+from conftest import TINY, run, train_shipped_config
 
 pytestmark = pytest.mark.integration
 
-DISTILL = os.path.join(ROOT, 'configs', 'slim', 'distill')
 # config: {entry name: logged sub-terms}
 CONFIGS = {'bckd_picodet_teacher_to_student': {}, 'crosskd_picodet_teacher_to_student': {},
            'ld_picodet_teacher_to_student': {'ld': ['ld', 'vlr']},
@@ -43,18 +41,11 @@ def student_keys(arch):
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_head_kd_config_trains_the_tiny_student(work, name, tmp_path):
     arch = name.split('_')[1]
-    raw = yaml.safe_load(open(os.path.join(DISTILL, f'{name}.yml')))
-    assert os.path.basename(raw['teacher_config']) == f'{arch}_teacher.yml'
-    raw['teacher_config'] = os.path.join(TINY, f'{arch}_teacher.yml')
-    if arch in TRAINED_TEACHERS:
-        raw['teacher_weights'] = str(work / 'output' / f'{arch}_teacher' / 'model_final')
-    else:
-        raw.update(teacher_weights=None, allow_random_teacher=True)
-    slim = tmp_path / f'{name}.yml'
-    slim.write_text(yaml.safe_dump(raw))
     cfg = os.path.join(TINY, f'{arch}_student.yml')
-    proc = run(['train.py', '-c', cfg, '--slim_config', str(slim), '--seed', '0', '-o', 'log_iter=1'], work)
-    steps = '\n'.join(line for line in (proc.stdout + proc.stderr).splitlines() if 'Epoch: [' in line)
+    weights = str(work / 'output' / f'{arch}_teacher' / 'model_final') if arch in TRAINED_TEACHERS else None
+    raw, lines, out = train_shipped_config(work, name, os.path.join(TINY, f'{arch}_teacher.yml'), weights, cfg,
+                                           tmp_path)
+    steps = '\n'.join(lines)
     levels = 3
     for entry in raw['losses']:
         for i in range(levels):
@@ -64,7 +55,6 @@ def test_head_kd_config_trains_the_tiny_student(work, name, tmp_path):
         assert f"distill_{entry['name']}_l{levels}:" not in steps
     assert 'distill_loss:' in steps
 
-    out = work / 'output' / name
     assert set(paddle.load(str(out / 'model_final.pdparams'))) == student_keys(arch)  # adapters stay outside
     metrics = tmp_path / 'metrics.json'
     run(['eval.py', '-c', cfg, '--save_metrics', str(metrics), '-o', f'weights={out}/model_final'], work)

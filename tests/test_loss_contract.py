@@ -22,7 +22,7 @@ from toy_models import ToyDet, toy_inputs
 
 LOSS_DIR = os.path.dirname(ppdistill.losses.__file__)
 # Modules of ppdistill/losses/ that hold no method: the contract itself and helpers shared by output and head losses.
-HELPERS = {'__init__.py', 'base.py', 'outputs.py', 'dense_head.py'}
+HELPERS = {'__init__.py', 'base.py', 'outputs.py', 'dense_head.py', 'query_kd.py'}
 
 
 def registered_losses() -> dict:
@@ -63,6 +63,10 @@ LOSSES = sorted(n for n in ppdistill.losses.__all__ if n not in ('DistillLoss', 
 CHANNELS = {'SSDOutputLoss': {'conf': 24, 'loc': 12}, 'BinaryKDLoss': {'cls': 24},
             'BoxKDLoss': {'cls': 24, 'reg': 32}, 'LDLoss': {'cls': 24, 'reg': 32}}  # DFL: 4 * (reg_max 7 + 1)
 ARGS = {'LDLoss': {'strides': [8]}}  # the VLR's grid: the 8x8 maps of a 64 px batch
+# whole_output losses: probe shapes per name (DETR decoder outputs [L, N, Q, 4 | C], encoder heads [N, P, C | 4])
+DECODER = {'boxes': (2, 1, 5, 4), 'logits': (2, 1, 5, 3)}
+SHAPES = {'HungarianKDLoss': DECODER,
+          'SharedQueryKDLoss': dict(DECODER, enc_scores=(1, 20, 3), enc_boxes=(1, 20, 4))}
 
 
 def assignment(keys) -> dict:
@@ -93,12 +97,22 @@ def test_each_loss_follows_the_contract(name):
     cls = getattr(ppdistill.losses, name)
     params = inspect.signature(cls.forward).parameters  # forward(self, student, teacher, inputs=None)
     assert len(params) == 4 and list(params)[3] == 'inputs' and params['inputs'].default is None, name
-    if cls.tensor_names:
+    if cls.whole_output:
+        cs = ct = None
+    elif cls.tensor_names:
         cs = ct = CHANNELS[name]
     else:  # channels may differ unless the loss compares them one by one
         cs, ct = (24, 24) if cls.equal_channels else (16, 24)
     level = {'level': 0, 'num_levels': 1} if cls.per_level else {}
     paddle.seed(0)
+    if cls.whole_output:
+        loss = cls(student_shapes=SHAPES[name], teacher_shapes=SHAPES[name], **ARGS.get(name, {}))
+        rng = np.random.default_rng(3)
+        student, teacher = ({k: paddle.to_tensor(rng.random(s).astype('float32'), stop_gradient=side)
+                             for k, s in SHAPES[name].items()} for side in (False, True))
+        total = loss_total(loss(student, teacher, batch()), name)
+        assert total.size == 1 and np.isfinite(float(total))
+        return
     loss = cls(student_channels=cs, teacher_channels=ct, **level, **ARGS.get(name, {}))
     assert set(loss.assignment_keys) <= set(cls.assignment_keys), name  # an instance only narrows them
     if cls.tensor_names:

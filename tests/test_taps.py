@@ -176,3 +176,49 @@ def test_replace_gives_later_layers_the_given_tensor_on_the_call_of_that_level()
     with taps.record():  # the hook is gone after the block
         model(inputs)
     np.testing.assert_allclose(taps.levels('head.cls')[1].numpy(), own[1].numpy(), rtol=1e-6)
+
+
+def test_item_spec_records_one_item_of_a_tuple_output():
+    model = ToyDet(levels=3)
+    model.eval()
+    taps = TapSet(model, ['neck[1]', 'neck', 'head.cls[0]'])
+    assert taps.specs['neck[1]'] == ['neck[1]'] and taps.taps['neck[1]'].layer is model.neck
+    with pytest.raises(TapError, match=r"tap 'head.cls\[0\]' needs item 0 of the sublayer's tuple output, but it "
+                                        'returned Tensor'):
+        with taps.record():
+            model(toy_inputs())
+    taps = TapSet(model, ['neck[1]', 'neck'])
+    with taps.record():
+        model(toy_inputs())
+    got, = taps.levels('neck[1]')
+    np.testing.assert_array_equal(got.numpy(), taps.levels('neck')[1].numpy())
+    with pytest.raises(TapError, match=r"needs one sublayer name"):
+        TapSet(model, ['neck.lateral.*[0]'])
+    with pytest.raises(TapError, match='closest names'):
+        TapSet(model, ['nek[0]'])
+
+
+def test_sequence_spec_and_its_errors():
+    class Flat(paddle.nn.Layer):  # the neck's levels as one [N, tokens, C] sequence
+        def forward(self, feats):
+            return paddle.concat([f.flatten(2).transpose([0, 2, 1]) for f in feats], 1)
+
+    model = ToyDet(levels=3)
+    model.add_sublayer('flat', Flat())
+    model.eval()
+    taps = TapSet(model, ['flat@neck', 'neck'])
+    assert taps.specs['flat@neck'] == ['flat', 'neck']
+    taps.expect({'flat': 1, 'neck': 1})
+    feats = model.neck(model.backbone(toy_inputs()['image']))
+    with taps.record():
+        model.flat(model.neck(model.backbone(toy_inputs()['image'])))
+    for got, want in zip(taps.levels('flat@neck'), feats):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    with pytest.raises(TapError, match='only a sublayer'):
+        with taps.replace('flat@neck', {}):
+            pass
+    short = TapSet(model, ['flat@neck.lateral.0'])
+    with short.record():
+        model.flat(model.neck(model.backbone(toy_inputs()['image'])))
+    with pytest.raises(TapError, match='the levels must be the maps the sequence was flattened from'):
+        short.levels('flat@neck.lateral.0')

@@ -12,6 +12,9 @@ from .kd import LogitKDLoss
 from .binary_kd import BinaryKDLoss
 from .box_kd import BoxKDLoss
 from .ld import LDLoss
+from .hungarian_kd import HungarianKDLoss
+from .shared_query_kd import SharedQueryKDLoss
 
 __all__ = ['DistillLoss', 'FeatureLoss', 'MGDLoss', 'FGDLoss', 'FGFILoss', 'FeatureMSELoss', 'SSDOutputLoss',
-           'YOLOv3OutputLoss', 'CWDLoss', 'PKDLoss', 'LogitKDLoss', 'BinaryKDLoss', 'BoxKDLoss', 'LDLoss']
+           'YOLOv3OutputLoss', 'CWDLoss', 'PKDLoss', 'LogitKDLoss', 'BinaryKDLoss', 'BoxKDLoss', 'LDLoss',
+           'HungarianKDLoss', 'SharedQueryKDLoss']

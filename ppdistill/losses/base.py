@@ -29,6 +29,7 @@ class DistillLoss(nn.Layer):
     generators; they are saved beside the student and trained with ``distill_lr_mult``)::
 
         cls(student_channels, teacher_channels, **args[, level=i, num_levels=L])
+        cls(student_shapes, teacher_shapes, **args)        # a whole_output loss
 
     * ``student_channels``/``teacher_channels``: ``Cs``/``Ct`` of the pair's tensors (ints), or for a loss
       with :attr:`tensor_names` one ``{name: C}`` mapping per side;
@@ -74,16 +75,36 @@ class DistillLoss(nn.Layer):
       The class attribute lists every key the loss may read; an instance may narrow it in ``__init__``
       to what its arguments need (``()`` when none). The distiller reads the instance's value: a
       non-empty one on an architecture whose preset row has no ``assignment`` is a build error.
+    * :attr:`whole_output` — the tensors are not per-level maps (a DETR decoder's ``[L, N, Q, C]`` logits):
+      each tap gives one tensor per side, taken whole: one term per entry (``_l0``), no pairing by stride,
+      no resizing, no align conv, and the constructor gets ``student_shapes``/``teacher_shapes`` (``{name:
+      shape}`` at the build-time probe: batch 1, eval mode) instead of the channels. It needs
+      :attr:`tensor_names`.
+    * :meth:`replacements` (``whole_output`` losses only) — the loss runs the models again with some tapped
+      sublayers returning tensors it computes from this step's taps (KD-DETR's shared queries); its forward
+      then receives the taps of those second runs (see :meth:`replacements`).
     """
 
     equal_channels: bool = False
     per_level: bool = False
     tensor_names: Optional[Tuple[str, ...]] = None
     assignment_keys: Tuple[str, ...] = ()
+    whole_output: bool = False
+
+    def replacements(self, student: Dict[str, paddle.Tensor],
+                     teacher: Dict[str, paddle.Tensor]) -> Optional[Dict[str, Dict[str, paddle.Tensor]]]:
+        """``None`` (the default): the loss compares this step's taps. Otherwise, from this step's tapped
+        tensors (``{name: tensor}`` per side as :meth:`forward` gets them; the teacher's detached),
+        ``{'student': {name: tensor}, 'teacher': {name: tensor}}``: the distiller runs each named model again
+        (the student in its current mode and in the graph, the teacher in eval mode without gradient) with
+        the sublayer tapped for ``name`` returning the given tensor instead of its own output
+        (:meth:`~ppdistill.taps.TapSet.replace`, the mechanism CrossKD's crossing uses), and :meth:`forward`
+        receives the taps of those runs (a side not named keeps this step's taps)."""
+        return None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        for flag in ('equal_channels', 'per_level'):
+        for flag in ('equal_channels', 'per_level', 'whole_output'):
             if not isinstance(getattr(cls, flag), bool):
                 raise TypeError(f'{cls.__name__}.{flag} must be True or False, got {getattr(cls, flag)!r}')
         names = cls.tensor_names
@@ -97,9 +118,14 @@ class DistillLoss(nn.Layer):
         if keys and names is None:
             raise TypeError(f'{cls.__name__}.assignment_keys needs tensor_names: the assignment is added to the '
                             'student mapping')
+        if cls.whole_output and names is None:
+            raise TypeError(f'{cls.__name__}.whole_output needs tensor_names: its tensors are named per side')
+        if cls.replacements is not DistillLoss.replacements and not cls.whole_output:
+            raise TypeError(f'{cls.__name__}.replacements needs whole_output: a second run gives one tensor per tap')
         params = inspect.signature(cls.__init__).parameters
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-            needed = ['student_channels', 'teacher_channels'] + (['level', 'num_levels'] if cls.per_level else [])
+            needed = (['student_shapes', 'teacher_shapes'] if cls.whole_output else
+                      ['student_channels', 'teacher_channels']) + (['level', 'num_levels'] if cls.per_level else [])
             missing = [n for n in needed if n not in params]
             if missing:
                 raise TypeError(f'{cls.__name__}.__init__ must accept {missing} (see DistillLoss)')

@@ -193,6 +193,9 @@ def main():
     stem = os.path.splitext(os.path.basename(flags.infer_img))[0]
     written = []
     for key, (s, t) in seen.term_inputs.items():
+        if losses[key].whole_output:  # DETR decoder outputs: queries, not maps over the image
+            print(f'[visualize] {key}: {type(losses[key]).__name__} compares decoder queries, no maps to draw')
+            continue
         panels = _energy_panels(s, t)
         with paddle.no_grad():
             panels += _method_panels(losses[key], s, t, inputs)
