@@ -29,8 +29,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import paddle
 from ppdet.core.workspace import register
-from scipy.optimize import linear_sum_assignment
-
+from ..optional import require
 from .query_kd import DecoderKDLoss
 
 __all__ = ['HungarianKDLoss']
@@ -54,7 +53,9 @@ class HungarianKDLoss(DecoderKDLoss):
     def match(self, cost: paddle.Tensor) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``[N, Qs, Qt]`` costs -> ``(image, student query, teacher query)`` index arrays of the minimum-cost
         one-to-one matching of every image."""
-        found = [linear_sum_assignment(c) for c in cost.numpy()]
+        # imported here: the training path imports scipy only when a Hungarian loss runs (ppdet requires it)
+        assign = require('scipy.optimize', 'HungarianKDLoss (its matching)').linear_sum_assignment
+        found = [assign(c) for c in cost.numpy()]
         image = np.concatenate([np.full(len(r), n) for n, (r, _) in enumerate(found)])
         return (image.astype('int64'), np.concatenate([r for r, _ in found]).astype('int64'),
                 np.concatenate([c for _, c in found]).astype('int64'))
