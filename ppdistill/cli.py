@@ -6,7 +6,7 @@ import sys
 from typing import Callable, Optional
 
 import paddle
-from ppdet.core.workspace import load_config, merge_config
+from ppdet.core.workspace import load_config
 from ppdet.engine import Trainer
 from ppdet.utils.check import check_config, check_version
 from ppdet.utils.cli import ArgsParser, merge_args
@@ -14,6 +14,7 @@ from ppdet.utils.logger import setup_logger
 
 from .build import check_teacher_is_not_student, is_distill_config, load_checked_weights, load_distill_config
 from .errors import PPDistillError
+from .overrides import merge_overrides
 
 logger = setup_logger('ppdistill')
 
@@ -67,7 +68,7 @@ def load_tool_config(flags, mode: str):
     if 'architecture' not in cfg:
         raise PPDistillError(f'{flags.config} has no architecture: pass the model config with -c')
     merge_args(cfg, flags)
-    merge_config(flags.opt)
+    merge_overrides(flags.opt)
     slim = getattr(flags, 'slim_config', None)
     if slim:
         if not os.path.isfile(slim):
@@ -75,7 +76,7 @@ def load_tool_config(flags, mode: str):
         if is_distill_config(slim):
             if mode == 'train':
                 load_distill_config(slim, flags.opt)  # -o's distill keys count in its checks
-                merge_config(flags.opt)  # -o wins over the distill config as well
+                merge_overrides(flags.opt)  # -o wins over the distill config as well
                 check_teacher_is_not_student(flags.config, cfg, getattr(flags, 'resume', None))
             else:
                 logger.info(f'{slim} is a distill config: {mode} runs on the student alone')

@@ -115,6 +115,17 @@ def provide_offline_font(cwd) -> None:
         os.symlink(os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf', 'DejaVuSans.ttf'), font)
 
 
+def tree_digest(root: str) -> dict:
+    """``{path relative to root: sha256}`` of every file below ``root``."""
+    import hashlib
+    digests = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), 'rb') as f:
+                digests[os.path.relpath(os.path.join(dirpath, name), root)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
 def tool_module(name: str):
     """``tools/<name>.py`` imported as a module (its helpers are tested in-process)."""
     import importlib

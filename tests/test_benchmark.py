@@ -830,3 +830,41 @@ def test_speed_and_gradients_make_the_demo_data_before_reading_it(tmp_path, monk
                                  '--teacher_weights', str(tmp_path / 'teacher')])
     {'speed': benchmark.run_speed, 'gradients': benchmark.run_gradients}[command](args)
     assert order == ['data', 'measure']
+
+
+# -- --dataset: the second demo dataset --------------------------------------------------------------
+def test_dataset_shapes_points_every_run_at_it_and_is_recorded(tmp_path, monkeypatch):
+    """--dataset shapes: teacher, student and distilled runs train and evaluate with -o overrides of all
+    three readers' dataset_dir (after the user's own -o, which still win), the default --out is its own,
+    its data step makes dataset/shapes, and a results file recorded on the digits refuses it."""
+    benchmark = _benchmark_module()
+    want = [f'{s}.dataset_dir=dataset/shapes' for s in ('TrainDataset', 'EvalDataset', 'TestDataset')]
+    plan = benchmark.Plan(benchmark.parse_args(['accuracy', '--config_dir', TINY, '--methods', 'fgd',
+                                                '--dataset', 'shapes', '-o', 'epoch=1']))
+    assert plan.out == os.path.abspath('output/benchmark_shapes')
+    for row in ('teacher', 'student', 'fgd'):
+        for argv in (plan.train_args(row, 0), plan.eval_args(row, 0)):
+            opts = argv[argv.index('-o') + 1:]
+            assert all(opts.count(w) == 1 for w in want), (row, argv)
+            if row != 'teacher':
+                assert opts.index('epoch=1') > max(opts.index(w) for w in want)
+    digits = benchmark.Plan(benchmark.parse_args(['accuracy', '--config_dir', TINY, '--methods', 'fgd',
+                                                  '-o', 'epoch=1']))
+    assert digits.out == os.path.abspath('output/benchmark')
+    assert not any('dataset_dir' in a for a in digits.train_args('fgd', 0) + digits.eval_args('teacher', 0))
+    assert plan.inputs('teacher')['teacher_overrides'] == want
+    assert plan.inputs('fgd')['overrides'] == want + ['epoch=1']
+
+    called = []
+    monkeypatch.setattr(benchmark, 'run_tool', lambda name, args, *a, **k: called.append(args))
+    monkeypatch.chdir(tmp_path)
+    benchmark._demo_data(benchmark.parse_args(['speed', '--config_dir', TINY, '--dataset', 'shapes',
+                                               '--out', str(tmp_path / 'o')]))
+    assert called[0][1:] == ['--kind', 'shapes', '--out', str(tmp_path / 'dataset' / 'shapes')]
+
+    made = _fake_runs(benchmark, monkeypatch)
+    base = ['accuracy', '--config_dir', TINY, '--methods', 'none', '--seeds', '1', '--out', str(tmp_path / 'out')]
+    benchmark.run_accuracy(benchmark.parse_args(base))
+    with pytest.raises(benchmark.PPDistillError, match=r'other configs or settings \(overrides, teacher_overrides\)'):
+        benchmark.run_accuracy(benchmark.parse_args(base + ['--dataset', 'shapes']))
+    assert sorted(made) == [('student', 0), ('teacher', 0)]

@@ -1,6 +1,5 @@
 import ppdistill  # noqa: F401  (import order: ppdet before paddle/pycocotools)
 
-import hashlib
 import json
 import os
 import subprocess
@@ -10,21 +9,12 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
+from conftest import tree_digest
+
 from ppdistill.demo.data import make_digits_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARAMS = dict(num_train=48, num_val=24, image_size=128, seed=3)
-
-
-def _tree_digest(root):
-    digests = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, 'rb') as f:
-                digests[os.path.relpath(path, root)] = hashlib.sha256(
-                    f.read()).hexdigest()
-    return digests
 
 
 @pytest.fixture(scope='module')
@@ -38,7 +28,7 @@ def test_same_seed_is_bit_identical(dataset, tmp_path):
     out, _ = dataset
     other = str(tmp_path / 'b')
     make_digits_dataset(other, **PARAMS)
-    a, b = _tree_digest(out), _tree_digest(other)
+    a, b = tree_digest(out), tree_digest(other)
     assert len(a) == PARAMS['num_train'] + PARAMS['num_val'] + 3
     assert a == b
 
@@ -47,7 +37,7 @@ def test_different_seed_differs(dataset, tmp_path):
     out, _ = dataset
     other = str(tmp_path / 'c')
     make_digits_dataset(other, **dict(PARAMS, seed=PARAMS['seed'] + 1))
-    a, b = _tree_digest(out), _tree_digest(other)
+    a, b = tree_digest(out), tree_digest(other)
     assert a.keys() == b.keys()
     assert a['annotations/instances_train.json'] != b[
         'annotations/instances_train.json']
@@ -57,9 +47,9 @@ def test_second_call_is_skipped_and_changed_params_regenerate(tmp_path):
     out = str(tmp_path / 'd')
     small = dict(PARAMS, num_train=4, num_val=2)
     assert make_digits_dataset(out, **small)['regenerated']
-    before = _tree_digest(out)
+    before = tree_digest(out)
     assert not make_digits_dataset(out, **small)['regenerated']
-    assert _tree_digest(out) == before
+    assert tree_digest(out) == before
     info = make_digits_dataset(out, **dict(small, num_train=3))
     assert info['regenerated'] and info['num_train'] == 3
     assert len(os.listdir(os.path.join(out, 'train'))) == 3

@@ -27,6 +27,9 @@ table without training and more seeds train only those. The code is not compared
 ``--rerun`` retrains (each run records its commit). A table never mixes configs: when a requested row's
 recorded runs were made with other configs or overrides the tool stops, and with ``--rerun`` drops them
 and retrains. Dataset files are not compared: after changing the data, use a new ``--out``.
+``--dataset shapes`` runs everything on the second demo dataset (:mod:`ppdistill.demo.shapes`) through
+``-o <Section>.dataset_dir=dataset/shapes`` overrides of teacher and student runs alike, recorded with
+the runs (so a table never mixes datasets), by default under ``output/benchmark_shapes``.
 
 Methods: every ``<distill_dir>/<method>_<arch>_teacher_to_student.yml`` (so new methods appear by adding
 their config); ``--config_dir`` holds ``<arch>_teacher.yml`` and ``<arch>_student.yml``;
@@ -269,13 +272,38 @@ def _check_inputs(plan: 'Plan', rows: List[str]) -> None:
     print(f'[bench] --rerun: {what} changed, so the {count} runs recorded in {where} are dropped', flush=True)
 
 
+DATASETS = ('digits', 'shapes')  # tools/make_demo_data.py --kind; the demo configs read dataset/digits
+_DATASET_SECTIONS = ('TrainDataset', 'EvalDataset', 'TestDataset')
+
+
+def dataset_overrides(dataset: str) -> List[str]:
+    """The ``-o`` overrides that point every run (teacher, student, methods) at ``dataset/<dataset>``;
+    none for the digits the configs read. They are recorded with each run's inputs, so a results file
+    never mixes datasets (another dataset conflicts like other overrides do)."""
+    if dataset == 'digits':
+        return []
+    return [f'{section}.dataset_dir=dataset/{dataset}' for section in _DATASET_SECTIONS]
+
+
+def apply_dataset(args) -> None:
+    """``--dataset``: prepend its overrides to ``-o`` and ``--teacher_opt``; ``--out`` defaults to
+    ``output/benchmark`` for the digits and ``output/benchmark_<dataset>`` otherwise."""
+    extra = dataset_overrides(args.dataset)
+    args.opt = extra + list(args.opt or [])
+    args.teacher_opt = extra + list(args.teacher_opt or [])
+    if args.out is None:
+        args.out = 'output/benchmark' + ('' if args.dataset == 'digits' else f'_{args.dataset}')
+
+
 def _demo_data(args) -> None:
-    """The demo configs read ``dataset/digits`` (relative to the CWD): make it if missing (idempotent)."""
-    if os.path.abspath(_resolve(args.config_dir)) == os.path.join(ROOT, 'configs', 'demo'):
-        data = os.path.join(os.getcwd(), 'dataset', 'digits')
+    """Make ``dataset/<--dataset>`` (relative to the CWD) if missing (idempotent): the digits when the
+    demo configs read them, another dataset always (its overrides point every run at it)."""
+    demo = os.path.abspath(_resolve(args.config_dir)) == os.path.join(ROOT, 'configs', 'demo')
+    if demo or args.dataset != 'digits':
+        data = os.path.join(os.getcwd(), 'dataset', args.dataset)
         try:  # two calls side by side on a fresh machine: one writes the dataset, the other waits for it
             with locked(data, '[bench] data: waiting for another benchmark call that writes it'):
-                run_tool('data', [os.path.join(TOOLS, 'make_demo_data.py'), '--out', data],
+                run_tool('data', [os.path.join(TOOLS, 'make_demo_data.py'), '--kind', args.dataset, '--out', data],
                          os.path.join(os.path.abspath(args.out), 'make_demo_data.log'), os.getcwd(), '[bench]')
         except RunFailed as err:
             sys.stdout.write(err.log_tail)
@@ -478,7 +506,11 @@ def parse_args(argv=None):
                        help='another student config (e.g. a longer schedule) instead of '
                             '<config_dir>/<arch>_student.yml; the teacher stays')
         p.add_argument('--distill_dir', default='configs/slim/distill', help='the distill configs')
-        p.add_argument('--out', default='output/benchmark', help='reports (and, for accuracy, runs)')
+        p.add_argument('--out', default=None, help='reports (and, for accuracy, runs); default: '
+                                                   'output/benchmark, output/benchmark_<dataset> for another --dataset')
+        p.add_argument('--dataset', choices=DATASETS, default='digits',
+                       help='the demo dataset every run reads (made if missing; tools/make_demo_data.py --kind): '
+                            'digits, as the configs say, or shapes through -o <Section>.dataset_dir overrides')
         p.add_argument('-o', '--opt', nargs='*', default=[], help='overrides for the student runs (k=v)')
         p.add_argument('--teacher_opt', nargs='*', default=[], help='overrides for the teacher (k=v)')
         p.add_argument('--teacher_seed', type=int, default=0)
@@ -507,7 +539,9 @@ def parse_args(argv=None):
                            help='teacher checkpoint (default: random teacher; timing does not need weights)')
             p.add_argument('--no_memory', action='store_true', help='skip the peak-memory subprocesses')
             p.add_argument('--memory_role', default=None, help=argparse.SUPPRESS)  # internal: one role
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    apply_dataset(args)
+    return args
 
 
 def main():

@@ -28,14 +28,15 @@ class BenchSetup:
                  build_student: bool = True, seed: Optional[int] = None):
         """``seed``: reseed before each distiller is built, so its student and distill modules (MGD's
         generators, FGD's context blocks) do not depend on which methods were built before it."""
-        from ppdet.core.workspace import create, load_config, merge_config
+        from ppdet.core.workspace import create, load_config
         from ppdet.utils.cli import ArgsParser
         from ppdistill.build import build_distiller, load_distill_config
         from ppdistill.config_scope import config_scope, create_fresh
+        from ppdistill.overrides import merge_overrides
 
         self.cfg = load_config(student_cfg)
         opts = ArgsParser()._parse_opt(args.opt) if args.opt else {}
-        merge_config(opts)
+        merge_overrides(opts)
         dataset = self.cfg['TrainDataset'] = create('TrainDataset')()
         loader = create('TrainReader')(dataset, self.cfg.worker_num)
         need = args.warmup + args.steps
@@ -53,7 +54,7 @@ class BenchSetup:
                 seed_all(seed)
             with config_scope():
                 load_distill_config(path)
-                merge_config(dict(teacher_settings(args, teacher_cfg), **opts))
+                merge_overrides(dict(teacher_settings(args, teacher_cfg), **opts))
                 self.distillers[name] = build_distiller(self.cfg)
 
     def optimizer(self, model) -> paddle.optimizer.Optimizer:

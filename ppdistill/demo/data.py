@@ -9,14 +9,9 @@ several digits in random colours (always lighter than the background right
 around them); digits may overlap a little.  Boxes are tight around the
 visible ink of each digit.
 
-The output is a COCO-format detection dataset::
-
-    out_dir/
-      train/000001.jpg ...
-      val/000001.jpg ...
-      annotations/instances_train.json
-      annotations/instances_val.json
-      meta.json            # generation parameters (used for idempotency)
+The output is a COCO-format detection dataset laid out by
+:func:`ppdistill.demo.synth.build_dataset` (``train/``, ``val/``,
+``annotations/instances_{train,val}.json``, ``meta.json``).
 
 Categories have ids 1..10 and names '0'..'9'.  The output only depends on
 the parameters: the same seed gives bit-identical files.  Train and val
@@ -24,12 +19,10 @@ images use different random streams, and also disjoint subsets of the
 scikit-learn digit samples (every fifth sample is reserved for val).
 """
 
-import json
-import os
-import shutil
-
 import cv2
 import numpy as np
+
+from ppdistill.demo.synth import SPLITS, build_dataset, split_rng
 
 __all__ = ['make_digits_dataset', 'dataset_params', 'GENERATOR_VERSION',
            'DEFAULT_PARAMS', 'CLASS_NAMES']
@@ -54,9 +47,6 @@ _SMALL_MAX = 32 ** 2
 _MEDIUM_MAX = 96 ** 2
 # probability of drawing a small / medium / large object
 _SIZE_PROBS = (0.50, 0.42, 0.08)
-# split codes used to derive independent random streams
-_SPLIT_CODES = {'train': 1, 'val': 2}
-_JPEG_QUALITY = 92
 
 
 def dataset_params(num_train=DEFAULT_PARAMS['num_train'],
@@ -268,97 +258,6 @@ def _make_image(rng, size, pool_images, pool_labels, min_objects,
     return img, boxes, labels
 
 
-def _generate_split(split, out_dir, num_images, params, images, labels):
-    size = params['image_size']
-    pool_images, pool_labels = _glyph_pool(split, images, labels)
-    img_dir = os.path.join(out_dir, split)
-    os.makedirs(img_dir, exist_ok=True)
-    coco_images, coco_anns = [], []
-    ann_id = 1
-    for i in range(num_images):
-        rng = np.random.default_rng(
-            [params['seed'], _SPLIT_CODES[split], i, GENERATOR_VERSION])
-        img, boxes, labs = _make_image(rng, size, pool_images, pool_labels,
-                                       params['min_objects'],
-                                       params['max_objects'])
-        image_id = i + 1
-        file_name = '{:06d}.jpg'.format(image_id)
-        ok, buf = cv2.imencode('.jpg', img,
-                               [int(cv2.IMWRITE_JPEG_QUALITY), _JPEG_QUALITY])
-        if not ok:
-            raise RuntimeError('failed to encode image {}'.format(file_name))
-        with open(os.path.join(img_dir, file_name), 'wb') as f:
-            f.write(buf.tobytes())
-        coco_images.append(
-            dict(id=image_id, file_name=file_name, width=size, height=size))
-        for (x, y, w, h), lab in zip(boxes, labs):
-            coco_anns.append(
-                dict(
-                    id=ann_id,
-                    image_id=image_id,
-                    category_id=lab + 1,
-                    bbox=[int(x), int(y), int(w), int(h)],
-                    area=int(w * h),
-                    iscrowd=0,
-                    segmentation=[[
-                        x, y, x + w, y, x + w, y + h, x, y + h
-                    ]]))
-            ann_id += 1
-    coco = dict(
-        info=dict(
-            description='ppdistill synthetic digits ({})'.format(split),
-            version=str(GENERATOR_VERSION)),
-        licenses=[],
-        images=coco_images,
-        annotations=coco_anns,
-        categories=[
-            dict(id=k + 1, name=CLASS_NAMES[k], supercategory='digit')
-            for k in range(10)
-        ])
-    ann_path = os.path.join(out_dir, 'annotations',
-                            'instances_{}.json'.format(split))
-    with open(ann_path, 'w') as f:
-        json.dump(coco, f, separators=(',', ':'))
-    return ann_path, len(coco_anns)
-
-
-def _result(out_dir, meta, regenerated):
-    return dict(
-        out_dir=out_dir,
-        train_dir=os.path.join(out_dir, 'train'),
-        val_dir=os.path.join(out_dir, 'val'),
-        train_ann=os.path.join(out_dir, 'annotations', 'instances_train.json'),
-        val_ann=os.path.join(out_dir, 'annotations', 'instances_val.json'),
-        meta=os.path.join(out_dir, 'meta.json'),
-        num_train=meta['num_train'],
-        num_val=meta['num_val'],
-        num_train_objects=meta.get('num_train_objects'),
-        num_val_objects=meta.get('num_val_objects'),
-        image_size=meta['image_size'],
-        params={k: meta[k]
-                for k in dataset_params().keys()},
-        regenerated=regenerated)
-
-
-def _existing_meta(out_dir):
-    meta_path = os.path.join(out_dir, 'meta.json')
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    for split in ('train', 'val'):
-        ann = os.path.join(out_dir, 'annotations',
-                           'instances_{}.json'.format(split))
-        if not os.path.isfile(ann):
-            return None
-        img_dir = os.path.join(out_dir, split)
-        n = meta.get('num_' + split, -1)
-        if not os.path.isdir(img_dir) or len(os.listdir(img_dir)) != n:
-            return None
-    return meta
-
-
 def make_digits_dataset(out_dir,
                         num_train=DEFAULT_PARAMS['num_train'],
                         num_val=DEFAULT_PARAMS['num_val'],
@@ -394,40 +293,15 @@ def make_digits_dataset(out_dir,
         min_objects=min_objects,
         max_objects=max_objects,
         seed=seed)
-    if params['image_size'] < 32:
-        raise ValueError('image_size must be >= 32')
-    if not 1 <= params['min_objects'] <= params['max_objects']:
-        raise ValueError('need 1 <= min_objects <= max_objects')
-    if params['num_train'] < 1 or params['num_val'] < 1:
-        raise ValueError('num_train and num_val must be >= 1')
+    pools = {}
 
-    if not overwrite:
-        meta = _existing_meta(out_dir)
-        if meta is not None and all(
-                meta.get(k) == v for k, v in params.items()):
-            return _result(out_dir, meta, regenerated=False)
+    def draw(split, i):
+        if not pools:
+            images, labels = _load_glyphs()
+            pools.update({s: _glyph_pool(s, images, labels) for s in SPLITS})
+        rng = split_rng(params['seed'], split, i, GENERATOR_VERSION)
+        return _make_image(rng, params['image_size'], *pools[split], params['min_objects'],
+                           params['max_objects'])
 
-    # start from a clean slate (old images may be left over otherwise)
-    for sub in ('train', 'val', 'annotations'):
-        p = os.path.join(out_dir, sub)
-        if os.path.isdir(p):
-            shutil.rmtree(p)
-    meta_path = os.path.join(out_dir, 'meta.json')
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    os.makedirs(os.path.join(out_dir, 'annotations'), exist_ok=True)
-
-    images, labels = _load_glyphs()
-    _, n_train_obj = _generate_split('train', out_dir, params['num_train'],
-                                     params, images, labels)
-    _, n_val_obj = _generate_split('val', out_dir, params['num_val'], params,
-                                   images, labels)
-    meta = dict(params)
-    meta['num_train_objects'] = n_train_obj
-    meta['num_val_objects'] = n_val_obj
-    meta['class_names'] = CLASS_NAMES
-    # meta.json is written last: its presence marks a complete dataset
-    with open(meta_path, 'w') as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-        f.write('\n')
-    return _result(out_dir, meta, regenerated=True)
+    return build_dataset(out_dir, params, overwrite, draw, CLASS_NAMES, 'digit',
+                         'ppdistill synthetic digits')
