@@ -59,12 +59,12 @@ def _ppdet26_wheel_on_paddle3() -> bool:
         int(paddle.__version__.split('.')[0]) >= 3
 
 
-# ppdet 2.6.0's own assigners (ATSS, task-aligned) and LDGFLHead fail on paddle 3 (int64 + int32, float32 +
-# bool type promotion), fixed in PaddleDetection develop: tests that run them need another stack
-# (docs/compat.md).
+# ppdet 2.6.0's own assigners (ATSS, task-aligned), LDGFLHead and DINO transformer fail on paddle 3 (int64 +
+# int32, float32 + bool, float32 + int64 type promotion), fixed in PaddleDetection develop: tests that run
+# them need another stack (docs/compat.md).
 needs_ppdet_heads_on_this_paddle = pytest.mark.skipif(
-    _ppdet26_wheel_on_paddle3(), reason="ppdet 2.6.0's assigners/LDGFLHead fail on paddle 3 (upstream; fixed in "
-                                        'PaddleDetection develop, see docs/compat.md)')
+    _ppdet26_wheel_on_paddle3(), reason="ppdet 2.6.0's assigners/LDGFLHead/DINO fail on paddle 3 (upstream; "
+                                        'fixed in PaddleDetection develop, see docs/compat.md)')
 
 
 def pytest_report_header(config):

@@ -9,6 +9,8 @@ import numpy as np
 import paddle
 import pytest
 
+from conftest import needs_ppdet_heads_on_this_paddle
+
 from ppdistill import Distiller, DistillConfigError
 from ppdistill.build import build_teacher
 from ppdistill.losses import HungarianKDLoss, SharedQueryKDLoss
@@ -231,6 +233,7 @@ def freeze_batch_norm(model):
             layer.eval()
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_dino_preset_encoder_maps_are_the_memory_per_level_and_pair_by_stride():
     d = dino_distiller([{'type': 'PKDLoss', 'name': 'enc', 'student': 'fpn'}])
     assert [(t.pair.student_level, t.pair.teacher_level) for t in d._terms] == [(0, 0), (1, 1), (2, 2)]
@@ -255,6 +258,7 @@ def test_dino_preset_encoder_maps_are_the_memory_per_level_and_pair_by_stride():
     assert all(np.isfinite(float(out[f'distill_enc_l{i}'])) for i in range(3))
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_shared_query_loss_is_zero_when_the_student_is_a_copy_of_the_teacher():
     """Train mode, denoising queries in the student's run, random general points: the shared-query runs of a
     weight copy reproduce the teacher's outputs query by query (BatchNorm on running statistics, as the eval
@@ -271,6 +275,7 @@ def test_shared_query_loss_is_zero_when_the_student_is_a_copy_of_the_teacher():
     np.testing.assert_allclose(s['boxes'].numpy()[:, :, -30:], t['boxes'].numpy(), atol=1e-5)
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_shared_query_runs_use_the_teachers_positions_and_train_only_the_student():
     d = dino_distiller([{'type': 'SharedQueryKDLoss', 'name': 'sq', 'student': SHARED,
                          'args': {'num_random': 10}}])
@@ -305,6 +310,7 @@ def test_shared_query_runs_use_the_teachers_positions_and_train_only_the_student
     assert grads and all(g is not None for g in grads)
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_hungarian_kd_trains_on_the_tiny_pair_without_teacher_gradients():
     d = dino_distiller([{'type': 'HungarianKDLoss', 'name': 'hkd', 'student': DECODER}])
     assert d._terms[0].pair.student_shape == (2, 1, 30, 4) and d.distill_losses[0].layers == [(1, 0), (2, 1)]
@@ -352,12 +358,14 @@ def test_detr_roles_on_a_detr_without_dinos_transformer_are_a_one_line_error():
     ({'type': 'SharedQueryKDLoss', 'student': DECODER}, {}, 'enc_scores'),
     ({'type': 'HungarianKDLoss', 'student': 'fpn'}, {}, 'needs student: {boxes: <tap>, logits: <tap>}'),
 ])
+@needs_ppdet_heads_on_this_paddle
 def test_bad_detr_entries_are_one_line_errors(entry, opts, expected):
     with pytest.raises(DistillConfigError) as err:
         dino_distiller([entry], **opts)
     assert expected in one_line(err)
 
 
+@needs_ppdet_heads_on_this_paddle
 def test_shared_queries_need_the_same_number_of_queries(tmp_path):
     cfg = tmp_path / 'student_20q.yml'
     cfg.write_text(f"_BASE_: ['{__import__('os').path.abspath(STUDENT)}']\nDINOTransformer:\n  num_queries: 20\n")
@@ -366,6 +374,7 @@ def test_shared_queries_need_the_same_number_of_queries(tmp_path):
     assert 'num_queries (student 20, teacher 30)' in one_line(err)
 
 
+@needs_ppdet_heads_on_this_paddle
 @pytest.mark.parametrize('entry, reason', [
     ({'type': 'SharedQueryKDLoss', 'student': SHARED}, 'run the teacher model again (cross, or a loss with replacements)'),
     ({'type': 'PKDLoss', 'student': 'fpn'}, 'token sequences laid out as maps (seq@levels)'),

@@ -14,9 +14,9 @@ import yaml
 
 from ppdet.core.workspace import load_config
 from ppdistill.config_scope import config_scope, create_fresh
-from conftest import ROOT, TINY, provide_offline_font, run, train_shipped_config
+from conftest import ROOT, TINY, needs_ppdet_heads_on_this_paddle, provide_offline_font, run, train_shipped_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, needs_ppdet_heads_on_this_paddle]
 
 DISTILL = os.path.join(ROOT, 'configs', 'slim', 'distill')
 # config -> the logged terms of one step

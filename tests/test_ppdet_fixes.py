@@ -5,6 +5,8 @@ import numpy as np
 import paddle
 import pytest
 
+from conftest import needs_ppdet_heads_on_this_paddle
+
 from ppdet.modeling.transformers import dino_transformer
 from ppdistill.build import build_teacher
 from ppdistill.pairing import probe_inputs
@@ -21,6 +23,7 @@ def test_scalar_concat_stacks_0d_tensors_and_is_paddle_otherwise():
     assert fixed.nn is paddle.nn and fixed.shape is paddle.shape
 
 
+@needs_ppdet_heads_on_this_paddle
 @pytest.mark.skipif(not _concat_rejects_0d(), reason='this Paddle concatenates 0-D tensors: nothing to fix')
 def test_dino_forward_fails_without_the_fix_and_runs_with_it(monkeypatch):
     assert isinstance(dino_transformer.paddle, PaddleWithScalarConcat)  # applied on import ppdistill
