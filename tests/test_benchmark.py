@@ -437,8 +437,47 @@ def _fake_runs(benchmark, monkeypatch) -> list:
                 'finished': time.time(), 'losses': {'first_step': {}}}
     monkeypatch.setattr(benchmark, '_run_one', run_one)
     monkeypatch.setattr(benchmark, '_demo_data', lambda args: None)
-    monkeypatch.setattr(benchmark, 'write_accuracy_report', lambda plan, results, summary: summary)
+    monkeypatch.setattr(benchmark, 'write_accuracy_report', lambda plan, results, summary, name='': summary)
     return made
+
+
+def test_a_named_table_leaves_the_main_table_and_its_report_as_they_are(tmp_path, monkeypatch, capsys):
+    """A call with other methods on a committed --out rewrote the main accuracy_<arch>.md/.png and the
+    results file's table; --table NAME records and prints its own, and without it the tool says it
+    replaces the recorded table."""
+    from ppdistill.bench.results import load_results
+    benchmark = _benchmark_module()
+    real_report = benchmark.write_accuracy_report
+    _fake_runs(benchmark, monkeypatch)
+    monkeypatch.setattr(benchmark, 'write_accuracy_report', real_report)
+
+    def bench(*extra):
+        words = ['accuracy', '--config_dir', TINY, '--out', str(tmp_path), '--seeds', '2'] + list(extra)
+        monkeypatch.setattr(sys, 'argv', ['tools/benchmark.py'] + words)  # the recorded command
+        return benchmark.run_accuracy(benchmark.parse_args(words))
+    bench('--methods', 'fgd')
+    weights = tmp_path / 'runs' / 'picodet' / 'teacher' / 'seed0' / 'picodet_teacher'
+    weights.mkdir(parents=True)
+    (weights / 'model_final.pdparams').write_bytes(b'')  # the faked teacher run's file, for the new runs
+    main_md = (tmp_path / 'accuracy_picodet.md').read_text()
+    main_png = (tmp_path / 'accuracy_picodet.png').read_bytes()
+    main_table = load_results(str(tmp_path / 'accuracy_picodet.json'))['table']
+    bench('--methods', 'mgd', '--table', 'other')
+    results = load_results(str(tmp_path / 'accuracy_picodet.json'))
+    assert results['table'] == main_table
+    assert results['tables']['other']['rows'] == ['teacher', 'student', 'mgd']
+    assert '--table other' in results['tables']['other']['command']
+    assert (tmp_path / 'accuracy_picodet.md').read_text() == main_md
+    assert (tmp_path / 'accuracy_picodet.png').read_bytes() == main_png
+    other = (tmp_path / 'accuracy_picodet_other.md').read_text()
+    assert '| mgd |' in other and '| fgd |' not in other
+    assert (tmp_path / 'accuracy_picodet_other.png').stat().st_size > 0
+    capsys.readouterr()
+    bench('--methods', 'mgd')  # no training (recorded), but the main table changes: said so
+    assert 'replaces the one recorded' in capsys.readouterr().out
+    assert load_results(str(tmp_path / 'accuracy_picodet.json'))['table']['rows'] == ['teacher', 'student', 'mgd']
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(['accuracy', '--table', '../x'])
 
 
 def test_a_run_records_the_commit_it_started_with(tmp_path, monkeypatch):
@@ -794,14 +833,17 @@ def test_committed_tables_reprint_from_their_results_files(tmp_path, capsys):
     found = sorted(glob.glob(os.path.join(ROOT, 'docs', 'experiments', '*', 'accuracy_*.json')))
     assert len(found) >= 3
     for i, path in enumerate(found):
-        out = tmp_path / str(i)
-        out.mkdir()
-        shutil.copy(path, out)
-        words = shlex.split(json.loads(open(path).read())['table']['command'])[2:]
-        words[words.index('--out') + 1] = str(out)
-        benchmark.run_accuracy(benchmark.parse_args(words))
-        assert 'train: ' not in capsys.readouterr().out
-        assert (out / os.path.basename(path)).with_suffix('.md').read_text() == open(path[:-5] + '.md').read(), path
+        recorded = json.loads(open(path).read())
+        for name, table in [('', recorded['table'])] + sorted(recorded.get('tables', {}).items()):
+            out = tmp_path / f'{i}{name}'
+            out.mkdir()
+            shutil.copy(path, out)
+            words = shlex.split(table['command'])[2:]
+            words[words.index('--out') + 1] = str(out)
+            benchmark.run_accuracy(benchmark.parse_args(words))
+            assert 'train: ' not in capsys.readouterr().out
+            md = path[:-5] + (f'_{name}' if name else '') + '.md'
+            assert (out / os.path.basename(md)).read_text() == open(md).read(), md
 
 
 def test_teacher_subcommand_runs_the_teacher_alone(tmp_path, monkeypatch, capsys):

@@ -48,6 +48,7 @@ import _path  # noqa: F401  (repo root on sys.path)
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -56,7 +57,8 @@ from typing import Dict, List, Optional, Tuple
 from ppdistill._env import apply_cpu_defaults
 from ppdistill.errors import PPDistillError
 from ppdistill.bench.results import (conflicts, first_step, load_results, record_run, recorded_run,
-                                     results_path, table_summary, update_results)
+                                     recorded_table, results_path, set_table, table_summary,
+                                     update_results)
 from ppdistill.runs import (WEIGHTS_DIR, RunFailed, discover_methods, format_duration, locked, now_utc, run_inputs,
                             run_tool, ship_teacher, shipped_teacher)
 
@@ -364,12 +366,23 @@ def run_accuracy(args) -> dict:
     table = {'command': _command_line(), 'date': now_utc(), 'rows': plan.rows, 'seeds': plan.seeds}
 
     def keep_or_set_table(r):
-        old = r.get('table') or {}
+        old = recorded_table(r, args.table) or {}
         if todo or (old.get('rows'), old.get('seeds')) != (plan.rows, plan.seeds):
-            r['table'] = table  # the recorded command and date stay while the table is the same
+            if old and not args.table and not todo:
+                print(f"[bench] this table (rows {', '.join(plan.rows)}; seeds {plan.seeds}) replaces the one "
+                      f"recorded in {_show(plan.results)} (rows {', '.join(old.get('rows', []))}; seeds "
+                      f"{old.get('seeds')}); --table NAME writes accuracy_{plan.arch}_NAME.md beside it instead",
+                      flush=True)
+            set_table(r, args.table, table)  # the recorded command and date stay while the table is the same
     results = update_results(plan.results, plan.header(), keep_or_set_table)
     summary = table_summary(results, plan.rows, plan.seeds)
-    return write_accuracy_report(plan, results, summary)
+    return write_accuracy_report(plan, results, summary, args.table)
+
+
+def _table_name(value: str) -> str:
+    if value and not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_-]*', value):  # '': the main table
+        raise argparse.ArgumentTypeError(f'{value!r}: letters, digits, _ and - only (it names a file)')
+    return value
 
 
 def _command_line() -> str:
@@ -428,14 +441,16 @@ def _curves(plan: Plan, results: dict) -> Dict[str, dict]:
     return curves
 
 
-def write_accuracy_report(plan: Plan, results: dict, summary: List[dict]) -> dict:
-    """``<out>/accuracy_<arch>.md`` and the AP picture from the results file, and the loss curves from the
-    runs' step logs where ``--out`` has them (records committed without them keep their picture)."""
+def write_accuracy_report(plan: Plan, results: dict, summary: List[dict], name: str = '') -> dict:
+    """``<out>/accuracy_<arch>[_<name>].md`` and the AP picture from the results file, and the loss curves
+    (``losses_<arch>[_<name>].png``) from the runs' step logs where ``--out`` has them (records committed
+    without them keep their picture). ``name``: the ``--table`` (none: the file's main table)."""
     from ppdistill.bench.plots import plot_accuracy, plot_losses
     from ppdistill.bench.stats import ALPHA, markdown_table
     os.makedirs(plan.out, exist_ok=True)
-    table = results['table']
-    header = [f'# Accuracy benchmark: {plan.arch}', '',
+    table = recorded_table(results, name)
+    suffix = f'_{name}' if name else ''
+    header = [f'# Accuracy benchmark: {plan.arch}' + (f' ({name})' if name else ''), '',
               f"- date: {table['date']}", f"- command: `{table['command']}`", f'- seeds: {plan.seeds} '
               f'(teacher: one run, seed {plan.teacher_seed})',
               f"- student config: `{results['student_config']}`; teacher: `{results['teacher_config']}`; methods: "
@@ -449,15 +464,15 @@ def write_accuracy_report(plan: Plan, results: dict, summary: List[dict]) -> dic
              '## Loss balance (distill term / detection loss, first → last log point, mean over seeds)', '']
     md = '\n'.join(header) + markdown_table(summary) + '\n' + '\n'.join(notes) + '\n' + \
         ('\n'.join(_balance_lines(summary)) or '(no balance lines in the logs)') + '\n'
-    base = os.path.join(plan.out, f'accuracy_{plan.arch}')
+    base = os.path.join(plan.out, f'accuracy_{plan.arch}{suffix}')
     with open(base + '.md', 'w') as f:
         f.write(md)
     plot_accuracy(summary, base + '.png', f'{plan.arch}, seeds {plan.seeds}')
     curves = _curves(plan, results)
     wrote = f'{base}.md/.png'
     if any(curves.values()):
-        plot_losses(curves, os.path.join(plan.out, f'losses_{plan.arch}.png'))
-        wrote += f' and losses_{plan.arch}.png'
+        plot_losses(curves, os.path.join(plan.out, f'losses_{plan.arch}{suffix}.png'))
+        wrote += f' and losses_{plan.arch}{suffix}.png'
     print('\n' + md, flush=True)
     print(f'[bench] wrote {wrote} (the table from {plan.results})', flush=True)
     return {'results': results, 'rows': summary}
@@ -524,6 +539,10 @@ def parse_args(argv=None):
         if name == 'teacher':
             p.add_argument('--ship', action='store_true', help=f'copy it to {WEIGHTS_DIR}/<arch>_teacher.*')
         elif name == 'accuracy':
+            p.add_argument('--table', default='', type=_table_name,
+                           help='name this table: it is recorded under that name in the results file and '
+                                'printed to accuracy_<arch>_NAME.md/.png, leaving the main table '
+                                '(accuracy_<arch>.md) as it is; the runs are shared')
             p.add_argument('--seeds', default='3', help='a count N (seeds 0..N-1) or a comma list (one seed k: '
                                                         '"k,")')
         elif name == 'gradients':

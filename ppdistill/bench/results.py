@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from ppdistill.runs import changed_inputs, locked, read_json, write_json_atomic
 
-__all__ = ['results_path', 'load_results', 'recorded_inputs', 'conflicts', 'recorded_run', 'update_results',
-           'record_run', 'first_step', 'same_start', 'table_summary', 'SETTINGS']
+__all__ = ['results_path', 'load_results', 'recorded_inputs', 'conflicts', 'recorded_run', 'recorded_table',
+           'set_table', 'update_results', 'record_run', 'first_step', 'same_start', 'table_summary', 'SETTINGS']
 
 SETTINGS = ('overrides', 'teacher_overrides', 'teacher_seed')
 _NOT_DETECTION = ('epoch', 'step', 'iter', 'lr', 'loss', 'det_loss', 'balance')
@@ -61,6 +61,22 @@ def update_results(path: str, header: Dict[str, Any], change: Callable[[dict], N
         change(results)
         write_json_atomic(path, results)
     return results
+
+
+def recorded_table(results: Optional[dict], name: str = '') -> Optional[dict]:
+    """The recorded table (``command``, ``date``, ``rows``, ``seeds``) called ``name`` (``''``: the main
+    one, key ``table``; named ones under ``tables``), or ``None``."""
+    if not results:
+        return None
+    return results.get('tables', {}).get(name) if name else results.get('table')
+
+
+def set_table(results: dict, name: str, table: dict) -> None:
+    """Record ``table`` as the table called ``name`` (a change for :func:`update_results`)."""
+    if name:
+        results.setdefault('tables', {})[name] = table
+    else:
+        results['table'] = table
 
 
 def record_run(results: dict, inputs: Dict[str, Any], row: str, seed: int, run: dict) -> None:
