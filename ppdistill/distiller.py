@@ -37,6 +37,7 @@ modules', never the teacher's.
 """
 import contextlib
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -574,6 +575,9 @@ class Distiller(nn.Layer):
         if weight is None:
             raise DistillConfigError(f"distill loss entry {entry['type']}: weight must be a number or {AUTO} (measured "
                                      f"from the gradients before training), got {entry['weight']!r}")
+        if not math.isfinite(weight) or weight < 0:  # a negative weight pushes the student away from the teacher
+            raise DistillConfigError(f"distill loss entry {entry['type']}: weight must be a finite number >= 0 (or "
+                                     f"{AUTO}), got {entry['weight']!r}")
         return {
             'type': entry['type'],
             'student': student_tap,

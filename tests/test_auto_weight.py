@@ -274,6 +274,9 @@ def test_a_term_zero_on_some_batches_counts_as_zero_pull_in_the_mean():
     ([toy('t', 1.0, weight=1.0)], {'target': 0.1}, 'auto_weight is set but no loss entry has weight: auto'),
     ([toy('t', 1.0, weight='automatic')], None, "weight must be a number or auto (measured from the gradients "
                                                 "before training), got 'automatic'"),
+    # a negative weight pushes the student away from the teacher: it was caught only by the step-20 watch
+    ([toy('t', 1.0, weight=-0.5)], None, 'weight must be a finite number >= 0 (or auto), got -0.5'),
+    ([toy('t', 1.0, weight='nan')], None, "weight must be a finite number >= 0 (or auto), got 'nan'"),
 ])
 def test_bad_settings_are_one_line_build_errors(losses, auto_weight, message):
     with pytest.raises(PPDistillError) as err:
