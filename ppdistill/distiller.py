@@ -284,6 +284,9 @@ def _make_loss(cls: type, pair: LevelPair, args: dict, what: str, num_levels: in
     if taken:
         raise DistillConfigError(f'{what}: args {taken} are set by the distiller from the level pair; remove them')
     kwargs = dict(args, **filled)
+    for key in getattr(cls, '__shared__', ()):  # ppdet's convention: the model config's value (num_classes)
+        if key not in kwargs and key in global_config:
+            kwargs[key] = global_config[key]
     # the signature only names the accepted arguments in the error for a misspelt one
     params = inspect.signature(cls).parameters
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):

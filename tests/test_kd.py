@@ -149,3 +149,29 @@ def test_distiller_rejects_unequal_logits_and_bad_mode_at_build_and_trains_equal
     assert {'distill_kd_l0', 'distill_kd_l1'} <= set(out) and float(out['distill_kd_l0']) > 0
     out['loss'].backward()
     assert all(p.grad is not None for p in d.student_model.head.cls.parameters())
+
+
+def test_a_distill_config_splits_a_multi_anchor_head_by_the_models_num_classes():
+    """An entry with activation softmax and neither num_classes nor num_anchors softmaxed over all A*C
+    channels of a RetinaNet-like head (9 anchors x 10 classes), mixing its anchors: the distiller now
+    gives the loss the model config's num_classes, as ppdet's create fills __shared__ keys."""
+    from ppdet.core.workspace import global_config
+    from ppdistill.distiller import _make_loss
+    from ppdistill.pairing import LevelPair
+    pair = LevelPair(0, 0, (2, 90, 8, 8), (2, 90, 8, 8))
+    old = global_config.get('num_classes')
+    global_config['num_classes'] = 10
+    try:
+        loss = _make_loss(LogitKDLoss, pair, {'activation': 'softmax'}, 'kd', 1, (90, 90))
+        assert (loss.num_anchors, loss.num_classes) == (9, 10)
+        explicit = _make_loss(LogitKDLoss, pair, {'activation': 'softmax', 'num_classes': 30}, 'kd', 1, (90, 90))
+        assert (explicit.num_anchors, explicit.num_classes) == (3, 30)  # the entry's own value wins
+    finally:
+        if old is None:
+            global_config.pop('num_classes', None)
+        else:
+            global_config['num_classes'] = old
+    rng = np.random.RandomState(0)
+    s, t = rng.randn(2, 90, 3, 3).astype('float32'), rng.randn(2, 90, 3, 3).astype('float32')
+    got = float(loss(paddle.to_tensor(s), paddle.to_tensor(t)))
+    np.testing.assert_allclose(got, np_kd_per_anchor(s, t, 10, 1.0, 'softmax').mean(), rtol=1e-4)

@@ -74,8 +74,9 @@ class LogitKDLoss(FeatureLoss):
         student_channels, teacher_channels (int): ``A*C`` of each head; must be equal.
         temperature (float): ``T > 0``. Default 1.0.
         activation (str): ``'sigmoid'`` (default) or ``'softmax'``, as the head's own loss.
-        num_classes (int): ``C``; the anchors ``A = channels / C``. Default: ``num_anchors`` decides, or
-            one anchor per position (``C`` = channels).
+        num_classes (int): ``C``; the anchors ``A = channels / C``. In a distill config it defaults to the
+            model config's ``num_classes``; constructed directly, ``num_anchors`` decides, or one anchor per
+            position (``C`` = channels).
         num_anchors (int): ``A`` (alternative to ``num_classes``).
         normalize (str): ``'all'`` (default) or ``'positive'``, see above.
         pos_threshold (float): teacher confidence of a positive, in [0, 1]. Default 0.5.
@@ -85,6 +86,10 @@ class LogitKDLoss(FeatureLoss):
     """
 
     equal_channels = True
+    # The model config's num_classes when the entry does not set it (the distiller fills __shared__ keys,
+    # as ppdet's create does): without it a softmax or a 'positive' mask over all A*C channels of a
+    # multi-anchor head would silently mix its anchors.
+    __shared__ = ['num_classes']
 
     def __init__(self, student_channels: int, teacher_channels: int, temperature: float = 1.0,
                  activation: str = 'sigmoid', num_classes: Optional[int] = None,
