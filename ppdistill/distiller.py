@@ -913,12 +913,6 @@ class Distiller(nn.Layer):
         # DataParallel expects a gradient for every parameter on every rank: give them zeros.
         return paddle.add_n([p.sum() for p in params]) * 0.0 if params else paddle.zeros([])
 
-    def step_terms(self, inputs: dict) -> Tuple[dict, Dict[str, paddle.Tensor]]:
-        """One training step's forward without the sum: the student's outputs (its own ``loss`` included)
-        and :meth:`distill_terms`, from :meth:`inspect`."""
-        seen = self.inspect(inputs)
-        return seen.outputs, seen.terms
-
     def forward(self, inputs: dict):
         if not self.training:
             return self.student_model(inputs)
@@ -926,7 +920,8 @@ class Distiller(nn.Layer):
             raise PPDistillError(f'the weight: auto entries {self.auto_weights.entries} are not measured yet: call '
                                  'Distiller.calibrate(<first training batches>) before training (DistillTrainer '
                                  'does it before the first step)')
-        outputs, terms = self.step_terms(inputs)
+        seen = self.inspect(inputs)
+        outputs, terms = seen.outputs, seen.terms
         distill_loss = self._checked_sum({t.key: terms[t.key] for t in self._terms})  # sub-terms: logged only
         self.watch.update(outputs['loss'], [terms[t.key] for t in self._terms])
         outputs.update(terms)

@@ -55,8 +55,9 @@ check_ppdet_from(PPDET_SRC, ppdet.__file__)
 
 def _ppdet26_wheel_on_paddle3() -> bool:
     import paddle
-    return not PPDET_SRC and str(getattr(ppdet, '__version__', '')).startswith('2.6') and \
-        int(paddle.__version__.split('.')[0]) >= 3
+    from ppdistill.stack import _major_minor
+    return not PPDET_SRC and _major_minor(getattr(ppdet, '__version__', None)) == (2, 6) and \
+        (_major_minor(paddle.__version__) or (0, 0)) >= (3, 0)
 
 
 # ppdet 2.6.0's own assigners (ATSS, task-aligned), LDGFLHead and DINO transformer fail on paddle 3 (int64 +
