@@ -698,7 +698,7 @@ def _student_grads(d, key, inputs):
 @pytest.mark.parametrize('weight', [1.0, 3.0])
 def test_term_gradients_match_backward_passes_and_scale_with_the_weight(weight):
     from ppdistill import Distiller
-    from ppdistill.bench.gradients import term_gradients
+    from ppdistill.bench.gradients import group_masks, term_gradients
     from toy_models import ToyDet, toy_inputs
     paddle.seed(7)
     losses = [{'type': 'MGDLoss', 'student': 'neck', 'teacher': 'neck', 'weight': weight,
@@ -719,6 +719,24 @@ def test_term_gradients_match_backward_passes_and_scale_with_the_weight(weight):
         # (lr * g / (|g| + eps) per element: the sign) along the summed gradient
         assert got[key]['sgd_keep'] == pytest.approx((g_det + g) @ g_det / (g_det @ g_det), rel=1e-4)
         assert got[key]['adam_keep'] == pytest.approx(np.sign(g_det + g) @ g_det / np.abs(g_det).sum(), abs=1e-4)
+    # --groups: the same ratio and cosine within one sublayer's parameters (the MGD neck loss reaches the
+    # backbone and the neck, never the head)
+    masks = group_masks(d, ['backbone', 'neck', 'head'])
+    grouped = term_gradients(d, inputs, masks)
+    names = [n for n, p in d.student_model.named_parameters() if not p.stop_gradient]
+    sizes = [int(np.prod(p.shape)) for p in d.student_model.parameters() if not p.stop_gradient]
+    g, _ = _student_grads(d, 'distill_mgd_l0', inputs)
+    for group in ('backbone', 'neck'):
+        inside = np.repeat([n.startswith(group + '.') for n in names], sizes)
+        assert inside.any() and not inside.all()
+        assert grouped['distill_mgd_l0'][f'grad_ratio@{group}'] == pytest.approx(
+            np.linalg.norm(g[inside]) / np.linalg.norm(g_det[inside]), rel=1e-4)
+        assert grouped['distill_mgd_l0'][f'cos@{group}'] == pytest.approx(
+            g[inside] @ g_det[inside] / (np.linalg.norm(g[inside]) * np.linalg.norm(g_det[inside])), abs=1e-5)
+    assert grouped['distill_mgd_l0']['grad_ratio@head'] == 0.0
+    from ppdistill.errors import PPDistillError
+    with pytest.raises(PPDistillError, match="no student parameter under .heads."):
+        group_masks(d, ['heads'])
     if weight == 1.0:  # the weight scales value and gradient, never the direction
         paddle.seed(7)
         d3 = Distiller(student_model=ToyDet(width=8, neck_ch=4, levels=2, dropout=0.0),

@@ -550,6 +550,9 @@ def parse_args(argv=None):
             p.add_argument('--seed', type=int, default=0, help='batches and fresh student')
             p.add_argument('--student_weights', default=None,
                            help='student checkpoint (default: the fresh initialisation, i.e. step 0)')
+            p.add_argument('--groups', default='',
+                           help='comma list of student sublayer prefixes (e.g. neck,head.conv_feat,'
+                                'head.head_reg_list): also report each term\'s norm ratio and cosine within each')
             p.add_argument('--teacher_weights', default=None, help='default: the shipped teacher')
         else:
             p.add_argument('--steps', type=int, default=8, help='timed steps after warm-up (>= 8)')

@@ -22,21 +22,46 @@ A term can be small in value and still dominate the gradient (or the reverse); a
 cosine with a large gradient ratio is a term that trains the student away from the task. The student is
 the config's fresh initialisation (the start of training) or ``--student_weights`` (e.g. the end).
 """
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ppdistill.errors import PPDistillError
 from ppdistill.gradients import flat_gradient, student_parameters
 
 from . import write_report
 from .workbench import BenchSetup, seed_all
 
-__all__ = ['gradient_report', 'term_gradients']
+__all__ = ['gradient_report', 'term_gradients', 'group_masks']
 
 
-def term_gradients(d, batch: dict) -> Dict[str, dict]:
-    """``{term: {'ratio', 'grad_ratio', 'cos'}}`` for one batch: every distill term and sub-term of
-    distiller ``d`` (and ``distill_loss``, their sum) against the student's detection loss."""
+def group_masks(d, groups: Sequence[str]) -> Dict[str, np.ndarray]:
+    """``{prefix: bool mask over the flat gradient of student_parameters(d)}`` for each student sublayer
+    name prefix (e.g. ``head.conv_feat``): the parameters under it. A prefix matching none is an error."""
+    names = {id(p): n for n, p in d.student_model.named_parameters()}
+    params = student_parameters(d)
+    sizes = [int(np.prod(p.shape)) for p in params]
+    masks = {}
+    for prefix in groups:
+        inside = [names[id(p)] == prefix or names[id(p)].startswith(prefix + '.') for p in params]
+        if not any(inside):
+            tops = sorted({names[id(p)].split('.')[0] for p in params})
+            raise PPDistillError(f"--groups: no student parameter under '{prefix}' (top-level sublayers: "
+                                 f"{', '.join(tops)}; name a sublayer prefix such as head.conv_feat)")
+        masks[prefix] = np.repeat(np.array(inside), sizes)
+    return masks
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+
+
+def term_gradients(d, batch: dict, masks: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, dict]:
+    """``{term: {'ratio', 'grad_ratio', 'cos', 'sgd_keep', 'adam_keep'[, 'grad_ratio@<group>', 'cos@<group>']}}``
+    for one batch: every distill term and sub-term of distiller ``d`` (and ``distill_loss``, their sum)
+    against the student's detection loss; with ``masks`` (:func:`group_masks`) also the norm ratio and
+    cosine restricted to each parameter group (where in the student a term pulls with or against the task)."""
     d.train()
     seen = d.inspect(batch)
     terms = dict(seen.terms, distill_loss=seen.distill_loss)
@@ -50,9 +75,13 @@ def term_gradients(d, batch: dict) -> Dict[str, dict]:
         g = flat_gradient(value, params)
         n = np.linalg.norm(g)
         result[key] = {'ratio': float(value) / det_value, 'grad_ratio': float(n / n_det),
-                       'cos': float(g @ g_det / (n * n_det)) if n > 0 else 0.0,
+                       'cos': _cos(g, g_det),
                        'sgd_keep': float((g_det + g) @ g_det / n_det ** 2),
                        'adam_keep': float(np.sign(g_det + g) @ g_det / l1_det)}
+        for group, mask in (masks or {}).items():
+            n_group = np.linalg.norm(g_det[mask])
+            result[key][f'grad_ratio@{group}'] = float(np.linalg.norm(g[mask]) / n_group) if n_group > 0 else 0.0
+            result[key][f'cos@{group}'] = _cos(g[mask], g_det[mask])
     return result
 
 
@@ -76,12 +105,21 @@ def markdown(result: dict) -> str:
              'two gradients (< 0: the term pulls against the task on that batch). Task step kept: the share '
              "of the detection loss's first-order descent left when the term is added, for an SGD step and for "
              "AdamW's first (sign-like) step.", '']
+    groups = result.get('groups') or []
+    if groups:
+        lines += ['Per parameter group (`--groups`, student sublayer prefixes): the same norm ratio and cosine '
+                  "restricted to that group's parameters, `ratio / cos`.", '']
     for method, terms in result['methods'].items():
         lines += [f'## {method}', '', '| term | value/det | abs grad / abs grad det | cos | batches with cos < 0 '
                   '| task step kept, SGD | task step kept, AdamW |', '|---|---|---|---|---|---|---|']
         lines += [f"| `{k}` | {v['ratio']:.3g} | {v['grad_ratio']:.3g} | {v['cos']:+.3f} | "
                   f"{v['cos_negative']:.0%} | {v['sgd_keep']:.0%} | {v['adam_keep']:.0%} |" for k, v in terms.items()]
         lines.append('')
+        if groups:
+            lines += ['| term | ' + ' | '.join(f'`{g}`' for g in groups) + ' |', '|---|' + '---|' * len(groups)]
+            lines += [f'| `{k}` | ' + ' | '.join(f"{v[f'grad_ratio@{g}']:.3g} / {v[f'cos@{g}']:+.3f}" for g in groups)
+                      + ' |' for k, v in terms.items()]
+            lines.append('')
     return '\n'.join(lines)
 
 
@@ -99,12 +137,14 @@ def gradient_report(args, arch: str, methods: Dict[str, str], teacher_cfg: str, 
         state = next(iter(setup.distillers.values())).student_model.state_dict()
     for d in setup.distillers.values():
         d.student_model.set_state_dict(state)
+    groups = [g for g in (getattr(args, 'groups', None) or '').split(',') if g]
     result = {'arch': arch, 'date': date, 'command': command, 'batches': len(setup.batches), 'seed': args.seed,
               'student': args.student_weights or 'fresh initialisation', 'teacher': args.teacher_weights,
-              'methods': {}}
+              'groups': groups, 'methods': {}}
     for name, d in setup.distillers.items():
         seed_all(args.seed)  # a method's random draws (MGD's masks) do not depend on the methods before it
         print(f'[bench] gradients {arch}: {name}', flush=True)
-        result['methods'][name] = summarise([term_gradients(d, b) for b in setup.batches])
+        masks = group_masks(d, groups)
+        result['methods'][name] = summarise([term_gradients(d, b, masks) for b in setup.batches])
     write_report(out_dir, f'gradients_{arch}', markdown(result), result)
     return result
