@@ -129,9 +129,24 @@ def config_contents(configs: Iterable[str], root: str) -> Dict[str, str]:
     return out
 
 
+def _without_comment_lines(text: str) -> List[str]:
+    """A config's lines without its blank and whole-line ``#`` comment lines (trailing comments stay: a
+    ``#`` inside a value is not told apart here)."""
+    return [line.rstrip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith('#')]
+
+
+def _same_input(recorded: Any, current: Any) -> bool:
+    """Equal settings; configs equal but for blank and whole-line comment lines (a header edit does not
+    change what trains)."""
+    if isinstance(recorded, str) and isinstance(current, str):
+        return _without_comment_lines(recorded) == _without_comment_lines(current)
+    return recorded == current
+
+
 def changed_inputs(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
-    """The names (config paths, settings) in ``current`` whose recorded value differs or is missing."""
-    return sorted(k for k, v in current.items() if k not in recorded or recorded[k] != v)
+    """The names (config paths, settings) in ``current`` whose recorded value differs or is missing; a
+    config whose only change is in blank or whole-line comment lines is the same config."""
+    return sorted(k for k, v in current.items() if k not in recorded or not _same_input(recorded[k], v))
 
 
 def run_inputs(row: str, root: str, teacher_cfg: str, student_cfg: Optional[str] = None,

@@ -425,6 +425,20 @@ def test_run_inputs_follow_what_decides_each_run(tmp_path):
         plan('--student_config', str(tmp_path / 'missing.yml'))
 
 
+def test_a_config_edited_only_in_comment_lines_keeps_its_recorded_runs():
+    """Rewording a config's header made every recorded run of it unusable (raw text compared); blank and
+    whole-line comment lines no longer count, values and trailing text still do."""
+    from ppdistill.runs import changed_inputs
+    cfg = '# LD recipe\nslim: Distiller\nlosses:\n- type: LDLoss\n  weight: 0.75  # measured\n'
+    recorded = {'a.yml': cfg, 'overrides': []}
+    reworded = '# LD, main region only\n# (why: docs)\n\nslim: Distiller\nlosses:\n  # the loss\n' \
+        '- type: LDLoss\n  weight: 0.75  # measured\n'
+    assert changed_inputs(recorded, {'a.yml': reworded, 'overrides': []}) == []
+    assert changed_inputs(recorded, {'a.yml': cfg.replace('0.75', '0.5'), 'overrides': []}) == ['a.yml']
+    assert changed_inputs(recorded, {'a.yml': cfg.replace('# measured', '# set'), 'overrides': []}) == ['a.yml']
+    assert changed_inputs(recorded, {'a.yml': cfg, 'overrides': ['epoch=2']}) == ['overrides']
+
+
 def _fake_runs(benchmark, monkeypatch) -> list:
     """Replace training + evaluation with a run record made after a pause; return the list of runs made."""
     import time
