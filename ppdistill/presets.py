@@ -84,10 +84,10 @@ PRESETS: Dict[str, dict] = {
     # [N, A*4, H, W] prior-box offsets.
     'SSD': {'taps': {'fpn': 'backbone', 'cls_logits': 'ssd_head.scores*', 'box_reg': 'ssd_head.boxes*'},
             'init_student': ['ssd_head']},
-    # ppdet DETR with a DINOTransformer (DINO; RT-DETR's transformer returns the same tuple in later
-    # PaddleDetection). fpn: the encoder's output memory [N, sum_l H_l*W_l, D] laid out on the levels of the
-    # input projections transformer.input_proj.<l> ([N, D, H_l, W_l], strides of the backbone maps, plus
-    # stride-2 extra levels when num_levels exceeds them), i.e. per level [N, D, H_l, W_l] encoder features
+    # ppdet DETR with a DINOTransformer (DINO; RT-DETR is the next row). fpn: the encoder's output memory
+    # [N, sum_l H_l*W_l, D] laid out on the levels of the input projections transformer.input_proj.<l>
+    # ([N, D, H_l, W_l], strides of the backbone maps, plus stride-2 extra levels when num_levels exceeds
+    # them), i.e. per level [N, D, H_l, W_l] encoder features
     # (taps.sequence_maps). The transformer returns (boxes [L, N, Ndn+Q, 4] sigmoid cxcywh, logits
     # [L, N, Ndn+Q, C], enc_topk_boxes, enc_topk_logits, dn_meta): decoder_boxes/decoder_logits are items 0/1
     # (denoising queries first in training). encoder_scores: enc_score_head [N, P, C] class logits of every
@@ -98,6 +98,19 @@ PRESETS: Dict[str, dict] = {
                       'decoder_boxes': 'transformer[0]', 'decoder_logits': 'transformer[1]',
                       'encoder_scores': 'transformer.enc_score_head', 'encoder_boxes': 'transformer.enc_bbox_head'},
              'init_student': ['transformer']},
+    # RT-DETR: PaddleDetection develop's DETR with an RTDETRTransformer (neck HybridEncoder, head DINOHead; not
+    # in the 2.6.0 wheel). fpn: the HybridEncoder's outputs, per level [N, D, H_l, W_l] (strides 8/16/32, fine ->
+    # coarse), which the transformer's input_proj flattens into the decoder's memory (its own encoder is the
+    # neck). The transformer returns DINO's tuple (boxes [L, N, Ndn+Q, 4] sigmoid cxcywh, logits [L, N, Ndn+Q,
+    # C], enc_topk_boxes, enc_topk_logits, dn_meta; denoising queries first in training), except that in eval
+    # mode L is 1: only the decoder layer eval_idx (the decoder losses count layers from the last,
+    # losses/query_kd.py). encoder_scores/encoder_boxes: enc_score_head [N, P, C] and enc_bbox_head [N, P, 4]
+    # on every memory position, the latter added to the positions' anchors (inverse-sigmoid space), as DINO's.
+    'RTDETR': {'architectures': ['DETR'], 'head': {'transformer': 'RTDETRTransformer'},
+               'taps': {'fpn': 'neck',
+                        'decoder_boxes': 'transformer[0]', 'decoder_logits': 'transformer[1]',
+                        'encoder_scores': 'transformer.enc_score_head', 'encoder_boxes': 'transformer.enc_bbox_head'},
+               'init_student': ['neck', 'transformer']},
     # ppdet YOLOv3 (also PP-YOLO/v2): YOLOv3FPN returns 3 levels (strides 32, 16, 8); per level the head's
     # 1x1 conv `yolo_output.{i}` -> [N, A*(5+C), H, W] raw (x, y, w, h, objectness, classes) per anchor.
     'YOLOv3': {'taps': {'fpn': 'neck', 'yolo_output': 'yolo_head.yolo_output.*'},

@@ -1,7 +1,8 @@
-"""DETR-family distillation on ppdet 2.6's DINO: the DINO preset (encoder memory as per-level maps, decoder
-outputs by tuple item), Hungarian-matched query KD (DETRDistill) against a brute-force NumPy reference and its
-invariants, shared-query decoder KD (KD-DETR adapted) on the tiny DINO pair, the denoising split, the
-teacher's gradients and the one-line build errors."""
+"""DETR-family distillation: the DINO preset (encoder memory as per-level maps, decoder outputs by tuple item)
+and the RTDETR preset (hybrid-encoder outputs, the same decoder tuple, one decoder layer in eval mode),
+Hungarian-matched query KD (DETRDistill) against a brute-force NumPy reference and its invariants, shared-query
+decoder KD (KD-DETR adapted) on the tiny DINO and RT-DETR pairs (RT-DETR needs PaddleDetection develop), the
+denoising split, layers counted from the last, the teacher's gradients and the one-line build errors."""
 import ppdistill  # noqa: F401  (import order: ppdet before paddle)
 import itertools
 
@@ -9,7 +10,7 @@ import numpy as np
 import paddle
 import pytest
 
-from conftest import needs_ppdet_heads_on_this_paddle
+from conftest import needs_ppdet_heads_on_this_paddle, needs_rtdetr
 
 from ppdistill import Distiller, DistillConfigError
 from ppdistill.build import build_teacher
@@ -19,6 +20,14 @@ from ppdistill.taps import TapSet, sequence_maps
 
 TEACHER = 'configs/demo/tiny/dino_teacher.yml'
 STUDENT = 'configs/demo/tiny/dino_student.yml'
+# the tiny pairs: configs, the transformer's config section, probed decoder layers (teacher, student): RT-DETR
+# returns only its eval_idx layer in eval mode
+PAIRS = {'dino': {'teacher': TEACHER, 'student': STUDENT, 'transformer': 'DINOTransformer', 'layers': (3, 2)},
+         'rtdetr': {'teacher': 'configs/demo/tiny/rtdetr_teacher.yml',
+                    'student': 'configs/demo/tiny/rtdetr_student.yml', 'transformer': 'RTDETRTransformer',
+                    'layers': (1, 1)}}
+ON_PAIRS = pytest.mark.parametrize('pair', [pytest.param('dino', marks=needs_ppdet_heads_on_this_paddle),
+                                            pytest.param('rtdetr', marks=needs_rtdetr)])
 DECODER = {'boxes': 'decoder_boxes', 'logits': 'decoder_logits'}
 SHARED = dict(DECODER, enc_scores='encoder_scores', enc_boxes='encoder_boxes')
 SIZE = 128
@@ -149,6 +158,29 @@ def test_denoising_queries_never_enter_a_loss(cls):
         assert float(other[k]) == float(base[k]), k
 
 
+@pytest.mark.parametrize('cls', ['hungarian', 'shared'])
+def test_layers_count_from_the_last_when_training_returns_more_than_the_probe(cls):
+    """RT-DETR's decoder returns only its eval layer in eval mode (the probe, the teacher) and every layer in
+    training: probed layer 0 of one is the last layer of the student's training outputs."""
+    rng = np.random.default_rng(6)
+    student = random_decoder(rng, layers=3, batch=2, queries=4, classes=3, dn=2)
+    teacher = random_decoder(rng, layers=1, batch=2, queries=4, classes=3)
+    probed = shapes_of({k: v[-1:] for k, v in student.items()}, 4)
+    if cls == 'hungarian':
+        loss = HungarianKDLoss(probed, shapes_of(teacher, 4))
+        want = np_hungarian({k: v[-1:] for k, v in student.items()}, teacher, [(0, 0)], 4)
+    else:
+        grid = {'enc_scores': (1, 20, 3), 'enc_boxes': (1, 20, 4)}
+        loss = SharedQueryKDLoss(dict(probed, **grid), dict(shapes_of(teacher, 4), **grid))
+        w = np_sigmoid(teacher['logits'][0]).max(-1)
+        terms = np_terms(student['logits'][2, :, 2:], student['boxes'][2, :, 2:], teacher['logits'][0],
+                         teacher['boxes'][0], relative=True)
+        want = [(w * t).sum() / w.sum() for t in terms]
+    assert loss.layers == [(0, 0)]
+    got = loss(as_tensors(student), as_tensors(teacher))
+    np.testing.assert_allclose([float(got[k]) for k in ('class', 'bbox', 'giou')], want, rtol=1e-5)
+
+
 def test_shared_query_loss_equals_the_numpy_formula():
     rng = np.random.default_rng(3)
     student = random_decoder(rng, layers=2, batch=2, queries=5, classes=3, dn=2)
@@ -203,8 +235,8 @@ def test_sequence_maps_lays_tokens_out_row_major_level_after_level():
         start += h * w
 
 
-# -- on the tiny DINO pair -------------------------------------------------------------------------------
-def dino_batch(n=2, seed=0):
+# -- on the tiny DINO and RT-DETR pairs ------------------------------------------------------------------
+def detr_batch(n=2, seed=0):
     rng = np.random.default_rng(seed)
     boxes = [paddle.to_tensor(np.concatenate([rng.uniform(0.3, 0.7, (k, 2)), rng.uniform(0.1, 0.3, (k, 2))], 1),
                               'float32') for k in (2, 3)[:n]]
@@ -215,13 +247,15 @@ def dino_batch(n=2, seed=0):
             'gt_bbox': boxes, 'gt_class': [paddle.to_tensor(rng.integers(0, 10, (len(b), 1)), 'int32') for b in boxes]}
 
 
-def dino_distiller(losses, student=STUDENT, copy=False, **student_opts):
-    teacher, arch = build_teacher(TEACHER, None, allow_random=True)
+def detr_distiller(losses, student=None, copy=False, pair='dino', **student_opts):
+    """A distiller on the tiny ``pair`` (random weights): its student config or ``student``, or with ``copy``
+    a student that is a weight copy of the teacher."""
+    teacher, arch = build_teacher(PAIRS[pair]['teacher'], None, allow_random=True)
     if copy:
-        student_model, _ = build_teacher(TEACHER, None, allow_random=True)
+        student_model, _ = build_teacher(PAIRS[pair]['teacher'], None, allow_random=True)
         student_model.set_state_dict(teacher.state_dict())
     else:
-        student_model, _ = build_teacher(student, None, allow_random=True)
+        student_model, _ = build_teacher(student or PAIRS[pair]['student'], None, allow_random=True)
     return Distiller(student_model=student_model, teacher_model=teacher, student_arch=arch, teacher_arch=arch,
                      losses=losses, probe_size=SIZE, **student_opts)
 
@@ -233,18 +267,30 @@ def freeze_batch_norm(model):
             layer.eval()
 
 
-@needs_ppdet_heads_on_this_paddle
-def test_dino_preset_encoder_maps_are_the_memory_per_level_and_pair_by_stride():
-    d = dino_distiller([{'type': 'PKDLoss', 'name': 'enc', 'student': 'fpn'}])
+@ON_PAIRS
+def test_detr_preset_encoder_maps_pair_by_stride_and_train(pair):
+    """fpn: DINO's encoder memory per level, RT-DETR's hybrid-encoder outputs; both tiny students are 32-dim
+    and the teachers 64-dim at strides 8/16/32."""
+    d = detr_distiller([{'type': 'PKDLoss', 'name': 'enc', 'student': 'fpn'}], pair=pair)
     assert [(t.pair.student_level, t.pair.teacher_level) for t in d._terms] == [(0, 0), (1, 1), (2, 2)]
     assert [tuple(t.pair.student_shape) for t in d._terms] == [(1, 32, 16, 16), (1, 32, 8, 8), (1, 32, 4, 4)]
     assert [tuple(t.pair.teacher_shape) for t in d._terms] == [(1, 64, 16, 16), (1, 64, 8, 8), (1, 64, 4, 4)]
     assert all(m.align is not None for m in d.distill_losses)  # 32 -> 64 align convs
+    d.train()
+    out = d(detr_batch())
+    assert all(np.isfinite(float(out[f'distill_enc_l{i}'])) for i in range(3))
+    out['loss'].backward()
+    assert all(p.grad is None for p in d.teacher_model.parameters())
+
+
+@needs_ppdet_heads_on_this_paddle
+def test_dino_preset_encoder_maps_are_the_memory_per_level():
+    d = detr_distiller([{'type': 'PKDLoss', 'name': 'enc', 'student': 'fpn'}])
     # the maps are the encoder output, independently reshaped
     model = d.teacher_model
     taps = TapSet(model, ['transformer.encoder', 'transformer.encoder@transformer.input_proj.*'])
     with paddle.no_grad(), taps.record():
-        model(dino_batch())
+        model(detr_batch())
     memory = taps.levels('transformer.encoder')[0].numpy()
     start = 0
     for level in taps.levels('transformer.encoder@transformer.input_proj.*'):
@@ -253,32 +299,31 @@ def test_dino_preset_encoder_maps_are_the_memory_per_level_and_pair_by_stride():
         np.testing.assert_allclose(level.numpy(), want, rtol=1e-6)
         start += h * w
     assert start == memory.shape[1]
-    d.train()
-    out = d(dino_batch())
-    assert all(np.isfinite(float(out[f'distill_enc_l{i}'])) for i in range(3))
 
 
-@needs_ppdet_heads_on_this_paddle
-def test_shared_query_loss_is_zero_when_the_student_is_a_copy_of_the_teacher():
+@ON_PAIRS
+def test_shared_query_loss_is_zero_when_the_student_is_a_copy_of_the_teacher(pair):
     """Train mode, denoising queries in the student's run, random general points: the shared-query runs of a
     weight copy reproduce the teacher's outputs query by query (BatchNorm on running statistics, as the eval
-    teacher's)."""
-    d = dino_distiller([{'type': 'SharedQueryKDLoss', 'name': 'sq', 'student': SHARED,
-                         'args': {'num_random': 10}}], copy=True)
+    teacher's); the eval-mode teacher's layers are the student's last (RT-DETR: one)."""
+    d = detr_distiller([{'type': 'SharedQueryKDLoss', 'name': 'sq', 'student': SHARED,
+                         'args': {'num_random': 10}}], copy=True, pair=pair)
     d.train()
     freeze_batch_norm(d.student_model)
-    seen = d.inspect(dino_batch())
+    seen = d.inspect(detr_batch())
     s, t = seen.term_inputs['distill_sq_l0']
     assert s['logits'].shape[2] > t['logits'].shape[2] == 30  # the student's run has denoising queries
     for k in ('class', 'bbox', 'giou'):
         assert abs(float(seen.terms[f'distill_sq_l0_{k}'])) < 1e-4, k
-    np.testing.assert_allclose(s['boxes'].numpy()[:, :, -30:], t['boxes'].numpy(), atol=1e-5)
+    layers = PAIRS[pair]['layers'][0]
+    assert s['boxes'].shape[0] == 3 and t['boxes'].shape[0] == layers  # the student's training forward: every layer
+    np.testing.assert_allclose(s['boxes'].numpy()[-layers:, :, -30:], t['boxes'].numpy(), atol=1e-5)
 
 
-@needs_ppdet_heads_on_this_paddle
-def test_shared_query_runs_use_the_teachers_positions_and_train_only_the_student():
-    d = dino_distiller([{'type': 'SharedQueryKDLoss', 'name': 'sq', 'student': SHARED,
-                         'args': {'num_random': 10}}])
+@ON_PAIRS
+def test_shared_query_runs_use_the_teachers_positions_and_train_only_the_student(pair):
+    d = detr_distiller([{'type': 'SharedQueryKDLoss', 'name': 'sq', 'student': SHARED,
+                         'args': {'num_random': 10}}], pair=pair)
     # trained-like box heads (ppdet initialises their last layer to 0, which would make both models' boxes equal)
     for seed, model in enumerate((d.teacher_model, d.student_model)):
         last = model.transformer.enc_bbox_head.layers[-1]
@@ -292,7 +337,7 @@ def test_shared_query_runs_use_the_teachers_positions_and_train_only_the_student
     refs = {'student': [], 'teacher': []}  # the decoders' initial reference boxes (inverse sigmoid), per run
     hooks += [m.transformer.decoder.register_forward_pre_hook(lambda layer, x, side=side: refs[side].append(x[1]))
               for side, m in (('student', d.student_model), ('teacher', d.teacher_model))]
-    out = d(dino_batch())
+    out = d(detr_batch())
     for h in hooks:
         h.remove()
     assert runs == {'student': 2, 'teacher': 2}  # own forward + shared-query run each
@@ -310,19 +355,21 @@ def test_shared_query_runs_use_the_teachers_positions_and_train_only_the_student
     assert grads and all(g is not None for g in grads)
 
 
-@needs_ppdet_heads_on_this_paddle
-def test_hungarian_kd_trains_on_the_tiny_pair_without_teacher_gradients():
-    d = dino_distiller([{'type': 'HungarianKDLoss', 'name': 'hkd', 'student': DECODER}])
-    assert d._terms[0].pair.student_shape == (2, 1, 30, 4) and d.distill_losses[0].layers == [(1, 0), (2, 1)]
+@ON_PAIRS
+def test_hungarian_kd_trains_on_the_tiny_pair_without_teacher_gradients(pair):
+    d = detr_distiller([{'type': 'HungarianKDLoss', 'name': 'hkd', 'student': DECODER}], pair=pair)
+    teacher_layers, student_layers = PAIRS[pair]['layers']
+    assert d._terms[0].pair.student_shape == (student_layers, 1, 30, 4)
+    assert d.distill_losses[0].layers == {'dino': [(1, 0), (2, 1)], 'rtdetr': [(0, 0)]}[pair]
     d.train()
-    out = d(dino_batch())
+    out = d(detr_batch())
     assert {f'distill_hkd_l0_{k}' for k in ('class', 'bbox', 'giou')} <= set(out)
     out['loss'].backward()
     assert all(p.grad is None for p in d.teacher_model.parameters())
     d.eval()
     with paddle.no_grad():
-        own = d.student_model(dino_batch(1))
-        via = d(dino_batch(1))
+        own = d.student_model(detr_batch(1))
+        via = d(detr_batch(1))
     np.testing.assert_allclose(via['bbox'].numpy(), own['bbox'].numpy())
 
 
@@ -347,6 +394,7 @@ def test_detr_roles_on_a_detr_without_dinos_transformer_are_a_one_line_error():
                   losses=[{'type': 'HungarianKDLoss', 'student': DECODER}], probe_size=64)
     text = one_line(err)
     assert 'decoder_boxes' in text and 'transformer: DINOTransformer' in text and 'DETRTransformer' in text
+    assert 'transformer: RTDETRTransformer' in text
 
 
 @pytest.mark.parametrize('entry, opts, expected', [
@@ -361,16 +409,17 @@ def test_detr_roles_on_a_detr_without_dinos_transformer_are_a_one_line_error():
 @needs_ppdet_heads_on_this_paddle
 def test_bad_detr_entries_are_one_line_errors(entry, opts, expected):
     with pytest.raises(DistillConfigError) as err:
-        dino_distiller([entry], **opts)
+        detr_distiller([entry], **opts)
     assert expected in one_line(err)
 
 
-@needs_ppdet_heads_on_this_paddle
-def test_shared_queries_need_the_same_number_of_queries(tmp_path):
+@ON_PAIRS
+def test_shared_queries_need_the_same_number_of_queries(pair, tmp_path):
     cfg = tmp_path / 'student_20q.yml'
-    cfg.write_text(f"_BASE_: ['{__import__('os').path.abspath(STUDENT)}']\nDINOTransformer:\n  num_queries: 20\n")
+    cfg.write_text(f"_BASE_: ['{__import__('os').path.abspath(PAIRS[pair]['student'])}']\n"
+                   f"{PAIRS[pair]['transformer']}:\n  num_queries: 20\n")
     with pytest.raises(DistillConfigError) as err:
-        dino_distiller([{'type': 'SharedQueryKDLoss', 'student': SHARED}], student=str(cfg))
+        detr_distiller([{'type': 'SharedQueryKDLoss', 'student': SHARED}], student=str(cfg), pair=pair)
     assert 'num_queries (student 20, teacher 30)' in one_line(err)
 
 
@@ -381,6 +430,6 @@ def test_shared_queries_need_the_same_number_of_queries(tmp_path):
 ])
 def test_teacher_mode_fast_keeps_the_eager_teacher_for_reruns_and_sequence_maps(entry, reason):
     from ppdistill.fast_teacher import attach_teacher_path
-    d = dino_distiller([entry])
+    d = detr_distiller([entry])
     line = attach_teacher_path(d, 'fast')
     assert line.startswith('teacher path: eager') and reason in line and d.fast_teacher is None

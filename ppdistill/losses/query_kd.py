@@ -1,8 +1,8 @@
 """Shared pieces of the DETR query distillation losses (Hungarian KD, shared-query KD): the decoder-output
 contract, the teacher -> student layer map, the denoising split and the per-query terms.
 
-**Decoder outputs** (ppdet 2.6 ``DINOTransformer``, and RT-DETR's transformer in later PaddleDetection,
-return the same tuple; the DETR preset taps items 0 and 1):
+**Decoder outputs** (ppdet 2.6 ``DINOTransformer`` and PaddleDetection develop's ``RTDETRTransformer`` return
+the same tuple; the DINO and RTDETR preset rows tap items 0 and 1):
 
 * ``boxes``: ``[L, N, Ndn + Q, 4]``, per decoder layer the sigmoid-normalised ``(cx, cy, w, h)`` boxes;
 * ``logits``: ``[L, N, Ndn + Q, C]``, per layer the class logits (sigmoid classification).
@@ -12,6 +12,12 @@ In training the first ``Ndn`` queries are the denoising groups, the last ``Q`` t
 ``num_queries``, which the build-time probe reads (it runs in eval mode, where there are no denoising
 queries): keeping the last ``Q`` queries of every forward is the split ``dn_num_split`` gives, without
 reading ``dn_meta``. Denoising queries never enter a loss.
+
+**Layers** are numbered as the probe sees them and counted from the last: layer ``l`` of ``L`` probed layers
+is ``l - L`` of every forward. RT-DETR's decoder returns every layer in training but only its ``eval_idx``
+layer (the last by default) in eval mode, where the probe and the teacher run: its probe shows ``L = 1``,
+and layer 0 is the teacher's eval layer and the student's last layer of a training step. DINO returns every
+layer in both modes, where counting from the last changes nothing.
 
 **Per-query terms** between a student query ``i`` and a teacher query ``j`` (class weight ``w_cls``, box
 weights ``w_l1``, ``w_giou``; DETR's 1 / 5 / 2)::
@@ -49,7 +55,8 @@ def decoder_shapes(shapes: Mapping[str, Shape], side: str, loss: str) -> Tuple[i
 def layer_map(layers: Optional[Sequence[Sequence[int]]], student_layers: int, teacher_layers: int,
               loss: str) -> List[Tuple[int, int]]:
     """``[(teacher layer, student layer), ...]``: the configured pairs (checked), or by default the last
-    ``min(Ls, Lt)`` layers of both aligned (teacher 6, student 3: ``(3, 0), (4, 1), (5, 2)``)."""
+    ``min(Ls, Lt)`` layers of both aligned (teacher 6, student 3: ``(3, 0), (4, 1), (5, 2)``). ``Ls``, ``Lt``
+    are the probed layer counts (module docstring: layers count from the last)."""
     if layers is None:
         k = min(student_layers, teacher_layers)
         return [(teacher_layers - k + j, student_layers - k + j) for j in range(k)]
@@ -152,6 +159,7 @@ class DecoderKDLoss(DistillLoss):
             raise PPDistillError(f'{name} compares class scores one by one: student {cs} and teacher {ct} classes '
                                  'differ')
         self.num_classes = cs
+        self.probed_layers = (lt, ls)  # (teacher, student): layers are indexed from the last (module docstring)
         self.layers = layer_map(layers, ls, lt, name)
         self.terms = QueryTerms(class_weight, bbox_weight, giou_weight, name)
 
@@ -163,11 +171,15 @@ class DecoderKDLoss(DistillLoss):
 
     def forward(self, student: Dict[str, paddle.Tensor], teacher: Dict[str, paddle.Tensor],
                 inputs: Optional[dict] = None) -> Dict[str, paddle.Tensor]:
-        """``{'class', 'bbox', 'giou'}``: each weighted term of :meth:`layer_terms`, summed over the layer pairs."""
+        """``{'class', 'bbox', 'giou'}``: each weighted term of :meth:`layer_terms`, summed over the layer pairs
+        (indexed from the last layer of each side's outputs: the student's training forward may return more
+        layers than its probe)."""
         s_boxes, s_logits, t_boxes, t_logits = decoder_sides(student, teacher, self.student_queries,
                                                              self.teacher_queries)
         total = {k: paddle.zeros([]) for k in ('class', 'bbox', 'giou')}
+        t_count, s_count = self.probed_layers
         for lt, ls in self.layers:
+            lt, ls = lt - t_count, ls - s_count
             terms = self.layer_terms(s_logits[ls], s_boxes[ls], t_logits[lt], t_boxes[lt])
             total = {k: total[k] + terms[k] for k in total}
         return total
