@@ -33,6 +33,7 @@ from .checkpoint import load_state_file
 from .config_scope import create_fresh, isolated_scope
 from .distiller import DistillConfigError, Distiller
 from .fast_teacher import attach_teacher_path, check_teacher_mode
+from .presets import select_preset
 from .upstream import translate
 
 logger = setup_logger(__name__)
@@ -256,12 +257,47 @@ def build_teacher(config_path: str, weights: Optional[str], allow_random: bool =
         teacher_cfg = load_config(config_path)
         arch = teacher_cfg.architecture
         teacher = create_fresh(arch)
+        eval_size = teacher_cfg.get('eval_size')
+    check_fixed_eval_size(teacher, arch, eval_size, config_path)
     if weights:
         load_checked_weights(teacher, weights, min_match, 'teacher')
     else:
         logger.warning('allow_random_teacher: distilling from a RANDOMLY INITIALISED teacher')
     teacher.eval()
     return teacher, arch
+
+
+def _train_sizes(reader) -> List[Tuple[int, int]]:
+    """Every ``(h, w)`` a ppdet reader config's ``target_size`` settings can resize to: ``Resize``'s is one
+    size (``[h, w]`` or an int), the random resizes' (``BatchRandomResize``, ``RandomResize``) a list of sizes
+    (each ``[h, w]`` or an int); an int is a square."""
+    def size(t) -> Tuple[int, int]:
+        return (int(t), int(t)) if isinstance(t, int) else (int(t[0]), int(t[-1]))
+    sizes = []
+    for group in ('sample_transforms', 'batch_transforms'):
+        for op in (reader or {}).get(group) or []:
+            for name, args in (op or {}).items():
+                target = args.get('target_size') if isinstance(args, dict) else None
+                if target is not None:
+                    sizes += [size(target)] if name == 'Resize' or isinstance(target, int) else \
+                        [size(t) for t in target]
+    return sizes
+
+
+def check_fixed_eval_size(teacher: nn.Layer, arch: str, eval_size, config_path: str) -> None:
+    """A teacher whose preset row says ``eval_size`` fixes its input size in eval mode (where every teacher
+    runs: RT-DETR's position embedding and anchors) must see only that size in the student's training:
+    otherwise its forward fails deep inside paddle at the first other size."""
+    why = select_preset(arch, teacher).get('fixed_eval_size')
+    if not why or not eval_size:
+        return
+    fixed = (int(eval_size[0]), int(eval_size[-1]))
+    other = sorted({size for size in _train_sizes(global_config.get('TrainReader')) if size != fixed})
+    if other:
+        raise DistillConfigError(
+            f"teacher {config_path}: eval_size {list(fixed)} fixes {why} in eval mode, where the teacher runs, but "
+            f"the student's TrainReader also resizes to {', '.join(f'{h}x{w}' for h, w in other)}; set eval_size: "
+            'null in the teacher config (or train the student at that one size)')
 
 
 def _config_setting(module: str, key: str):

@@ -15,6 +15,9 @@ A row serves the architecture named by its key, or those listed in ``architectur
 configs say ``architecture: YOLOv3`` with a ``PPYOLOEHead``). :func:`select_preset` picks the row: a
 matching ``head`` row first, else the architecture's plain row.
 
+A row with ``fixed_eval_size`` (what the model fixes) is for a model whose eval mode, where teachers run, only
+takes the config's ``eval_size`` when one is set: a student trained at other sizes is a build error.
+
 Head rows also say where the student head's label assignment comes from (``assignment``), which the
 head-KD losses need for ``N_pos`` and LD's main region (:mod:`ppdistill.losses.dense_head`): ``taps``
 are the assigner sublayers (only the one that runs in a step fires: the static ATSS assigner for the
@@ -110,6 +113,7 @@ PRESETS: Dict[str, dict] = {
                'taps': {'fpn': 'neck',
                         'decoder_boxes': 'transformer[0]', 'decoder_logits': 'transformer[1]',
                         'encoder_scores': 'transformer.enc_score_head', 'encoder_boxes': 'transformer.enc_bbox_head'},
+               'fixed_eval_size': "the encoder's position embedding and the decoder's anchors",
                'init_student': ['neck', 'transformer']},
     # ppdet YOLOv3 (also PP-YOLO/v2): YOLOv3FPN returns 3 levels (strides 32, 16, 8); per level the head's
     # 1x1 conv `yolo_output.{i}` -> [N, A*(5+C), H, W] raw (x, y, w, h, objectness, classes) per anchor.

@@ -735,6 +735,7 @@ def test_term_gradients_match_backward_passes_and_scale_with_the_weight(weight):
         assert got[key]['adam_keep'] == pytest.approx(np.sign(g_det + g) @ g_det / np.abs(g_det).sum(), abs=1e-4)
     # --groups: the same ratio and cosine within one sublayer's parameters (the MGD neck loss reaches the
     # backbone and the neck, never the head)
+    from ppdistill.errors import PPDistillError
     masks = group_masks(d, ['backbone', 'neck', 'head'])
     grouped = term_gradients(d, inputs, masks)
     names = [n for n, p in d.student_model.named_parameters() if not p.stop_gradient]
@@ -748,7 +749,12 @@ def test_term_gradients_match_backward_passes_and_scale_with_the_weight(weight):
         assert grouped['distill_mgd_l0'][f'cos@{group}'] == pytest.approx(
             g[inside] @ g_det[inside] / (np.linalg.norm(g[inside]) * np.linalg.norm(g_det[inside])), abs=1e-5)
     assert grouped['distill_mgd_l0']['grad_ratio@head'] == 0.0
-    from ppdistill.errors import PPDistillError
+    # --against: the cosine with one of the student's own loss terms' gradient (the toy's only term is
+    # its loss, so it equals the cosine with the detection loss)
+    against = term_gradients(d, inputs, against=['loss'])
+    assert against['distill_mgd_l0']['cos~loss'] == pytest.approx(got['distill_mgd_l0']['cos'], abs=1e-6)
+    with pytest.raises(PPDistillError, match=r"no \['loss_vfl'\]"):
+        term_gradients(d, inputs, against=['loss_vfl'])
     with pytest.raises(PPDistillError, match="no student parameter under .heads."):
         group_masks(d, ['heads'])
     if weight == 1.0:  # the weight scales value and gradient, never the direction

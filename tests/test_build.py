@@ -465,3 +465,44 @@ def test_generator_and_align_convs_use_pytorch_default_init(name):
     tol = 5 * np.sqrt(0.8 / weight.size)
     assert weight.var() == pytest.approx(bound ** 2 / 3, rel=tol)
     assert abs(weight.mean()) < 5 * bound / np.sqrt(3 * weight.size)
+
+
+def test_a_teacher_whose_eval_size_fixes_its_input_stops_a_multi_scale_student_before_training():
+    """An RT-DETR teacher with eval_size set runs in eval mode with its position embedding and anchors fixed
+    to that size: a student trained at other sizes failed at the first such batch with paddle's
+    'Broadcast dimension mismatch'. The preset row's fixed_eval_size makes it a one-line build error."""
+    import paddle.nn as nn
+    from ppdet.core.workspace import global_config
+    from ppdistill.build import DistillConfigError, _train_sizes, check_fixed_eval_size
+
+    class RTDETRTransformer(nn.Layer):  # the class name is what the preset row matches
+        pass
+
+    class Detr(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.transformer = RTDETRTransformer()
+
+    multi = {'batch_transforms': [{'BatchRandomResize': {'target_size': [96, [128, 128], 160], 'random_size': True}},
+                                  {'NormalizeImage': {}}]}
+    fixed = {'sample_transforms': [{'Decode': {}}, {'Resize': {'target_size': [128, 128], 'keep_ratio': False}}]}
+    assert _train_sizes(multi) == [(96, 96), (128, 128), (160, 160)]
+    assert _train_sizes(fixed) == [(128, 128)]
+    assert _train_sizes({'batch_transforms': [{'BatchRandomResize': {'target_size': [128, 160]}}]}) == \
+        [(128, 128), (160, 160)]  # two sizes, not one 128x160
+    old = global_config.get('TrainReader')
+    try:
+        global_config['TrainReader'] = multi
+        with pytest.raises(DistillConfigError) as err:
+            check_fixed_eval_size(Detr(), 'DETR', [128, 128], 't.yml')
+        assert 'eval_size [128, 128] fixes' in str(err.value) and '96x96, 160x160' in str(err.value)
+        assert 'eval_size: null' in str(err.value) and '\n' not in str(err.value)
+        check_fixed_eval_size(Detr(), 'DETR', None, 't.yml')  # no eval_size: any size
+        check_fixed_eval_size(nn.Layer(), 'DETR', [128, 128], 't.yml')  # a DETR without the flag (DINO row)
+        global_config['TrainReader'] = fixed
+        check_fixed_eval_size(Detr(), 'DETR', [128, 128], 't.yml')  # trained at that one size
+    finally:
+        if old is None:
+            global_config.pop('TrainReader', None)
+        else:
+            global_config['TrainReader'] = old

@@ -553,6 +553,9 @@ def parse_args(argv=None):
             p.add_argument('--groups', default='',
                            help='comma list of student sublayer prefixes (e.g. neck,head.conv_feat,'
                                 'head.head_reg_list): also report each term\'s norm ratio and cosine within each')
+            p.add_argument('--against', default='',
+                           help="comma list of the student's own loss terms (e.g. loss_vfl,loss_bbox,loss_dfl): "
+                                "also report each term's cosine with each of them")
             p.add_argument('--teacher_weights', default=None, help='default: the shipped teacher')
         else:
             p.add_argument('--steps', type=int, default=8, help='timed steps after warm-up (>= 8)')

@@ -57,16 +57,24 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
 
 
-def term_gradients(d, batch: dict, masks: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, dict]:
+def term_gradients(d, batch: dict, masks: Optional[Dict[str, np.ndarray]] = None,
+                   against: Sequence[str] = ()) -> Dict[str, dict]:
     """``{term: {'ratio', 'grad_ratio', 'cos', 'sgd_keep', 'adam_keep'[, 'grad_ratio@<group>', 'cos@<group>']}}``
     for one batch: every distill term and sub-term of distiller ``d`` (and ``distill_loss``, their sum)
     against the student's detection loss; with ``masks`` (:func:`group_masks`) also the norm ratio and
-    cosine restricted to each parameter group (where in the student a term pulls with or against the task)."""
+    cosine restricted to each parameter group (where in the student a term pulls with or against the task);
+    with ``against`` (names of the student's own loss outputs, e.g. ``loss_vfl``) also ``'cos~<name>'``, the
+    cosine with that detection term's gradient (which part of the task a term pulls with or against)."""
     d.train()
     seen = d.inspect(batch)
     terms = dict(seen.terms, distill_loss=seen.distill_loss)
     params = student_parameters(d)
     det = seen.det_loss
+    missing = [name for name in against if name not in seen.outputs]
+    if missing:
+        found = sorted(k for k in seen.outputs if k.startswith('loss'))
+        raise PPDistillError(f"--against: the student's outputs have no {missing} (its loss terms: {', '.join(found)})")
+    g_parts = {name: flat_gradient(seen.outputs[name], params) for name in against}
     g_det = flat_gradient(det, params)
     n_det, det_value = np.linalg.norm(g_det), float(det)
     l1_det = np.abs(g_det).sum()
@@ -78,6 +86,8 @@ def term_gradients(d, batch: dict, masks: Optional[Dict[str, np.ndarray]] = None
                        'cos': _cos(g, g_det),
                        'sgd_keep': float((g_det + g) @ g_det / n_det ** 2),
                        'adam_keep': float(np.sign(g_det + g) @ g_det / l1_det)}
+        for name, g_part in g_parts.items():
+            result[key][f'cos~{name}'] = _cos(g, g_part)
         for group, mask in (masks or {}).items():
             n_group = np.linalg.norm(g_det[mask])
             result[key][f'grad_ratio@{group}'] = float(np.linalg.norm(g[mask]) / n_group) if n_group > 0 else 0.0
@@ -105,7 +115,10 @@ def markdown(result: dict) -> str:
              'two gradients (< 0: the term pulls against the task on that batch). Task step kept: the share '
              "of the detection loss's first-order descent left when the term is added, for an SGD step and for "
              "AdamW's first (sign-like) step.", '']
-    groups = result.get('groups') or []
+    groups, against = result.get('groups') or [], result.get('against') or []
+    if against:
+        lines += ["Against the detection terms (`--against`): the cosine of each term's gradient with that term's "
+                  'of the detection loss, over all student parameters.', '']
     if groups:
         lines += ['Per parameter group (`--groups`, student sublayer prefixes): the same norm ratio and cosine '
                   "restricted to that group's parameters, `ratio / cos`.", '']
@@ -119,6 +132,10 @@ def markdown(result: dict) -> str:
             lines += ['| term | ' + ' | '.join(f'`{g}`' for g in groups) + ' |', '|---|' + '---|' * len(groups)]
             lines += [f'| `{k}` | ' + ' | '.join(f"{v[f'grad_ratio@{g}']:.3g} / {v[f'cos@{g}']:+.3f}" for g in groups)
                       + ' |' for k, v in terms.items()]
+            lines.append('')
+        if against:
+            lines += ['| term | ' + ' | '.join(f'cos with `{a}`' for a in against) + ' |', '|---|' + '---|' * len(against)]
+            lines += [f'| `{k}` | ' + ' | '.join(f"{v[f'cos~{a}']:+.3f}" for a in against) + ' |' for k, v in terms.items()]
             lines.append('')
     return '\n'.join(lines)
 
@@ -138,13 +155,14 @@ def gradient_report(args, arch: str, methods: Dict[str, str], teacher_cfg: str, 
     for d in setup.distillers.values():
         d.student_model.set_state_dict(state)
     groups = [g for g in (getattr(args, 'groups', None) or '').split(',') if g]
+    against = [a for a in (getattr(args, 'against', None) or '').split(',') if a]
     result = {'arch': arch, 'date': date, 'command': command, 'batches': len(setup.batches), 'seed': args.seed,
               'student': args.student_weights or 'fresh initialisation', 'teacher': args.teacher_weights,
-              'groups': groups, 'methods': {}}
+              'groups': groups, 'against': against, 'methods': {}}
     for name, d in setup.distillers.items():
         seed_all(args.seed)  # a method's random draws (MGD's masks) do not depend on the methods before it
         print(f'[bench] gradients {arch}: {name}', flush=True)
         masks = group_masks(d, groups)
-        result['methods'][name] = summarise([term_gradients(d, b, masks) for b in setup.batches])
+        result['methods'][name] = summarise([term_gradients(d, b, masks, against) for b in setup.batches])
     write_report(out_dir, f'gradients_{arch}', markdown(result), result)
     return result
