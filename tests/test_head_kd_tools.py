@@ -59,3 +59,21 @@ def test_head_kd_config_trains_the_tiny_student(work, name, tmp_path):
     metrics = tmp_path / 'metrics.json'
     run(['eval.py', '-c', cfg, '--save_metrics', str(metrics), '-o', f'weights={out}/model_final'], work)
     assert len(json.loads(metrics.read_text())['bbox']) == 12
+
+
+def test_the_ppyoloe_feature_config_calibrates_its_weight_and_distills_its_two_levels(work, tmp_path):
+    """fgd_ppyoloe (the feature method the PP-YOLOE head methods are compared with) sets its weight with
+    weight: auto and distills neck levels 1 and 2 (strides 16 and 8: PP-YOLOE's neck is coarse -> fine)."""
+    name = 'fgd_ppyoloe_teacher_to_student'
+    cfg = os.path.join(TINY, 'ppyoloe_student.yml')
+    raw, lines, out = train_shipped_config(work, name, os.path.join(TINY, 'ppyoloe_teacher.yml'), None, cfg,
+                                           tmp_path)
+    assert raw['Distiller']['losses'][0]['weight'] == 'auto'
+    steps = '\n'.join(lines)
+    for level in (1, 2):
+        values = re.findall(rf'distill_fgd_l{level}: (\S+)', steps)
+        assert values and all(math.isfinite(float(v)) and float(v) > 0 for v in values), level
+    assert 'distill_fgd_l0:' not in steps
+    assert set(paddle.load(str(out / 'model_final.pdparams'))) == student_keys('ppyoloe')
+    state = paddle.load(str(out / 'model_final.pddistill'))
+    assert any('auto' in str(k) for k in state), sorted(state)[:10]  # the measured weight is saved
