@@ -388,7 +388,7 @@ def test_the_head_kd_pairs_are_benchmark_archs():
     benchmark = _benchmark_module()
     from ppdistill.runs import discover_archs
     assert {'gfl', 'ppyoloe', 'picodet'} <= set(discover_archs(os.path.join(ROOT, 'configs', 'demo')))
-    for arch, methods in (('gfl', ['bckd', 'crosskd', 'ld']), ('ppyoloe', ['bckd', 'ld'])):
+    for arch, methods in (('gfl', ['bckd', 'crosskd', 'ld']), ('ppyoloe', ['bckd', 'fgd', 'ld'])):
         teacher, student, found = benchmark.resolve_pair(benchmark.parse_args(['speed', '--arch', arch]))
         assert (teacher, student) == tuple(os.path.join(ROOT, 'configs', 'demo', f'{arch}_{side}.yml')
                                            for side in ('teacher', 'student'))
