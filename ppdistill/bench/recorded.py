@@ -10,7 +10,7 @@ import os
 import shlex
 from typing import Dict, List, Optional, Tuple
 
-from ppdistill.bench.results import conflicts, load_results, recorded_run, table_summary
+from ppdistill.bench.results import conflicts, load_results, recorded_run, recorded_table, table_summary
 from ppdistill.bench.stats import format_delta, format_p
 
 __all__ = ['load_reports', 'find_recorded_run', 'ap_by_seed', 'seeds_ahead', 'summary_lines', 'reproduction_lines',
@@ -25,7 +25,7 @@ def load_reports(experiments_dir: str, arch: str) -> List[dict]:
     reports = []
     for path in sorted(glob.glob(os.path.join(experiments_dir, '*', f'accuracy_{arch}.json'))):
         results = load_results(path)
-        table = (results or {}).get('table')
+        table = recorded_table(results)
         if not table:
             continue
         rows = table_summary(results, table['rows'], table['seeds'])
